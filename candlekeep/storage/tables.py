@@ -1,0 +1,89 @@
+"""SQLAlchemy metadata for every table (DESIGN.md "Storage"). Alembic migrations create them.
+
+Prices and sizes are unconstrained NUMERIC (the source's digits, exactly); times are timestamptz
+(UTC). `bars` and `ticks` are range-partitioned on time: native monthly/daily partitions on
+PostgreSQL, hypertables when TimescaleDB is available (see alembic/versions).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Column,
+    Date,
+    DateTime,
+    Integer,
+    MetaData,
+    Numeric,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+
+metadata = MetaData()
+
+instruments = Table(
+    "instruments",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("venue", Text, nullable=False),
+    Column("base", Text, nullable=False),
+    Column("quote", Text, nullable=False),
+    Column("tracked", Boolean, nullable=False, server_default=text("false")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+bars = Table(
+    "bars",
+    metadata,
+    Column("instrument", Text, nullable=False),
+    Column("interval", Text, nullable=False),
+    Column("bucket", DateTime(timezone=True), nullable=False),
+    Column("open", Numeric, nullable=False),
+    Column("high", Numeric, nullable=False),
+    Column("low", Numeric, nullable=False),
+    Column("close", Numeric, nullable=False),
+    Column("volume", Numeric, nullable=False),
+    Column("quote_volume", Numeric, nullable=False),
+    Column("trades", Integer),  # NULL when the source does not count trades (CryptoCompare)
+    Column("source", Text, nullable=False),
+    Column("final", Boolean, nullable=False),
+    Column("revision", Integer, nullable=False, server_default=text("0")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("instrument", "interval", "bucket", name="bars_pkey"),
+    CheckConstraint("interval IN ('1m','5m','15m','30m','1h','4h','1d')", name="bars_interval_valid"),
+    postgresql_partition_by="RANGE (bucket)",
+)
+
+ticks = Table(
+    "ticks",
+    metadata,
+    Column("instrument", Text, nullable=False),
+    Column("ts", DateTime(timezone=True), nullable=False),
+    Column("trade_id", Text, nullable=False),
+    Column("price", Numeric, nullable=False),
+    Column("size", Numeric, nullable=False),
+    Column("side", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    UniqueConstraint("instrument", "ts", "trade_id", name="ticks_instrument_ts_trade_id_key"),
+    CheckConstraint("side IN ('buy','sell','unknown')", name="ticks_side_valid"),
+    postgresql_partition_by="RANGE (ts)",
+)
+
+coverage = Table(
+    "coverage",
+    metadata,
+    Column("instrument", Text, nullable=False),
+    Column("interval", Text, nullable=False),
+    Column("day", Date, nullable=False),  # first day of the partition written (a day, or a month for 1h/1d)
+    Column("source", Text, nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("status", Text, nullable=False),  # complete | gaps | empty | open (period not over yet)
+    Column("fetched_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("instrument", "interval", "day", "source", name="coverage_pkey"),
+    CheckConstraint("status IN ('complete','gaps','empty','open')", name="coverage_status_valid"),
+)
