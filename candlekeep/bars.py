@@ -70,6 +70,11 @@ _INTERVAL_SECONDS = {
 SIDES = ("buy", "sell", "unknown")
 
 
+def decimal_str(value: Decimal) -> str:
+    """Plain decimal text with every digit the source gave (`str()` would write 1E-8)."""
+    return format(value, "f")
+
+
 @dataclass(frozen=True, slots=True)
 class Trade:
     """One trade (a tick). `ts_ns` is exchange time, `received_ns` our receipt time."""
@@ -86,7 +91,7 @@ class Trade:
     def __post_init__(self) -> None:
         if not isinstance(self.price, Decimal) or not isinstance(self.size, Decimal):
             raise TypeError("Trade price and size must be Decimal (never float)")
-        if self.price <= 0 or self.size <= 0:
+        if not (self.price.is_finite() and self.size.is_finite()) or self.price <= 0 or self.size <= 0:
             raise ValueError(f"trade {self.trade_id} of {self.instrument}: price and size must be positive")
         if self.side not in SIDES:
             raise ValueError(f"trade {self.trade_id}: side must be one of {SIDES}, got {self.side!r}")
@@ -98,7 +103,7 @@ class Trade:
 
 def trade_order_key(ts_ns: int, trade_id: str) -> tuple:
     """Exchange order: timestamp, then trade id (numerically when the ids are numbers)."""
-    if trade_id.isdigit():
+    if trade_id.isascii() and trade_id.isdigit():
         return (ts_ns, 0, int(trade_id), "")
     return (ts_ns, 1, 0, trade_id)
 
@@ -139,7 +144,9 @@ class Bar:
             found.append(f"negative volume: v={self.volume} qv={self.quote_volume}")
         if self.trades is not None and self.trades < 0:
             found.append(f"negative trade count: {self.trades}")
-        if self.start % Interval(self.interval).seconds:
+        if self.interval not in Interval.__members__.values():
+            found.append(f"unknown interval {self.interval!r}")
+        elif self.start % Interval(self.interval).seconds:
             found.append(f"start {self.start} is not on a {self.interval} boundary")
         return found
 
