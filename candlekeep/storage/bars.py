@@ -1,0 +1,346 @@
+"""Bars in PostgreSQL: idempotent bulk upserts, and reads with coarser intervals derived in SQL.
+
+Writes (`upsert_bars`) stream in batches, one transaction each. A batch is deduplicated by bucket
+(the last bar wins), its partitions are ensured, and then, when no stored bar falls in the batch's
+bucket span (per instrument and interval), it is COPY'd straight into `bars`: a fresh backfill runs
+at COPY speed (should a concurrent writer store one of its buckets meanwhile, the unique violation
+rolls back to a savepoint and the batch takes the general path). Otherwise the batch is COPY'd into
+a session temp table and merged with one `INSERT ... SELECT ... ON CONFLICT DO UPDATE ... WHERE
+<row differs>`. So:
+- writing identical bars again changes nothing (no revision bump, `updated_at` kept: unchanged);
+- a bar whose values, source or finality differ is updated: `revision + 1`, `updated_at = now()`
+  (numeric values compare as numbers: '1.5' over a stored '1.50' is no change and keeps '1.50');
+- a provisional bar (`final = false`, e.g. from the stream) never overwrites a final bar, and a
+  final bar overwrites a provisional one; a refused provisional bar counts as unchanged;
+- the stored `revision` is the database's count of changes; the incoming `Bar.revision` is ignored.
+
+Reads (`read_bars`): 1m bars are the stored ones. Coarser intervals are rolled up in SQL from the
+stored 1m bars exactly as candlekeep.bars.rollup_bars does (flat bars only carry the close); a 1h
+or 1d bucket without any 1m bar falls back to the stored 1h / 1d bar of that bucket (deep history,
+as the source gave it). A bucket is never made from both.
+
+Decimals go in as their exact text and come back as `Decimal` with the same digits (NUMERIC keeps
+trailing zeros: '1.50' reads back as Decimal('1.50')). Bucket starts are unix seconds, stored as
+the exact UTC instant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from functools import lru_cache
+from typing import Any
+
+import psycopg
+from sqlalchemy import Engine, text
+
+from candlekeep.bars import Bar, Interval
+from candlekeep.storage import partitions
+
+_SECONDS: dict[str, int] = {i.value: i.seconds for i in Interval}
+_PLAIN: dict[str, str] = {i.value: i.value for i in Interval}  # Interval members (StrEnum) -> plain str
+_DEEP_HISTORY = (Interval.H1, Interval.D1)  # stored coarse history used where no 1m bar exists
+_EPOCH_DAY = date(1970, 1, 1)
+_finite = Decimal.is_finite
+_ATTEMPTS = 3
+
+_STAGE = "candlekeep_bars_stage"
+_CREATE_STAGE = f"""
+CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (
+    instrument text, "interval" text, bucket timestamptz,
+    open numeric, high numeric, low numeric, close numeric, volume numeric, quote_volume numeric,
+    trades integer, source text, final boolean
+) ON COMMIT DELETE ROWS"""
+_VALUES = "open, high, low, close, volume, quote_volume, trades, source, final"
+_KEYS_AND_VALUES = f'instrument, "interval", bucket, {_VALUES}'
+# Does any stored bar fall in the batch's [first, last] bucket span of an (instrument, interval)?
+_ANY_STORED = """
+SELECT EXISTS (
+    SELECT 1 FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[]) AS k(instrument, iv, lo, hi)
+    WHERE EXISTS (SELECT 1 FROM bars AS b
+                  WHERE b.instrument = k.instrument AND b."interval" = k.iv AND b.bucket BETWEEN k.lo AND k.hi)
+)"""
+# Inserted rows have revision 0 and updated ones >= 1. (`xmax = 0` would tell them apart too, but
+# PostgreSQL refuses system columns in RETURNING on a partitioned table.)
+_MERGE = f"""
+WITH written AS (
+    INSERT INTO bars AS b ({_KEYS_AND_VALUES}, revision, updated_at)
+    SELECT {_KEYS_AND_VALUES}, 0, now() FROM {_STAGE}
+    ON CONFLICT (instrument, "interval", bucket) DO UPDATE SET
+        open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
+        volume = excluded.volume, quote_volume = excluded.quote_volume, trades = excluded.trades,
+        source = excluded.source, final = excluded.final,
+        revision = b.revision + 1, updated_at = now()
+    WHERE (excluded.final OR NOT b.final)
+      AND (b.open, b.high, b.low, b.close, b.volume, b.quote_volume, b.trades, b.source, b.final)
+          IS DISTINCT FROM (excluded.open, excluded.high, excluded.low, excluded.close, excluded.volume,
+                            excluded.quote_volume, excluded.trades, excluded.source, excluded.final)
+    RETURNING revision = 0 AS inserted
+)
+SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written"""
+
+_START = "extract(epoch FROM bucket)::bigint AS start"
+_OUT = f"{_START}, open, high, low, close, volume, quote_volume, trades, source, final, revision"
+_STORED = """
+SELECT {columns} FROM bars
+WHERE instrument = :instrument AND "interval" = :interval AND bucket >= :lo AND bucket < :hi"""
+# 1m bars of [lo, hi) rolled up into buckets of :step (epoch-aligned, UTC), as rollup_bars does.
+_DERIVED = """
+WITH m AS (
+    SELECT date_bin(:step, bucket, TIMESTAMPTZ '1970-01-01 00:00:00+00') AS agg, bucket,
+           open, high, low, close, volume, quote_volume, trades, source, final, revision,
+           (volume = 0 AND open = high AND high = low AND low = close) AS flat
+    FROM bars
+    WHERE instrument = :instrument AND "interval" = '1m' AND bucket >= :lo AND bucket < :hi
+), derived AS (
+    SELECT agg AS bucket,
+           coalesce((array_agg(open ORDER BY bucket) FILTER (WHERE NOT flat))[1],
+                    (array_agg(close ORDER BY bucket DESC))[1]) AS open,
+           coalesce(max(high) FILTER (WHERE NOT flat), (array_agg(close ORDER BY bucket DESC))[1]) AS high,
+           coalesce(min(low) FILTER (WHERE NOT flat), (array_agg(close ORDER BY bucket DESC))[1]) AS low,
+           (array_agg(close ORDER BY bucket DESC))[1] AS close,
+           sum(volume) AS volume,
+           sum(quote_volume) AS quote_volume,
+           CASE WHEN count(trades) = count(*) THEN sum(trades) END AS trades,
+           CASE WHEN min(source) = max(source) THEN min(source) ELSE 'mixed' END AS source,
+           bool_and(final) AS final,
+           max(revision) AS revision
+    FROM m
+    GROUP BY agg
+)"""
+_DEEP = """
+SELECT {columns} FROM bars AS s
+WHERE s.instrument = :instrument AND s."interval" = :interval AND s.bucket >= :lo AND s.bucket < :hi
+  AND NOT EXISTS (SELECT 1 FROM derived AS d WHERE d.bucket = s.bucket)"""
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0  # identical to what was stored, or provisional over final (refused)
+
+    @property
+    def written(self) -> int:
+        return self.inserted + self.updated
+
+    def __add__(self, other: UpsertResult) -> UpsertResult:
+        return UpsertResult(
+            self.inserted + other.inserted, self.updated + other.updated, self.unchanged + other.unchanged
+        )
+
+
+class BarStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def upsert_bars(self, bars: Iterable[Bar], *, batch_size: int = 10_000) -> UpsertResult:
+        """Write `bars` (any instruments, intervals and order); see the module docstring."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be positive")
+        total = UpsertResult()
+        batch: dict[tuple[str, str, int], Bar] = {}
+        for bar in bars:
+            batch[(bar.instrument, bar.interval, bar.start)] = bar
+            if len(batch) >= batch_size:
+                total += self._write(batch.values())
+                batch = {}
+        if batch:
+            total += self._write(batch.values())
+        return total
+
+    def _write(self, bars: Iterable[Bar]) -> UpsertResult:
+        lines = []
+        spans: dict[tuple[str, str], list[int]] = {}  # (instrument, interval) -> [first, last] start
+        for bar in bars:
+            lines.append(_copy_line(bar))
+            span = spans.get((bar.instrument, bar.interval))
+            if span is None:
+                spans[(bar.instrument, bar.interval)] = [bar.start, bar.start]
+            elif bar.start < span[0]:
+                span[0] = bar.start
+            elif bar.start > span[1]:
+                span[1] = bar.start
+        data = "".join(lines)
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                return self._merge(data, len(lines), spans)
+            except psycopg.errors.CheckViolation as err:
+                # "no partition of relation ... found for row": partitions this process remembered
+                # were dropped meanwhile. Forget them and ensure again.
+                if attempt == _ATTEMPTS or "no partition" not in str(err):
+                    raise
+                partitions.forget(self.engine)
+            except psycopg.errors.DeadlockDetected:
+                # Two writers upserting overlapping buckets in different orders: the batch is
+                # idempotent, so run it again.
+                if attempt == _ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _merge(self, data: str, count: int, spans: dict[tuple[str, str], list[int]]) -> UpsertResult:
+        first = _utc(min(lo for lo, _ in spans.values()))
+        last = _utc(max(hi for _, hi in spans.values()) + 1)
+        keys = list(spans)
+        with self.engine.connect() as conn:
+            partitions.ensure_partitions(conn, "bars", first, last)
+            with conn.begin():
+                driver = conn.connection.driver_connection
+                assert isinstance(driver, psycopg.Connection)
+                with driver.cursor() as cur:
+                    cur.execute(
+                        _ANY_STORED,
+                        (
+                            [str(i) for i, _ in keys],
+                            [_PLAIN[iv] for _, iv in keys],
+                            [_utc(spans[k][0]) for k in keys],
+                            [_utc(spans[k][1]) for k in keys],
+                        ),
+                    )
+                    if not cur.fetchone()[0] and _copy_new(cur, data):
+                        return UpsertResult(inserted=count)
+                    cur.execute(_CREATE_STAGE)
+                    with cur.copy(f"COPY {_STAGE} ({_KEYS_AND_VALUES}) FROM STDIN") as copy:
+                        copy.write(data)
+                    cur.execute(_MERGE)
+                    inserted, updated = cur.fetchone() or (0, 0)
+        return UpsertResult(inserted, updated, count - inserted - updated)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def read_bars(
+        self, instrument: str, interval: Interval | str, start: int, end: int, *, limit: int | None = None
+    ) -> list[Bar]:
+        """Bars with `start <= bar.start < end` (unix s), ascending, at most `limit` of them."""
+        interval = Interval(interval)
+        instrument = str(instrument)
+        sql, params = self._query(instrument, interval, start, end, _OUT)
+        with self.engine.connect() as conn:
+            result = conn.execute(text(sql + " ORDER BY start LIMIT :limit"), {**params, "limit": limit})
+            return [Bar(instrument, interval.value, *row) for row in result]
+
+    def bucket_starts(
+        self, instrument: str, interval: Interval | str, start: int, end: int, *, stored_only: bool = False
+    ) -> list[int]:
+        """Starts of the buckets `read_bars` has a bar for, ascending (for gap listing).
+
+        `stored_only`: only the bars stored at `interval` itself (what a backfill of that interval
+        wrote), not the ones derived from 1m bars.
+        """
+        interval = Interval(interval)
+        sql, params = self._query(str(instrument), interval, start, end, _START, stored_only=stored_only)
+        with self.engine.connect() as conn:  # one array, not a row per bucket
+            starts = conn.execute(text(f"SELECT array_agg(start ORDER BY start) FROM ({sql}) AS q"), params).scalar()
+        return starts or []
+
+    def count_bars(
+        self, instrument: str, interval: Interval | str, start: int, end: int, *, stored_only: bool = False
+    ) -> int:
+        """How many bars `read_bars` (or, `stored_only`, the stored `interval` rows) has in the range."""
+        interval = Interval(interval)
+        sql, params = self._query(str(instrument), interval, start, end, "bucket", stored_only=stored_only)
+        with self.engine.connect() as conn:
+            return conn.execute(text(f"SELECT count(*) FROM ({sql}) AS q"), params).scalar_one()
+
+    def latest_start(self, instrument: str, interval: Interval | str = Interval.M1) -> int | None:
+        """Start of the newest bar stored at `interval` (where a writer stopped), or None."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                text(
+                    'SELECT extract(epoch FROM max(bucket))::bigint FROM bars'
+                    ' WHERE instrument = :instrument AND "interval" = :interval'
+                ),
+                {"instrument": str(instrument), "interval": Interval(interval).value},
+            ).scalar_one()
+
+    def _query(
+        self, instrument: str, interval: Interval, start: int, end: int, columns: str, *, stored_only: bool = False
+    ) -> tuple[str, dict[str, Any]]:
+        """SQL (without ORDER BY) selecting `columns` of the bars of `[start, end)`, and its params."""
+        # Buckets starting in [start, end) are the aligned ones in [ceil(start), ceil(end)); a
+        # derived bucket takes all its 1m bars, up to ceil(end).
+        lo, hi = _utc(interval.ceil(start)), _utc(interval.ceil(end))
+        params: dict[str, Any] = {"instrument": instrument, "interval": interval.value, "lo": lo, "hi": hi}
+        if interval is Interval.M1 or stored_only:
+            return _STORED.format(columns=columns), params
+        params["step"] = timedelta(seconds=interval.seconds)
+        sql = f"{_DERIVED} SELECT {columns} FROM derived"
+        if interval in _DEEP_HISTORY:
+            sql += " UNION ALL " + _DEEP.format(columns=columns)
+        return sql, params
+
+
+def _copy_new(cur: psycopg.Cursor, data: str) -> bool:
+    """COPY the batch straight into `bars` (none of its buckets is stored yet: the fast path).
+
+    False, with nothing written, when a concurrent writer stored one of them meanwhile.
+    """
+    cur.execute("SAVEPOINT candlekeep_copy_new")
+    try:
+        with cur.copy(f"COPY bars ({_KEYS_AND_VALUES}) FROM STDIN") as copy:
+            copy.write(data)
+    except psycopg.errors.UniqueViolation:
+        cur.execute("ROLLBACK TO SAVEPOINT candlekeep_copy_new")
+        return False
+    cur.execute("RELEASE SAVEPOINT candlekeep_copy_new")
+    return True
+
+
+def _copy_line(bar: Bar) -> str:
+    """One row of COPY text format, in `_KEYS_AND_VALUES` order.
+
+    Decimals are written as `str()` gives them ('29234.52', '1.50', '1E-8': PostgreSQL's numeric
+    input reads exponents exactly), so every digit the source gave is kept.
+    """
+    interval = _PLAIN.get(bar.interval)
+    if interval is None:
+        raise ValueError(f"bar of {bar.instrument} at {bar.start}: unknown interval {bar.interval!r}")
+    if bar.start % _SECONDS[interval]:
+        raise ValueError(f"bar of {bar.instrument}: start {bar.start} is not on a {interval} boundary")
+    o, h, lo, c, v, qv = bar.open, bar.high, bar.low, bar.close, bar.volume, bar.quote_volume
+    try:  # Decimal.is_finite refuses floats and ints with a TypeError
+        finite = _finite(o) and _finite(h) and _finite(lo) and _finite(c) and _finite(v) and _finite(qv)
+    except TypeError:
+        finite = False
+    if not finite:
+        raise TypeError(
+            f"bar of {bar.instrument} at {bar.start}: prices and volumes must be finite Decimals, got "
+            f"{(o, h, lo, c, v, qv)!r}"
+        )
+    trades = "\\N" if bar.trades is None else str(int(bar.trades))
+    return (
+        f"{_copy_text(bar.instrument)}\t{interval}\t{_copy_timestamp(bar.start)}\t{str(o)}\t{str(h)}\t"
+        f"{str(lo)}\t{str(c)}\t{str(v)}\t{str(qv)}\t{trades}\t{_copy_text(bar.source)}\t"
+        f"{'t' if bar.final else 'f'}\n"
+    )
+
+
+@lru_cache(maxsize=4096)
+def _copy_text(value: str) -> str:
+    """Text escaped for COPY text format (instrument ids and source names: few distinct values)."""
+    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _copy_timestamp(start: int) -> str:
+    """'YYYY-MM-DD HH:MM:SS+00' of a unix time (days and times of day are cached)."""
+    day, second = divmod(start, 86400)
+    return f"{_day_text(day)} {_time_of_day_text(second)}+00"
+
+
+@lru_cache(maxsize=8192)
+def _day_text(day: int) -> str:
+    return (_EPOCH_DAY + timedelta(days=day)).isoformat()
+
+
+@lru_cache(maxsize=4096)
+def _time_of_day_text(second: int) -> str:
+    hours, rest = divmod(second, 3600)
+    return f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def _utc(ts: int) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)

@@ -1,0 +1,134 @@
+"""Database URLs and engines, made on demand (never at import).
+
+URLs are libpq style (`postgresql://user:pw@host:port/db`, or a unix socket:
+`postgresql://postgres:@/db?host=/socket/dir`); SQLAlchemy gets the same URL with the psycopg 3
+driver named. Unset `CANDLEKEEP_DATABASE_URL` means the embedded PostgreSQL (embedded.py) with its
+data under `<data_dir>/postgres` and a database `candlekeep`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import sqlalchemy
+from sqlalchemy import Engine, text
+
+if TYPE_CHECKING:
+    from candlekeep.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATABASE = "candlekeep"
+_SCHEMES = {
+    "postgres": "postgresql+psycopg",
+    "postgresql": "postgresql+psycopg",
+    "postgresql+psycopg": "postgresql+psycopg",
+}
+
+
+def sqlalchemy_url(url: str) -> str:
+    """`postgres://` / `postgresql://` → `postgresql+psycopg://`, everything else (query too) kept."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in _SCHEMES:
+        raise ValueError(f"not a PostgreSQL URL: {_redact(url)!r} (expected postgresql://...)")
+    return f"{_SCHEMES[scheme]}://{rest}"
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server (and options such as `?host=`), database `name`."""
+    parts = urlsplit(url)
+    if not parts.scheme:
+        raise ValueError(f"not a URL: {_redact(url)!r}")
+    return urlunsplit(parts._replace(path="/" + quote(name, safe="")))
+
+
+def create_engine(url: str, **kw: Any) -> Engine:
+    """An engine on psycopg 3 with `pool_pre_ping`; sessions run in UTC. `kw` go to SQLAlchemy."""
+    kw.setdefault("pool_pre_ping", True)
+    connect_args = kw.setdefault("connect_args", {})
+    if "options" not in connect_args and "options=" not in url:
+        connect_args["options"] = "-c TimeZone=UTC"
+    connect_args.setdefault("application_name", "candlekeep")
+    return sqlalchemy.create_engine(sqlalchemy_url(url), **kw)
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """`settings.database_url`, or the embedded server's `candlekeep` database (started if needed)."""
+    if settings.database_url:
+        return settings.database_url
+    from candlekeep.storage.embedded import start_embedded
+
+    server = start_embedded(settings.data_dir / "postgres")
+    return ensure_database(server.url(DEFAULT_DATABASE))
+
+
+def ensure_database(url: str, *, maintenance_db: str = "postgres") -> str:
+    """Create the database `url` names if it does not exist (connecting to `maintenance_db` on the
+    same server); return `url`."""
+    import psycopg
+    from psycopg import sql
+
+    name = unquote(urlsplit(url).path.lstrip("/"))
+    if not name:
+        raise ValueError(f"no database name in {_redact(url)!r}")
+    with psycopg.connect(with_database(url, maintenance_db), autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            try:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                log.info("created database %s", name)
+            except psycopg.errors.DuplicateDatabase:
+                pass  # another process created it meanwhile
+    return url
+
+
+def storage_features(engine: Engine) -> dict[str, Any]:
+    """What the schema runs on, read from the catalogs (the migration decides; see 0001).
+
+    {"timescaledb": bool, "partitioning": "native" | "timescaledb" | "none",
+     "continuous_aggregates": bool, "compression": bool}
+    """
+    with engine.connect() as conn:
+        timescale = conn.execute(text("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")).first()
+        features: dict[str, Any] = {
+            "timescaledb": timescale is not None,
+            "partitioning": "none",
+            "continuous_aggregates": False,
+            "compression": False,
+        }
+        if conn.execute(text("SELECT 1 FROM pg_partitioned_table WHERE partrelid = to_regclass('bars')")).first():
+            features["partitioning"] = "native"
+        if timescale is not None:
+            hyper = conn.execute(
+                text("SELECT 1 FROM timescaledb_information.hypertables WHERE hypertable_name = 'bars'")
+            ).first()
+            if hyper:
+                features["partitioning"] = "timescaledb"
+            caggs = conn.execute(
+                text(
+                    "SELECT count(*) FROM timescaledb_information.continuous_aggregates"
+                    " WHERE view_name IN ('bars_1h_cagg', 'bars_1d_cagg')"
+                )
+            ).scalar_one()
+            features["continuous_aggregates"] = caggs == 2
+            policy = conn.execute(
+                text(
+                    "SELECT 1 FROM timescaledb_information.jobs"
+                    " WHERE proc_name = 'policy_compression' AND hypertable_name = 'bars'"
+                )
+            ).first()
+            features["compression"] = policy is not None
+    return features
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
