@@ -1,0 +1,1 @@
+"""The HTTP API: FastAPI routes that answer OHLCV queries from candlekeep's storage."""
