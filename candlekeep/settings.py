@@ -23,6 +23,8 @@ class Settings(BaseSettings):
 
     # Unset: an embedded PostgreSQL with its data under `data_dir`.
     database_url: str | None = None
+    # Dagster's run/event storage; unset: a `dagster` database on the same server as DATABASE_URL.
+    dagster_pg_url: str | None = None
     # Unset: the in-process bus.
     kafka_bootstrap_servers: str | None = None
     # Unset: no cache.
