@@ -1,0 +1,127 @@
+"""The `candlekeep` command line against a real PostgreSQL (and, for `up`, real child processes)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from sqlalchemy import Engine
+
+from candlekeep.bars import Interval, decimal_str
+from candlekeep.cli import main
+from candlekeep.instruments import Instrument
+from candlekeep.sources.simulator import Simulator
+from tests.utils.net import free_port
+
+BTC = Instrument.parse("cccagg:BTC-USD")
+DAY = int(datetime(2024, 3, 1, tzinfo=UTC).timestamp())
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, engine: Engine, database_url: str) -> None:
+    monkeypatch.setenv("CANDLEKEEP_DATABASE_URL", database_url)
+    monkeypatch.setenv("CANDLEKEEP_SOURCE", "simulator")
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+
+
+def test_backfill_then_ohlcv_prints_the_simulators_bars(cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["backfill", "--instrument", BTC.id, "--start", "2024-03-01", "--end", "2024-03-02"]) == 0
+    assert "2880 bars fetched" in capsys.readouterr().out
+
+    assert main(["ohlcv", "--instrument", BTC.id, "--interval", "1h", "--start", "2024-03-01",
+                 "--end", "2024-03-03", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+
+    truth = [b for page in Simulator(seed=0).bars(BTC, Interval.H1, DAY, DAY + 2 * 86400) for b in page]
+    assert len(rows) == 48
+    assert [(r["open"], r["high"], r["low"], r["close"], r["volume"], r["quote_volume"]) for r in rows] == [
+        tuple(decimal_str(v) for v in (b.open, b.high, b.low, b.close, b.volume, b.quote_volume)) for b in truth]
+
+
+def test_second_backfill_changes_nothing(cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["backfill", "--instrument", BTC.id, "--start", "2024-03-01", "--end", "2024-03-01"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 0
+
+    assert "0 inserted, 0 updated, 1440 unchanged" in capsys.readouterr().out
+
+
+def test_ohlcv_json_lists_gaps(cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ohlcv", "--instrument", BTC.id, "--start", "2024-03-01T00:00:00Z", "--end", "2024-03-01T00:05:00Z",
+                 "--format", "json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+
+    assert body["bars"] == [] and body["complete"] is False
+    assert body["gaps"] == [{"start": "2024-03-01T00:00:00Z", "end": "2024-03-01T00:05:00Z"}]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ohlcv", "--instrument", "BTC USD!", "--start", "2024-01-01", "--end", "2024-01-02"], "invalid instrument"),
+        (["ohlcv", "--instrument", BTC.id, "--interval", "2m", "--start", "2024-01-01", "--end", "2024-01-02"], "invalid interval"),
+        (["ohlcv", "--instrument", BTC.id, "--start", "2024-01-02", "--end", "2024-01-01"], "must be after start"),
+        (["backfill", "--instrument", BTC.id, "--start", "2024-01-02", "--end", "2024-01-01"], "before --start"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(cli_env: None, capsys: pytest.CaptureFixture[str], args: list[str],
+                                                 message: str) -> None:
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_configuration_names_the_variable(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CANDLEKEEP_INSTRUMENTS", "cccagg:BTC-USD,nonsense")
+
+    assert main(["migrate"]) == 2
+    assert "instruments" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_up_serves_dagster_and_the_api_and_ctrl_c_stops_everything(database_url: str, tmp_path: Path) -> None:
+    api_port, dagster_port = free_port(), free_port()
+    env = dict(os.environ, CANDLEKEEP_DATABASE_URL=database_url, CANDLEKEEP_DATA_DIR=str(tmp_path),
+               CANDLEKEEP_API_PORT=str(api_port), CANDLEKEEP_DAGSTER_PORT=str(dagster_port))
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "candlekeep.cli", "up"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        health = _wait_for(f"http://127.0.0.1:{api_port}/health", proc)
+        assert health.json()["database"] == "ok"
+        assert _wait_for(f"http://127.0.0.1:{dagster_port}/server_info", proc).status_code == 200
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "Dagster UI" in output
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 90) -> requests.Response:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"candlekeep up exited early:\n{proc.stdout.read() if proc.stdout else ''}")
+        try:
+            response = requests.get(url, timeout=2)
+            if response.status_code < 500:
+                return response
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
