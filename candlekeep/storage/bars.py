@@ -4,7 +4,7 @@ Writes (`upsert_bars`) stream in batches, one transaction each. A batch is dedup
 (the last bar wins), its partitions are ensured, and then, when no stored bar falls in the batch's
 bucket span (per instrument and interval), it is COPY'd straight into `bars`: a fresh backfill runs
 at COPY speed (should a concurrent writer store one of its buckets meanwhile, the unique violation
-rolls back to a savepoint and the batch takes the general path). Otherwise the batch is COPY'd into
+rolls the attempt back and the batch takes the general path). Otherwise the batch is COPY'd into
 a session temp table and merged with one `INSERT ... SELECT ... ON CONFLICT DO UPDATE ... WHERE
 <row differs>`. So:
 - writing identical bars again changes nothing (no revision bump, `updated_at` kept: unchanged);
@@ -26,15 +26,16 @@ the exact UTC instant.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
+from itertools import islice
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from candlekeep.bars import Bar, Interval
 from candlekeep.storage import partitions
@@ -153,22 +154,21 @@ class BarStore:
             total += self._write(batch.values())
         return total
 
-    def _write(self, bars: Iterable[Bar]) -> UpsertResult:
-        lines = []
+    def _write(self, bars: Collection[Bar]) -> UpsertResult:
         spans: dict[tuple[str, str], list[int]] = {}  # (instrument, interval) -> [first, last] start
         for bar in bars:
-            lines.append(_copy_line(bar))
             span = spans.get((bar.instrument, bar.interval))
             if span is None:
+                _check_interval(bar)
                 spans[(bar.instrument, bar.interval)] = [bar.start, bar.start]
             elif bar.start < span[0]:
                 span[0] = bar.start
             elif bar.start > span[1]:
                 span[1] = bar.start
-        data = "".join(lines)
+        lines = _CopyText(bars)
         for attempt in range(1, _ATTEMPTS + 1):
             try:
-                return self._merge(data, len(lines), spans)
+                return self._merge(lines, spans)
             except psycopg.errors.CheckViolation as err:
                 # "no partition of relation ... found for row": partitions this process remembered
                 # were dropped meanwhile. Forget them and ensure again.
@@ -182,16 +182,16 @@ class BarStore:
                     raise
         raise AssertionError("unreachable")
 
-    def _merge(self, data: str, count: int, spans: dict[tuple[str, str], list[int]]) -> UpsertResult:
+    def _merge(self, lines: _CopyText, spans: dict[tuple[str, str], list[int]]) -> UpsertResult:
         first = _utc(min(lo for lo, _ in spans.values()))
         last = _utc(max(hi for _, hi in spans.values()) + 1)
         keys = list(spans)
         with self.engine.connect() as conn:
             partitions.ensure_partitions(conn, "bars", first, last)
-            with conn.begin():
-                driver = conn.connection.driver_connection
-                assert isinstance(driver, psycopg.Connection)
-                with driver.cursor() as cur:
+            stored = True
+            try:
+                with conn.begin():
+                    cur = _cursor(conn)
                     cur.execute(
                         _ANY_STORED,
                         (
@@ -201,14 +201,17 @@ class BarStore:
                             [_utc(spans[k][1]) for k in keys],
                         ),
                     )
-                    if not cur.fetchone()[0] and _copy_new(cur, data):
-                        return UpsertResult(inserted=count)
-                    cur.execute(_CREATE_STAGE)
-                    with cur.copy(f"COPY {_STAGE} ({_KEYS_AND_VALUES}) FROM STDIN") as copy:
-                        copy.write(data)
-                    cur.execute(_MERGE)
-                    inserted, updated = cur.fetchone() or (0, 0)
-        return UpsertResult(inserted, updated, count - inserted - updated)
+                    stored = cur.fetchone()[0]
+                    if not stored:  # the fast path: nothing to merge with
+                        _copy(cur, f"COPY bars ({_KEYS_AND_VALUES}) FROM STDIN", lines)
+                        return UpsertResult(inserted=len(lines))
+                    return _stage_and_merge(cur, lines)
+            except psycopg.errors.UniqueViolation:
+                if stored:
+                    raise
+                # A concurrent writer stored some of these buckets after the check: merge instead.
+            with conn.begin():
+                return _stage_and_merge(_cursor(conn), lines)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -274,20 +277,51 @@ class BarStore:
         return sql, params
 
 
-def _copy_new(cur: psycopg.Cursor, data: str) -> bool:
-    """COPY the batch straight into `bars` (none of its buckets is stored yet: the fast path).
+class _CopyText:
+    """The COPY text of a batch, made in chunks while the COPY runs (so the server works while we
+    format) and kept, should the batch be sent twice."""
 
-    False, with nothing written, when a concurrent writer stored one of them meanwhile.
-    """
-    cur.execute("SAVEPOINT candlekeep_copy_new")
-    try:
-        with cur.copy(f"COPY bars ({_KEYS_AND_VALUES}) FROM STDIN") as copy:
-            copy.write(data)
-    except psycopg.errors.UniqueViolation:
-        cur.execute("ROLLBACK TO SAVEPOINT candlekeep_copy_new")
-        return False
-    cur.execute("RELEASE SAVEPOINT candlekeep_copy_new")
-    return True
+    CHUNK = 1000  # lines
+
+    def __init__(self, bars: Collection[Bar]) -> None:
+        self._bars = iter(bars)
+        self._count = len(bars)
+        self._chunks: list[str] = []
+        self._done = False
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[str]:
+        yield from list(self._chunks)
+        while not self._done:
+            chunk = "".join(_copy_line(bar) for bar in islice(self._bars, self.CHUNK))
+            if not chunk:
+                self._done = True
+                return
+            self._chunks.append(chunk)
+            yield chunk
+
+
+def _cursor(conn: Connection) -> psycopg.Cursor:
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    return driver.cursor()
+
+
+def _copy(cur: psycopg.Cursor, statement: str, lines: _CopyText) -> None:
+    with cur.copy(statement) as copy:
+        for chunk in lines:
+            copy.write(chunk)
+
+
+def _stage_and_merge(cur: psycopg.Cursor, lines: _CopyText) -> UpsertResult:
+    """COPY into the session's temp table, then one INSERT ... ON CONFLICT DO UPDATE from it."""
+    cur.execute(_CREATE_STAGE)
+    _copy(cur, f"COPY {_STAGE} ({_KEYS_AND_VALUES}) FROM STDIN", lines)
+    cur.execute(_MERGE)
+    inserted, updated = cur.fetchone() or (0, 0)
+    return UpsertResult(inserted, updated, len(lines) - inserted - updated)
 
 
 def _copy_line(bar: Bar) -> str:
@@ -296,9 +330,7 @@ def _copy_line(bar: Bar) -> str:
     Decimals are written as `str()` gives them ('29234.52', '1.50', '1E-8': PostgreSQL's numeric
     input reads exponents exactly), so every digit the source gave is kept.
     """
-    interval = _PLAIN.get(bar.interval)
-    if interval is None:
-        raise ValueError(f"bar of {bar.instrument} at {bar.start}: unknown interval {bar.interval!r}")
+    interval = _PLAIN[bar.interval]  # checked by _check_interval
     if bar.start % _SECONDS[interval]:
         raise ValueError(f"bar of {bar.instrument}: start {bar.start} is not on a {interval} boundary")
     o, h, lo, c, v, qv = bar.open, bar.high, bar.low, bar.close, bar.volume, bar.quote_volume
@@ -317,6 +349,11 @@ def _copy_line(bar: Bar) -> str:
         f"{str(lo)}\t{str(c)}\t{str(v)}\t{str(qv)}\t{trades}\t{_copy_text(bar.source)}\t"
         f"{'t' if bar.final else 'f'}\n"
     )
+
+
+def _check_interval(bar: Bar) -> None:
+    if bar.interval not in _PLAIN:
+        raise ValueError(f"bar of {bar.instrument} at {bar.start}: unknown interval {bar.interval!r}")
 
 
 @lru_cache(maxsize=4096)

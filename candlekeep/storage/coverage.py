@@ -69,7 +69,10 @@ class CoverageStore:
     ) -> list[CoverageRow]:
         """Rows of `instrument` with `start_day <= day < end_day` (either bound optional), by day,
         interval, source."""
-        sql = 'SELECT instrument, "interval", day, source, rows, status, fetched_at FROM coverage WHERE instrument = :instrument'
+        sql = (
+            'SELECT instrument, "interval", day, source, rows, status, fetched_at FROM coverage'
+            " WHERE instrument = :instrument"
+        )
         params: dict[str, object] = {"instrument": str(instrument)}
         if interval is not None:
             sql += ' AND "interval" = :interval'
