@@ -14,13 +14,15 @@ page received, so a period that an earlier run filled stays `complete`.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from queue import Full, Queue
 from typing import TYPE_CHECKING
 
-from candlekeep.bars import Interval, missing_ranges
+from candlekeep.bars import Bar, Interval, missing_ranges
 from candlekeep.instruments import Instrument
 from candlekeep.sources.base import Source
 
@@ -93,7 +95,7 @@ def backfill(
     stop = min(interval.ceil(end), interval.floor(now))
     inserted = updated = unchanged = fetched = 0
     if first < stop:
-        for page in source.bars(instrument, interval, first, stop):
+        for page in prefetched(source.bars(instrument, interval, first, stop)):
             # A source must return only `[first, stop)` of this instrument; keep the store clean if not.
             bars = [b for b in page if first <= b.start < stop and b.instrument == instrument.id]
             if bars:
@@ -104,15 +106,13 @@ def backfill(
                 fetched += len(bars)
             if on_page is not None:
                 on_page(len(bars))
-    gaps = []
-    if first < stop:
-        stored = bar_store.bucket_starts(instrument.id, interval, first, stop, stored_only=True)
-        gaps = missing_ranges(stored, interval, first, stop)
     periods = [
         _record_period(coverage_store, bar_store, source.name, instrument, interval, p_start, p_end, now)
         for p_start, p_end in coverage_periods(interval, start, end)
         if p_start < now
     ]
+    # The range's gaps are the periods' gaps (queried one period at a time, so memory stays flat).
+    gaps = _join_ranges((max(lo, first), min(hi, stop)) for p in periods for lo, hi in p.gaps if lo < stop and hi > first)
     return BackfillResult(
         rows_fetched=fetched,
         inserted=inserted,
@@ -125,6 +125,58 @@ def backfill(
         end=max(first, stop),
         periods=periods,
     )
+
+
+def prefetched(pages: Iterator[list[Bar]], depth: int = 2) -> Iterator[list[Bar]]:
+    """Pull the next pages on a thread while the caller writes this one.
+
+    Fetching (network, parsing) and writing (mostly waiting on PostgreSQL, which releases the GIL)
+    then overlap instead of adding up; at most `depth` pages wait, so memory stays flat. A source
+    error is raised in the caller, and closing the iterator stops the thread.
+    """
+    queue: Queue = Queue(maxsize=depth)
+    done = object()
+    closing = threading.Event()
+
+    def put(item: object) -> bool:
+        while not closing.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def pull() -> None:
+        try:
+            for page in pages:
+                if not put(page):
+                    return
+            put(done)
+        except BaseException as exc:  # handed to the caller, raised there
+            put(exc)
+
+    thread = threading.Thread(target=pull, name="backfill-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        closing.set()
+        thread.join()
+
+
+def _join_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Ascending `[start, end)` ranges with touching neighbours (across a period edge) joined."""
+    joined: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        if joined and joined[-1][1] == lo:
+            joined[-1] = (joined[-1][0], hi)
+        else:
+            joined.append((lo, hi))
+    return joined
 
 
 def coverage_periods(interval: Interval, start: int, end: int) -> list[tuple[int, int]]:

@@ -132,6 +132,18 @@ def test_holes_in_the_source_are_reported_as_gaps(stores):
     assert rows == {date(2024, 3, 5): (1440, "complete"), date(2024, 3, 6): (1440, "complete")}
 
 
+def test_a_gap_across_midnight_is_one_range_and_clipped_to_the_range_asked(stores):
+    bar_store, coverage_store = stores
+    day = ts("2024-03-05")
+    holes = {day + DAY - 120, day + DAY - 60, day + DAY, day + DAY + 60}  # 23:58 .. 00:01
+
+    result = backfill(source=GridSource(holes), bar_store=bar_store, coverage_store=coverage_store, instrument=BTC,
+                      interval=Interval.M1, start=day + 3600, end=day + DAY + 3600, now=ts("2024-04-01"))  # fmt: skip
+
+    assert result.gaps == [(day + DAY - 120, day + DAY + 120)]
+    assert result.start == day + 3600 and result.end == day + DAY + 3600
+
+
 def test_an_empty_source_records_empty_days(stores):
     bar_store, coverage_store = stores
     day = ts("2024-03-05")
