@@ -64,7 +64,7 @@ def session_engine(database_url: str) -> Iterator[Engine]:
 def engine(session_engine: Engine) -> Engine:
     """The test database, emptied before each test."""
     with session_engine.begin() as conn:
-        conn.execute(text("TRUNCATE bars, ticks, coverage, instruments"))
+        conn.execute(text("TRUNCATE bars, ticks, coverage, instruments, outages"))
     return session_engine
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -68,20 +72,30 @@ def test_configured_url_is_used_as_is() -> None:
     assert resolve_database_url(settings) == "postgresql://u:p@db.example:5432/candles"
 
 
-def test_embedded_server_keeps_its_data(tmp_path) -> None:
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """A directory outside pytest's temp tree: when run as root the server runs as another user,
+    and a pytest starting meanwhile resets /tmp/pytest-of-root to 0700, which that user cannot
+    traverse."""
+    path = Path(tempfile.mkdtemp(prefix="candlekeep-embedded-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_embedded_server_keeps_its_data(data_dir: Path) -> None:
     """Unset DATABASE_URL: an embedded server under data_dir/postgres with a `candlekeep` database."""
-    settings = Settings(database_url=None, data_dir=tmp_path / "state")
+    settings = Settings(database_url=None, data_dir=data_dir / "state")
     url = resolve_database_url(settings)
     assert url.startswith("postgresql://") and "/candlekeep?" in url
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE TABLE kept (x int)")
         conn.execute("INSERT INTO kept VALUES (42)")
     assert resolve_database_url(settings) == url  # reused while running
-    server = start_embedded(tmp_path / "state" / "postgres")
-    assert (tmp_path / "state" / "postgres" / "PG_VERSION").is_file()
+    server = start_embedded(data_dir / "state" / "postgres")
+    assert (data_dir / "state" / "postgres" / "PG_VERSION").is_file()
     server.stop()
 
     url = resolve_database_url(settings)  # started again on the same data
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT x FROM kept").fetchone() == (42,)
-    start_embedded(tmp_path / "state" / "postgres").stop()
+    start_embedded(data_dir / "state" / "postgres").stop()
