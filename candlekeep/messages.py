@@ -1,0 +1,286 @@
+"""Wire messages and topic names (DESIGN.md "Kafka topics"), defined once and imported everywhere.
+
+JSON with `"v": 1`; prices and sizes travel as decimal strings and are parsed back to `Decimal`
+exactly. A message that cannot be parsed or breaks the contract raises `MessageError` with the
+reason (the daemons send it to `deadletter`, never crash on it).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+import msgspec
+
+from candlekeep.bars import Bar, Interval, Trade, decimal_str
+from candlekeep.instruments import Instrument, InstrumentError
+
+VERSION = 1
+
+TICKS = "ticks"
+BARS = "bars"
+CONTROL = "control"
+DEADLETTER = "deadletter"
+CONTROL_OPS = ("track", "untrack", "fetch")
+
+
+class MessageError(ValueError):
+    """A message that cannot be parsed or violates the contract; the text is the reason."""
+
+
+def topic(prefix: str, name: str) -> str:
+    """Topic names get the optional `CANDLEKEEP_TOPIC_PREFIX`."""
+    return f"{prefix}{name}"
+
+
+def dynamic_topic(prefix: str, instrument: Instrument) -> str:
+    return topic(prefix, f"dynamic.{instrument.venue}.{instrument.base}-{instrument.quote}")
+
+
+def replay_topic(prefix: str, session: str, kind: str) -> str:
+    return topic(prefix, f"replay.{session}.{kind}")
+
+
+# --- ticks ---------------------------------------------------------------------------------------
+
+
+def encode_tick(trade: Trade) -> bytes:
+    return _dumps({
+        "v": VERSION,
+        "instrument": trade.instrument,
+        "ts_ns": trade.ts_ns,
+        "price": decimal_str(trade.price),
+        "size": decimal_str(trade.size),
+        "side": trade.side,
+        "trade_id": trade.trade_id,
+        "source": trade.source,
+        "received_ns": trade.received_ns,
+    })
+
+
+class _TickV1(msgspec.Struct, forbid_unknown_fields=False):
+    """The tick shape, checked field by field by msgspec (the aggregator's hot path)."""
+
+    v: Literal[1]
+    instrument: str
+    ts_ns: int
+    price: str
+    size: str
+    side: Literal["buy", "sell", "unknown"]
+    trade_id: str
+    source: str
+    received_ns: int | None = None
+
+
+_TICK = msgspec.json.Decoder(_TickV1)
+
+
+def decode_tick(raw: bytes) -> Trade:
+    try:
+        msg = _TICK.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise MessageError(f"tick violates the contract: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise MessageError(f"not JSON: {exc}") from None
+    if not msg.trade_id or not msg.source:
+        raise MessageError("tick violates the contract: trade_id and source must be non-empty")
+    if msg.ts_ns <= 0:
+        raise MessageError(f"tick violates the contract: ts_ns must be positive, got {msg.ts_ns}")
+    try:
+        return Trade(
+            instrument=_instrument_id(msg.instrument),
+            ts_ns=msg.ts_ns,
+            price=_decimal_text("price", msg.price),
+            size=_decimal_text("size", msg.size),
+            side=msg.side,
+            trade_id=msg.trade_id,
+            source=msg.source,
+            received_ns=msg.received_ns,
+        )
+    except (TypeError, ValueError) as exc:  # Trade's own checks: positive price and size
+        raise MessageError(f"tick violates the contract: {exc}") from None
+
+
+# --- bars ----------------------------------------------------------------------------------------
+
+
+def encode_bar(bar: Bar) -> bytes:
+    return _dumps({
+        "v": VERSION,
+        "instrument": bar.instrument,
+        "interval": bar.interval,
+        "start": bar.start,
+        "open": decimal_str(bar.open),
+        "high": decimal_str(bar.high),
+        "low": decimal_str(bar.low),
+        "close": decimal_str(bar.close),
+        "volume": decimal_str(bar.volume),
+        "quote_volume": decimal_str(bar.quote_volume),
+        "trades": bar.trades,
+        "final": bar.final,
+        "revision": bar.revision,
+        "source": bar.source,
+    })
+
+
+def decode_bar(raw: bytes) -> Bar:
+    msg = _loads(raw)
+    interval = _choice(msg, "interval", tuple(i.value for i in Interval))
+    trades = msg.get("trades")
+    if trades is not None and (not isinstance(trades, int) or isinstance(trades, bool)):
+        raise MessageError("field 'trades' must be an integer or null")
+    bar = Bar(
+        instrument=_instrument(msg),
+        interval=interval,
+        start=_int(msg, "start"),
+        open=_decimal(msg, "open"),
+        high=_decimal(msg, "high"),
+        low=_decimal(msg, "low"),
+        close=_decimal(msg, "close"),
+        volume=_decimal(msg, "volume"),
+        quote_volume=_decimal(msg, "quote_volume"),
+        trades=trades,
+        source=_str(msg, "source"),
+        final=_bool(msg, "final"),
+        revision=_int(msg, "revision"),
+    )
+    if problems := bar.problems():
+        raise MessageError(f"bar violates the contract: {'; '.join(problems)}")
+    return bar
+
+
+# --- control -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ControlCommand:
+    op: str  # track | untrack | fetch
+    instrument: str
+    request_id: str
+    start: int | None = None  # unix s, for fetch
+    end: int | None = None
+
+
+def encode_control(cmd: ControlCommand) -> bytes:
+    body: dict[str, Any] = {"v": VERSION, "op": cmd.op, "instrument": cmd.instrument, "request_id": cmd.request_id}
+    if cmd.start is not None:
+        body["start"] = cmd.start
+    if cmd.end is not None:
+        body["end"] = cmd.end
+    return _dumps(body)
+
+
+def decode_control(raw: bytes) -> ControlCommand:
+    msg = _loads(raw)
+    start = _int(msg, "start") if msg.get("start") is not None else None
+    end = _int(msg, "end") if msg.get("end") is not None else None
+    if start is not None and end is not None and end <= start:
+        raise MessageError("field 'end' must be after 'start'")
+    return ControlCommand(
+        op=_choice(msg, "op", CONTROL_OPS),
+        instrument=_instrument(msg),
+        request_id=_str(msg, "request_id"),
+        start=start,
+        end=end,
+    )
+
+
+# --- dead letters --------------------------------------------------------------------------------
+
+
+def encode_deadletter(*, topic_name: str, partition: int, offset: int, error: str, payload: bytes) -> bytes:
+    return _dumps({
+        "v": VERSION,
+        "topic": topic_name,
+        "partition": partition,
+        "offset": offset,
+        "error": error,
+        "payload": base64.b64encode(payload).decode("ascii"),
+    })
+
+
+# --- field readers -------------------------------------------------------------------------------
+
+
+def _dumps(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _loads(raw: bytes) -> dict[str, Any]:
+    try:
+        msg = json.loads(raw, parse_float=Decimal)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MessageError(f"not JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise MessageError("not a JSON object")
+    if msg.get("v") != VERSION:
+        raise MessageError(f"unsupported version {msg.get('v')!r} (expected {VERSION})")
+    return msg
+
+
+def _field(msg: Mapping[str, Any], name: str) -> Any:
+    if name not in msg or msg[name] is None:
+        raise MessageError(f"missing field {name!r}")
+    return msg[name]
+
+
+def _str(msg: Mapping[str, Any], name: str) -> str:
+    value = _field(msg, name)
+    if not isinstance(value, str) or not value:
+        raise MessageError(f"field {name!r} must be a non-empty string")
+    return value
+
+
+def _int(msg: Mapping[str, Any], name: str) -> int:
+    value = _field(msg, name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise MessageError(f"field {name!r} must be an integer")
+    return value
+
+
+def _bool(msg: Mapping[str, Any], name: str) -> bool:
+    value = _field(msg, name)
+    if not isinstance(value, bool):
+        raise MessageError(f"field {name!r} must be true or false")
+    return value
+
+
+def _decimal(msg: Mapping[str, Any], name: str) -> Decimal:
+    value = _field(msg, name)
+    if not isinstance(value, str):  # decimal strings on the wire: a JSON number could already be rounded
+        raise MessageError(f"field {name!r} must be a decimal string")
+    return _decimal_text(name, value)
+
+
+def _decimal_text(name: str, value: str) -> Decimal:
+    try:
+        parsed = Decimal(value)
+    except InvalidOperation:
+        raise MessageError(f"field {name!r} is not a decimal: {value!r}") from None
+    if not parsed.is_finite():
+        raise MessageError(f"field {name!r} must be finite")
+    return parsed
+
+
+def _choice(msg: Mapping[str, Any], name: str, allowed: tuple[str, ...]) -> str:
+    value = _field(msg, name)
+    if value not in allowed:
+        raise MessageError(f"field {name!r} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def _instrument(msg: Mapping[str, Any]) -> str:
+    return _instrument_id(_str(msg, "instrument"))
+
+
+@functools.lru_cache(maxsize=4096)  # a feed carries few distinct instruments
+def _instrument_id(text: str) -> str:
+    try:
+        return Instrument.parse(text).id
+    except InstrumentError as exc:
+        raise MessageError(str(exc)) from None
