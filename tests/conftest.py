@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ from sqlalchemy import Engine, text
 
 from candlekeep.storage.db import create_engine, with_database
 from candlekeep.storage.migrate import upgrade
-from tests.utils.net import free_port
+from tests.utils.redis import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -74,30 +72,9 @@ def redis_url() -> Iterator[str]:
     if url := os.environ.get("CANDLEKEEP_TEST_REDIS_URL"):
         yield url
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed: `make test` installs it (apt-get install redis-server)")
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="candlekeep-test-redis-")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-    )
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
-    client.close()
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
+    workdir = Path(tempfile.mkdtemp(prefix="candlekeep-test-redis-"))
+    server = RedisServer(workdir)
+    server.start()
+    yield server.url
+    server.stop()
     shutil.rmtree(workdir, ignore_errors=True)

