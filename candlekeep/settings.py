@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     source: Literal["simulator", "cryptocompare"] = "simulator"
     cryptocompare_api_key: SecretStr | None = None
     cryptocompare_base_url: str = "https://min-api.cryptocompare.com"
+    cryptocompare_stream_url: str = "wss://streamer.cryptocompare.com/v2"
     # `min-api`: /data/v2/histo*; `data-api`: CoinDesk Data API /spot/v1/historical/*.
     cryptocompare_flavour: Literal["min-api", "data-api"] = "min-api"
     # Client-side call budget; defaults are the free plan's observed limits (notes/cryptocompare.md).
@@ -52,6 +53,8 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, gt=0, lt=65536)
     dagster_port: int = Field(3000, gt=0, lt=65536)
+    # Streaming daemons' /health and /metrics: base, base+1, ... (0: any free port).
+    stream_port_base: int = Field(9101, ge=0, lt=65533)
 
     @field_validator("instruments", "api_keys", mode="before")
     @classmethod

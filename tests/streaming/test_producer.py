@@ -1,0 +1,373 @@
+"""The producer daemon on a real bus (in-process and a real Kafka broker): the simulator's trades played
+back arrive in `ticks` exactly (no loss, no duplicate, per-instrument order), also across a broker
+outage; control track/untrack; the CryptoCompare streamer (a loopback WebSocket server) through the
+daemon with outages persisted in PostgreSQL and bad frames dead-lettered.
+
+The truth is always independent of the producer: `Simulator.trades` for the played range, or the
+frames the test server sent.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+import uuid
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine, text
+
+from candlekeep.bars import NS_PER_S, Trade
+from candlekeep.instruments import Instrument
+from candlekeep.messages import CONTROL, DEADLETTER, TICKS, ControlCommand, decode_tick, encode_control, topic
+from candlekeep.sources.cryptocompare_stream import StreamerClient, trade_sub
+from candlekeep.sources.simulator import Simulator
+from candlekeep.storage.outages import OutageStore
+from streaming.bus import Bus, KafkaBus, Record
+from streaming.health import HealthServer
+from streaming.producer import Producer, SimulatorPlayback
+from tests.utils.kafka import KafkaBroker
+from tests.utils.ws_server import StreamerServer, StreamerSession, trade_frame
+
+MINUTE = 60 * NS_PER_S
+START = int(datetime(2024, 3, 1, 12, 0, tzinfo=UTC).timestamp()) * NS_PER_S
+INSTRUMENTS = ["cccagg:BTC-USD", "coinbase:ETH-USD", "binance:SOL-USDT"]
+
+
+def expected(instruments: list[str], start_ns: int, end_ns: int, seed: int = 0) -> dict[str, list[Trade]]:
+    sim = Simulator(seed)
+    return {i: list(sim.trades(Instrument.parse(i), start_ns, end_ns)) for i in instruments}
+
+
+def consume(bus: Bus, name: str, *, count: int, timeout: float = 30.0, settle: float = 0.5) -> list[Record]:
+    """Every record of topic `name` (a fresh group), once `count` arrived and nothing more for `settle` s."""
+    consumer = bus.consumer(group=f"test-{uuid.uuid4().hex[:8]}", topics=[name])
+    records: list[Record] = []
+    deadline = time.monotonic() + timeout
+    quiet_since = None
+    try:
+        while time.monotonic() < deadline:
+            batch = consumer.poll_batch(max_records=5000, timeout=0.2)
+            records += batch
+            if len(records) >= count:
+                quiet_since = quiet_since or time.monotonic()
+                if batch:
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since >= settle:
+                    break
+    finally:
+        consumer.close()
+    return records
+
+
+def ticks_by_instrument(records: list[Record]) -> dict[str, list[Trade]]:
+    out: dict[str, list[Trade]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        trade = decode_tick(record.value)
+        assert record.key == trade.instrument
+        out[trade.instrument].append(trade)
+    return dict(out)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.waits = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wait(self, seconds: float) -> None:
+        self.waits += 1
+        self.now += seconds
+
+
+# --- simulator playback (no bus) ------------------------------------------------------------------
+
+
+def test_playback_emits_each_trade_when_sim_time_reaches_it() -> None:
+    clock = FakeClock()
+    playback = SimulatorPlayback(instruments=INSTRUMENTS[:2], start_ns=START + 30 * NS_PER_S, end_ns=START + 3 * MINUTE,
+                                 speed=10, clock=clock, wait=clock.wait)  # fmt: skip
+    emitted = []
+    for event in playback.events():
+        if isinstance(event, Trade):
+            emitted.append((clock.now, event))
+    want = expected(INSTRUMENTS[:2], START + 30 * NS_PER_S, START + 3 * MINUTE)
+    got = defaultdict(list)
+    for _, trade in emitted:
+        got[trade.instrument].append(trade)
+    assert dict(got) == want
+    assert [t.ts_ns for _, t in emitted] == sorted(t.ts_ns for _, t in emitted)  # one timeline, merged
+    for at, trade in emitted:  # on time: wall = wall0 + (ts - start) / speed, to the nanosecond of sim time
+        due = 1000.0 + (trade.ts_ns - playback.start_ns) / NS_PER_S / 10
+        assert due - 1e-6 <= at <= due + 1e-6
+    assert clock.now == pytest.approx(1000.0 + 150 / 10)  # 2.5 sim minutes at x10
+
+
+def test_playback_tracks_and_untracks_while_playing() -> None:
+    clock = FakeClock()
+    btc, eth = INSTRUMENTS[0], INSTRUMENTS[1]
+    playback = SimulatorPlayback(instruments=[btc], start_ns=START, end_ns=START + 4 * MINUTE, speed=60,
+                                 clock=clock, wait=clock.wait)  # fmt: skip
+    got = defaultdict(list)
+    subscribed = False
+    for event in playback.events():
+        if not isinstance(event, Trade):
+            continue
+        got[event.instrument].append(event)
+        sim_now = playback.sim_now_ns()
+        if not subscribed and sim_now >= START + 30 * NS_PER_S:
+            playback.subscribe([eth])  # at sim 00:30: ETH joins at the next minute boundary, 01:00
+            subscribed = True
+        if event.instrument == eth and sim_now >= START + 150 * NS_PER_S:
+            playback.unsubscribe([eth])  # stops at once
+    want = expected([btc, eth], START, START + 4 * MINUTE)
+    assert got[btc] == want[btc]
+    eth_from_1m = [t for t in want[eth] if t.ts_ns >= START + MINUTE]
+    assert got[eth] == eth_from_1m[: len(got[eth])] and len(got[eth]) > 10
+    # The unsubscribe, on the first ETH trade at or after sim 02:30, took effect at once.
+    assert got[eth][-1] == next(t for t in want[eth] if t.ts_ns >= START + 150 * NS_PER_S)
+
+
+def test_playback_starts_now_by_default_and_stops_on_close() -> None:
+    clock = FakeClock()
+    now_ns = 1_709_294_400_123_456_789
+    playback = SimulatorPlayback(instruments=INSTRUMENTS[:1], speed=1, clock=clock, wait=clock.wait,
+                                 wall_ns=lambda: now_ns)  # fmt: skip
+    assert playback.start_ns == now_ns
+    first = None
+    for event in playback.events():
+        if isinstance(event, Trade):
+            first = event
+            playback.close()
+    assert first == next(Simulator(0).trades(Instrument.parse(INSTRUMENTS[0]), now_ns, now_ns + MINUTE))
+    with pytest.raises(ValueError):
+        SimulatorPlayback(instruments=[], speed=0)
+
+
+# --- the daemon on a real bus ---------------------------------------------------------------------
+
+
+def run_in_thread(producer: Producer) -> threading.Thread:
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            producer.run()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the test
+            errors.append(exc)
+            raise
+
+    thread = threading.Thread(target=target, name="producer-under-test", daemon=True)
+    thread.errors = errors  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+def test_playback_end_to_end_exact(bus: Bus, topic_prefix: str) -> None:
+    start, end = START, START + 3 * MINUTE
+    playback = SimulatorPlayback(instruments=INSTRUMENTS, start_ns=start, end_ns=end, speed=900)
+    producer = Producer(bus, playback, topic_prefix=topic_prefix, ticks_partitions=3)
+    began = time.monotonic()
+    producer.run()  # returns once the bounded playback is done and every tick is delivered
+    assert time.monotonic() - began >= 180 / 900  # paced by sim time, not as fast as possible
+
+    want = expected(INSTRUMENTS, start, end)
+    total = sum(map(len, want.values()))
+    records = consume(bus, topic(topic_prefix, TICKS), count=total)
+    assert len(records) == total  # no loss, no duplicate
+    assert ticks_by_instrument(records) == want  # exact trades, per-instrument order
+    health = producer.health()
+    assert (health["state"], health["delivered"], health["buffered"]) == ("idle", total, 0)
+    assert health["delivery_failures"] == 0
+    assert health["ticks"] == total and health["backpressure"] is False and health["healthy"] is True
+    transitions = producer.registry.get_sample_value(
+        "candlekeep_producer_state_transitions_total", {"from_state": "subscribing", "to_state": "streaming"})
+    assert transitions == 1
+
+
+def test_control_track_and_untrack(bus: Bus, topic_prefix: str) -> None:
+    btc, eth = INSTRUMENTS[0], INSTRUMENTS[1]
+    control = topic(topic_prefix, CONTROL)
+    ticks = topic(topic_prefix, TICKS)
+    bus.ensure_topics([control])
+    out = bus.producer(name="test-control")
+    out.publish(control, eth, encode_control(ControlCommand("track", eth, "r1")))
+    out.publish(control, "*", b'{"v":1,"op":"explode"}')  # a bad command is dead-lettered, never fatal
+    assert out.flush(10) == 0
+
+    playback = SimulatorPlayback(instruments=[btc], start_ns=START, speed=120)
+    producer = Producer(bus, playback, topic_prefix=topic_prefix, control_group=f"{topic_prefix}producer")
+    thread = run_in_thread(producer)
+    try:
+        seen: dict[str, list[Trade]] = defaultdict(list)
+        watcher = bus.consumer(group=f"{topic_prefix}watch", topics=[ticks])
+
+        def drain(seconds: float) -> None:
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:
+                for r in watcher.poll_batch(max_records=1000, timeout=0.1):
+                    seen[r.key].append(decode_tick(r.value))
+
+        deadline = time.monotonic() + 30
+        while len(seen[eth]) < 20:  # replayed from `control` at start: ETH joins at a minute boundary
+            assert time.monotonic() < deadline, f"no ETH ticks; health {producer.health()}"
+            drain(0.2)
+        out.publish(control, eth, encode_control(ControlCommand("untrack", eth, "r2")))
+        out.flush(10)
+        eth_count = -1
+        deadline = time.monotonic() + 30
+        while eth_count != len(seen[eth]):  # untracked: ETH stops once what was in flight has arrived
+            assert time.monotonic() < deadline, "ETH ticks keep coming after untrack"
+            eth_count = len(seen[eth])
+            drain(1.5)
+        btc_count = len(seen[btc])
+        drain(1.0)
+        watcher.close()
+    finally:
+        producer.stop()
+        thread.join(30)
+    assert not thread.errors  # type: ignore[attr-defined]
+    assert len(seen[eth]) == eth_count  # untracked: no more ETH
+    assert len(seen[btc]) > btc_count  # while BTC goes on
+    first, last = seen[eth][0].ts_ns, seen[eth][-1].ts_ns
+    assert first > START  # ETH was not played from the start
+    joined = first - first % MINUTE  # ETH is the simulator's trades from a minute boundary on, none missing
+    want_eth = list(Simulator(0).trades(Instrument.parse(eth), joined, last + 1))
+    assert seen[eth] == want_eth[: len(seen[eth])]  # (the untrack may fall between fills of one order)
+    assert seen[btc] == list(Simulator(0).trades(Instrument.parse(btc), START, seen[btc][-1].ts_ns + 1))
+    dead = consume(bus, topic(topic_prefix, DEADLETTER), count=1)
+    assert len(dead) == 1 and b"explode" in dead[0].value and dead[0].key == "*"
+    assert producer.health()["state"] == "idle"
+
+
+def test_broker_outage_buffers_with_backpressure_then_delivers_exactly_once(
+    kafka_broker: KafkaBroker, topic_prefix: str
+) -> None:
+    bus = KafkaBus(kafka_broker.bootstrap, producer_config={"reconnect.backoff.max.ms": 500})
+    start, end = START, START + 6 * MINUTE
+    playback = SimulatorPlayback(instruments=INSTRUMENTS, start_ns=start, end_ns=end, speed=90)
+    producer = Producer(bus, playback, topic_prefix=topic_prefix, max_buffered=40, local_bound=60, handoff=20)
+    thread = run_in_thread(producer)
+    stopped = False
+    try:
+        deadline = time.monotonic() + 30
+        while producer.health()["delivered"] < 50:
+            assert time.monotonic() < deadline and thread.is_alive(), producer.health()
+            time.sleep(0.05)
+        kafka_broker.stop()
+        stopped = True
+        deadline = time.monotonic() + 30
+        while not (producer.backpressure and producer.health()["local_queue"] >= 60 and producer.source_blocked > 0):
+            assert time.monotonic() < deadline and thread.is_alive(), producer.health()
+            time.sleep(0.05)
+        during = producer.health()
+        sim_lag = playback.sim_now_ns()
+        assert during["backpressure"] is True and during["buffered"] >= 100  # 40 in the bus + 60 held locally
+        assert producer.registry.get_sample_value("candlekeep_producer_backpressure") == 1
+        assert producer.registry.get_sample_value("candlekeep_producer_buffered") >= 100
+        time.sleep(1.0)
+        assert producer.health()["ticks"] <= during["ticks"] + 20  # the source is not read on meanwhile
+    finally:
+        if stopped:
+            kafka_broker.restart()
+    thread.join(120)
+    assert not thread.is_alive() and not thread.errors  # type: ignore[attr-defined]
+    assert sim_lag > start
+
+    want = expected(INSTRUMENTS, start, end)
+    total = sum(map(len, want.values()))
+    records = consume(bus, topic(topic_prefix, TICKS), count=total, timeout=60)
+    assert len(records) == total  # every tick exactly once: nothing dropped, nothing duplicated
+    assert ticks_by_instrument(records) == want
+    health = producer.health()
+    assert (health["delivered"], health["buffered"], health["backpressure"]) == (total, 0, False)
+    bus.close()
+
+
+def test_cryptocompare_stream_through_the_producer(bus: Bus, topic_prefix: str, engine: Engine) -> None:
+    btc, eth, bad = "coinbase:BTC-USD", "binance:ETH-USDT", "coinbase:NOPE-USD"
+    frames = [
+        trade_frame(market="Coinbase", fsym="BTC", tsym="USD", flags=1, trade_id=852793745, ts=1753190418,
+                    tsns=654000000, q="0.34637342", p="119283.1", rts=1753190418, rtsns=708000000, ccseq=852777369),
+        trade_frame(market="Binance", fsym="ETH", tsym="USDT", flags=2, trade_id=77, ts=1753190419, q="1.25",
+                    p="3600.5"),
+    ]  # fmt: skip
+    after = trade_frame(market="Coinbase", fsym="BTC", tsym="USD", flags=4, trade_id=852793900, ts=1753190500,
+                        q="0.5", p="119290")  # fmt: skip
+    done = threading.Event()
+
+    def first(s: StreamerSession) -> None:
+        s.welcome()
+        s.expect("SubAdd")
+        for frame in frames:
+            s.trade(frame)
+        s.invalid_sub(trade_sub(bad))
+        s.send("{garbage")
+        s.load_complete()
+        s.heartbeat()
+        time.sleep(0.2)
+        s.drop()
+
+    def second(s: StreamerSession) -> None:
+        s.welcome()
+        s.expect("SubAdd")
+        s.load_complete()
+        s.trade(after)
+        done.set()
+
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM outages"))
+    store = OutageStore(engine)
+    left_open = store.record(source="cryptocompare", started_at=datetime.now(UTC) - timedelta(hours=1),
+                             instruments=[btc], reason="producer killed")  # a previous run died in an outage
+    with StreamerServer([first, second]) as server:
+        client = StreamerClient(instruments=[btc, eth, bad], url=server.url, min_backoff=0.2, max_backoff=0.3,
+                                recv_timeout=0.05)  # fmt: skip
+        producer = Producer(bus, client, topic_prefix=topic_prefix, outages=store)
+        thread = run_in_thread(producer)
+        try:
+            assert done.wait(15), producer.health()
+            deadline = time.monotonic() + 15
+            while producer.health()["delivered"] < 4 or len(store.list(source="cryptocompare")) < 2:
+                assert time.monotonic() < deadline, producer.health()
+                time.sleep(0.05)
+            health = producer.health()
+            server = HealthServer(producer.registry, producer.health).start()
+            try:
+                with urllib.request.urlopen(f"{server.url}/health", timeout=5) as response:
+                    served = json.load(response)
+                with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as response:
+                    metrics = response.read().decode()
+            finally:
+                server.stop()
+        finally:
+            producer.stop()
+            thread.join(15)
+    assert not thread.errors  # type: ignore[attr-defined]
+
+    records = consume(bus, topic(topic_prefix, TICKS), count=3)
+    got = [decode_tick(r.value) for r in sorted(records, key=lambda r: (r.partition, r.offset))]
+    assert [(t.instrument, t.trade_id, str(t.price), str(t.size), t.side) for t in got] == [
+        (btc, "852793745", "119283.1", "0.34637342", "sell"),
+        (eth, "77", "3600.5", "1.25", "buy"),
+        (btc, "852793900", "119290", "0.5", "unknown"),
+    ]
+    assert got[0].ts_ns == 1753190418_654000000 and got[0].received_ns == 1753190418_708000000
+    (dead,) = consume(bus, topic(topic_prefix, DEADLETTER), count=1)
+    assert b"not JSON" in dead.value and dead.key == "cryptocompare"
+    assert health["state"] == "streaming" and health["failed_instruments"].keys() == {bad}
+    assert served["state"] == "streaming" and served["healthy"] is True and served["delivered"] >= 4
+    assert 'candlekeep_producer_state{candlekeep_producer_state="streaming"} 1.0' in metrics
+    assert "candlekeep_producer_failed_subscriptions 1.0" in metrics
+    assert "candlekeep_producer_deadletters_total 1.0" in metrics and "candlekeep_producer_outages_total 1.0" in metrics
+
+    old, new = store.list(source="cryptocompare")
+    assert old.id == left_open and old.ended_at is not None  # closed once the feed was live again
+    assert new.ended_at is not None and new.started_at < new.ended_at and new.instruments == [eth, btc]
+    assert new.reason.startswith("connection lost") or new.reason == "closed by server"
+    assert store.open_outages() == []
