@@ -1,8 +1,9 @@
-"""The `candlekeep` command line: `up`, `migrate`, `backfill`, `ohlcv`.
+"""The `candlekeep` command line: `up`, `migrate`, `backfill`, `ohlcv`, `stream`, `track`.
 
 The CLI is the composition root: it reads the settings once, resolves the database (embedded when
 none is configured) and wires the parts together. It is the one place in candlekeep/ that reaches
-into pipelines/ (lazily, inside `backfill`), so that command runs the very asset code Dagster runs.
+into pipelines/ and streaming/, lazily inside the commands that run them (`backfill` runs the very
+asset code Dagster runs; `stream` and `track` run the streaming daemons' own entry points).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from candlekeep.bars import Interval, decimal_str
-from candlekeep.instruments import Instrument, InstrumentError
+from candlekeep.instruments import Instrument, InstrumentError, resolve_instrument
 from candlekeep.query import QueryError, build_query, query_ohlcv
 from candlekeep.settings import Settings
 
@@ -72,6 +73,18 @@ def _parser() -> argparse.ArgumentParser:
     ohlcv.add_argument("--end", required=True, help="exclusive; unix seconds or ISO-8601, UTC")
     ohlcv.add_argument("--format", choices=("table", "csv", "json"), default="table")
     ohlcv.set_defaults(run=cmd_ohlcv)
+
+    stream = commands.add_parser(
+        "stream", help="run a streaming daemon: producer, aggregator, coordinator, dynamic, or all of them",
+        add_help=False,
+    )  # fmt: skip
+    stream.add_argument("daemon", choices=("producer", "aggregator", "coordinator", "dynamic", "all"))
+    stream.add_argument("options", nargs=argparse.REMAINDER, help="the daemon's own options (--help lists them)")
+    stream.set_defaults(run=cmd_stream)
+
+    track = commands.add_parser("track", help="ask the coordinator to track an instrument (history + live feed)")
+    track.add_argument("instrument", help="e.g. coinbase:BTC-USD (or BTC-USD for the default venue)")
+    track.set_defaults(run=cmd_track)
     return parser
 
 
@@ -165,6 +178,21 @@ def cmd_ohlcv(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
+    from streaming.runner import main as run_streaming
+
+    return run_streaming([args.daemon, *args.options])
+
+
+def cmd_track(args: argparse.Namespace, settings: Settings) -> int:
+    from streaming.runner import send_track
+
+    instrument = resolve_instrument(args.instrument)
+    request_id = send_track(settings, instrument.id)
+    print(f"track {instrument.id}: sent (request {request_id})")
+    return 0
+
+
 def _print_table(columns: Sequence[str], rows: list[dict]) -> None:
     widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in columns}
     print("  ".join(c.rjust(widths[c]) for c in columns))
@@ -212,6 +240,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         "dagster-daemon": [str(bin_dir / "dagster-daemon"), "run", "-w", workspace],
         "api": [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", settings.api_host,
                 "--port", str(settings.api_port), "--log-level", "warning"],
+        # One process over the in-process bus, or a supervisor of one process per daemon with Kafka.
+        "streaming": [sys.executable, "-m", "streaming.runner", "all", "--port-base", str(settings.stream_port_base)],
     }
     children = {name: subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True)
                 for name, cmd in commands.items()}
@@ -220,6 +250,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     print(f"\nCandlekeep is up (source: {settings.source}, database: {_redact(url)})\n"
           f"  Dagster UI  http://127.0.0.1:{settings.dagster_port}   (Assets > bars_1m > Materialize to backfill)\n"
           f"  API         http://{settings.api_host}:{settings.api_port}/docs\n"
+          f"  Streaming   {'Kafka ' + settings.kafka_bootstrap_servers if settings.kafka_bootstrap_servers else 'in-process bus'}"
+          f", live {settings.source} ticks -> 1m bars\n"
           f"  Ctrl-C stops everything.\n", flush=True)
     stopping = False
 

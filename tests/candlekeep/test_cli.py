@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 
 import psutil
@@ -90,11 +89,22 @@ def test_bad_configuration_names_the_variable(monkeypatch: pytest.MonkeyPatch, c
     assert "instruments" in capsys.readouterr().err
 
 
+def test_track_without_kafka_marks_the_instrument_tracked_for_the_running_coordinator(
+        cli_env: None, engine: Engine, capsys: pytest.CaptureFixture[str]) -> None:
+    from candlekeep.storage.instruments import InstrumentStore
+
+    assert main(["track", "coinbase:ETHUSD"]) == 0
+
+    assert "track coinbase:ETH-USD: sent" in capsys.readouterr().out
+    assert "coinbase:ETH-USD" in InstrumentStore(engine).list_ids(tracked_only=True)
+
+
 @pytest.mark.slow
 def test_up_serves_dagster_and_the_api_and_ctrl_c_stops_everything(database_url: str, tmp_path: Path) -> None:
     api_port, dagster_port = free_port(), free_port()
     env = dict(os.environ, CANDLEKEEP_DATABASE_URL=database_url, CANDLEKEEP_DATA_DIR=str(tmp_path),
-               CANDLEKEEP_API_PORT=str(api_port), CANDLEKEEP_DAGSTER_PORT=str(dagster_port))
+               CANDLEKEEP_API_PORT=str(api_port), CANDLEKEEP_DAGSTER_PORT=str(dagster_port),
+               CANDLEKEEP_STREAM_PORT_BASE="0")
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, "-m", "candlekeep.cli", "up"], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -103,13 +113,28 @@ def test_up_serves_dagster_and_the_api_and_ctrl_c_stops_everything(database_url:
         assert health.json()["database"] == "ok"
         assert _wait_for(f"http://127.0.0.1:{dagster_port}/server_info", proc).status_code == 200
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert len(children) >= 3
+        assert len(children) >= 4  # Dagster webserver and daemon, the API, streaming
+        _wait_for_stream_bars(database_url, proc)
     finally:
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
     assert "Dagster UI" in output
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def _wait_for_stream_bars(database_url: str, proc: subprocess.Popen, timeout: float = 150) -> None:
+    """The live simulator feed reaches the bars table: the first minute closes within ~2 minutes."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "candlekeep up exited early"
+            if conn.execute("SELECT count(*) FROM bars WHERE source = 'stream'").fetchone()[0] > 0:
+                return
+            time.sleep(1)
+    raise AssertionError(f"no stream bars within {timeout} s")
 
 
 def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 90) -> requests.Response:
