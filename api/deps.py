@@ -1,4 +1,4 @@
-"""Typed dependencies for routes: the settings, the engine and the stores, built once per app."""
+"""Typed dependencies for routes: the settings, the engine, the stores and the OHLCV service, built once per app."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy import Engine
 
+from candlekeep.serving import OhlcvService
 from candlekeep.settings import Settings
 from candlekeep.storage.bars import BarStore
 
@@ -26,3 +27,10 @@ def get_bar_store(request: Request) -> BarStore:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 BarStoreDep = Annotated[BarStore, Depends(get_bar_store)]
+
+
+def get_ohlcv_service(request: Request) -> OhlcvService:
+    return request.app.state.ohlcv
+
+
+OhlcvDep = Annotated[OhlcvService, Depends(get_ohlcv_service)]

@@ -57,6 +57,12 @@ class OhlcvPublic(BaseModel):
     bars: list[BarPublic]
     gaps: list[GapPublic] = Field(description="closed buckets of the range with no stored bar")
     complete: bool = Field(description="true when no closed bucket of the range is missing")
+    forming: bool = Field(default=False, description="true when the last bar is the forming (still open) bucket")
+
+
+class OhlcvSeedPublic(OhlcvPublic):
+    resolved: str = Field(description="the instrument id `symbol` resolved to (same as `instrument`)",
+                          examples=["cccagg:BTC-USD"])
 
 
 class HealthPublic(BaseModel):

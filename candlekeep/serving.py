@@ -1,0 +1,461 @@
+"""The stitched OHLCV read: stored bars + recent bars from Redis + the forming bar, and on-demand fetches.
+
+    service = OhlcvService(bar_store=BarStore(engine), cache=BarCache.from_url(url))   # cache may be None
+    stitched = service.read(query, limit=500)          # never fetches anything
+    on_demand = OnDemand(service=service, request_fetch=..., tracked=InstrumentStore(engine).list_ids)
+    stitched, fetching = on_demand.read(query, wait=10)
+
+The API (`GET /v1/ohlcv`, `/udf/history`, `WS /v1/stream`) answers through this module, so they cannot
+disagree. Nothing here imports FastAPI, Kafka or `streaming/`: the API hands `OnDemand` a
+`request_fetch(instrument, start, end)` that puts a `track` (start = end = None) or `fetch` command on
+`control`.
+
+Stitching rules (DESIGN.md "Bar semantics", "Redis"):
+- Stored bars come from `BarStore.read_bars`: final bars already win over provisional ones in the table
+  (a stream write never overwrites a final bar); coarser intervals are derived from 1m in SQL.
+- Recent closed 1m bars are read through Redis (`ohlcv:{instrument}:1m:{bucket}`), only for buckets
+  (a) younger than the cache TTL and (b) AFTER the newest final 1m bar the database holds in the
+  range (the "final watermark", one indexed scalar query). Every bucket up to the watermark comes
+  from the database. So a backfill refresh, which writes final bars to PostgreSQL only, always wins
+  over whatever Redis still holds; a revision by the aggregator overwrites the same key, so it is read.
+  A cache miss is read from the database and written back with SET NX (never over a value the
+  aggregator wrote meanwhile, which is at least as new). Redis errors make the read use the database
+  alone (and Redis is skipped for `redis_retry_s`): correct, slower.
+- The forming 1m bar (`ohlcv:{instrument}:1m:forming`) comes last, final=False, when its bucket lies in
+  the range and after every other bar; when the database holds a *provisional* bar for that very
+  bucket (the aggregator's last flush) the forming bar replaces it (it is the newer state of the same
+  bucket); a *final* stored bar for it wins and the forming bar is dropped. Without Redis there is no
+  separate forming bar: the aggregator's last provisional bar in the database is the newest stored bar.
+- Coarser intervals: the forming 1m bar is folded into its coarse bucket by `rollup_bars` over the
+  stored 1m bars of that bucket before it plus the forming bar (exactly what the SQL derivation would
+  give once the minute is stored); the result, final=False, replaces the derived bar of that bucket or
+  is appended. A coarse bucket held only as a stored deep-history 1h/1d bar is never mixed with 1m.
+- `Stitched.forming` is the last bar when it is still open: the Redis forming bar (folded for coarse
+  intervals), or, without one, a provisional last bar whose bucket has not closed yet.
+- Gaps are the closed buckets (`start < floor(now)`) of the answered window with no bar.
+- `limit=N`: the N most recent bars of the range; the answered window (`Stitched.query.start`) then
+  begins at the first bar returned (or stays at the range start when the range has fewer bars).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import redis
+from sqlalchemy import text
+
+from candlekeep.bars import Bar, Interval, decimal_str, missing_ranges, rollup_bars
+from candlekeep.cache import BarCache, bar_key, forming_key
+from candlekeep.instruments import InstrumentError, resolve_instrument
+from candlekeep.messages import MessageError, decode_bar
+from candlekeep.query import EARLIEST, LATEST, MAX_BARS_PER_QUERY, OhlcvQuery, QueryError, parse_timestamp
+from candlekeep.storage.bars import BarStore
+
+log = logging.getLogger(__name__)
+
+# CSV exports stream from one bounded COPY: at most a leap year of 1m bars.
+MAX_CSV_BARS = 366 * 1440
+CSV_HEADER = "time,open,high,low,close,volume,quote_volume,trades,source,final\n"
+MAX_WAIT_S = 30.0
+
+_M1 = Interval.M1
+# The newest final 1m bar of a range (the cache watermark). TODO(lead): move to BarStore.
+_FINAL_WATERMARK = text(
+    'SELECT extract(epoch FROM max(bucket))::bigint FROM bars WHERE instrument = :instrument'
+    ' AND "interval" = \'1m\' AND final AND bucket >= :lo AND bucket < :hi'
+)
+_CSV_COLUMNS = (
+    "extract(epoch FROM bucket)::bigint AS start, open, high, low, close, volume, quote_volume, trades, source,"
+    " final::text AS final"
+)
+
+
+class ServingMetrics(Protocol):
+    """What the service reports (the operations engineer's /metrics implements it)."""
+
+    def cache_lookup(self, *, hits: int, misses: int) -> None: ...
+
+    def on_demand_request(self, *, op: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Stitched:
+    """The answer to one OHLCV question."""
+
+    query: OhlcvQuery  # the window answered (start moves up to the first bar under `limit`)
+    bars: list[Bar]  # ascending, one per bucket, forming bar last (final=False) when in range
+    gaps: list[tuple[int, int]]  # closed buckets of the window without a bar
+    complete: bool
+    forming: Bar | None
+
+
+class OhlcvService:
+    def __init__(
+        self,
+        *,
+        bar_store: BarStore,
+        cache: BarCache | None,
+        clock: Callable[[], float] = time.time,
+        metrics: ServingMetrics | None = None,
+        redis_retry_s: float = 5.0,
+    ) -> None:
+        self.bar_store = bar_store
+        self.cache = cache
+        self.clock = clock
+        self.metrics = metrics
+        self.redis_retry_s = redis_retry_s
+        self._redis_skip_until = 0.0  # monotonic; Redis is not asked before then after an error
+
+    # -- public ------------------------------------------------------------------------------
+
+    def read(self, query: OhlcvQuery, *, limit: int | None = None) -> Stitched:
+        """Bars of `query` (the `limit` most recent ones when given); never fetches anything."""
+        if limit is not None and not 1 <= limit <= MAX_BARS_PER_QUERY:
+            raise QueryError(f"limit {limit} must be between 1 and {MAX_BARS_PER_QUERY} (the cap on bars per request)")
+        now = int(self.clock())
+        if limit is not None:
+            query = self._limit_window(query, limit, now)
+        bars, forming = self._stitch(query, now)
+        if limit is not None and len(bars) > limit:
+            bars = bars[-limit:]
+            query = replace(query, start=bars[0].start)
+        closed_end = min(query.end, query.interval.floor(now))
+        gaps = missing_ranges((b.start for b in bars), query.interval, query.start, closed_end) if closed_end > query.start else []
+        return Stitched(query, bars, gaps, not gaps, forming)
+
+    def latest_start(self, instrument: str, interval: Interval) -> int | None:
+        """Start of the newest bucket with data (forming bar included), at `interval`, or None."""
+        interval = Interval(interval)
+        candidates = [self.bar_store.latest_start(instrument, _M1)]
+        if interval in (Interval.H1, Interval.D1):
+            candidates.append(self.bar_store.latest_start(instrument, interval))
+        forming = self._forming(instrument)
+        if forming is not None:
+            candidates.append(forming.start)
+        found = [c for c in candidates if c is not None]
+        return interval.floor(max(found)) if found else None
+
+    def csv_chunks(self, query: OhlcvQuery, *, chunk_bytes: int = 1 << 16) -> Iterator[bytes]:
+        """The bars of `query` as CSV (header first), in chunks: one COPY for the closed buckets,
+        then the open bucket (with the forming bar) through `read`. At most MAX_CSV_BARS buckets."""
+        now = int(self.clock())
+        buckets = (query.end - query.start) // query.interval.seconds
+        if buckets > MAX_CSV_BARS:
+            raise QueryError(f"range spans {buckets} {query.interval.value} bars; at most {MAX_CSV_BARS} per CSV request")
+        yield CSV_HEADER.encode()
+        split = max(query.start, min(query.end, query.interval.floor(now)))
+        if split > query.start:
+            yield from self._copy_csv(replace(query, end=split), chunk_bytes)
+        if split < query.end:
+            tail = self.read(replace(query, start=split))
+            yield "".join(csv_line(b) for b in tail.bars).encode()
+
+    # -- stitching ---------------------------------------------------------------------------
+
+    def _stitch(self, query: OhlcvQuery, now: int) -> tuple[list[Bar], Bar | None]:
+        instrument, interval = query.instrument.id, query.interval
+        if interval is _M1:
+            bars, forming_1m = self._read_1m(instrument, query.start, query.end, now)
+        else:
+            bars = self.bar_store.read_bars(instrument, interval, query.start, query.end, limit=MAX_BARS_PER_QUERY)
+            forming_1m = self._forming(instrument)
+        forming = None
+        if forming_1m is not None and interval is not _M1:
+            forming_1m = self._fold(forming_1m, interval, bars)
+        if forming_1m is not None and query.start <= forming_1m.start < query.end:
+            last = bars[-1] if bars else None
+            if last is None or last.start < forming_1m.start:
+                bars.append(forming_1m)
+                forming = forming_1m
+            elif last.start == forming_1m.start and not last.final:
+                bars[-1] = forming_1m
+                forming = forming_1m
+        if forming is None and bars and not bars[-1].final and bars[-1].start >= interval.floor(now):
+            forming = bars[-1]  # no Redis: the aggregator's last state in the database
+        return bars, forming
+
+    def _fold(self, forming: Bar, interval: Interval, derived: list[Bar]) -> Bar | None:
+        """The coarse bar of the forming minute's bucket, or None when it must not be folded."""
+        coarse = interval.floor(forming.start)
+        minutes = self.bar_store.read_bars(forming.instrument, _M1, coarse, forming.start + 60)
+        stored_same = minutes[-1] if minutes and minutes[-1].start == forming.start else None
+        if stored_same is not None and stored_same.final:
+            return None  # a final bar for that minute is stored: the derived bar already has it
+        minutes = [m for m in minutes if m.start < forming.start]
+        if not minutes and any(b.start == coarse for b in derived):
+            return None  # that bucket is a stored deep-history bar: never mixed with 1m
+        folded = next(rollup_bars([*minutes, forming], interval))
+        return replace(folded, final=False)
+
+    def _read_1m(self, instrument: str, start: int, end: int, now: int) -> tuple[list[Bar], Bar | None]:
+        """1m bars of [start, end) with recent closed buckets read through Redis, and the forming bar."""
+        open_bucket = _M1.floor(now)
+        cache = self._usable_cache()
+        lo = max(start, open_bucket - cache.closed_ttl_s) if cache else open_bucket
+        hi = min(end, open_bucket)
+        if cache is None or lo >= hi:
+            bars = self.bar_store.read_bars(instrument, _M1, start, end, limit=MAX_BARS_PER_QUERY)
+            return bars, self._forming(instrument) if cache else None
+        with self.bar_store.engine.connect() as conn:
+            watermark = conn.execute(_FINAL_WATERMARK, {"instrument": instrument, "lo": _utc(lo), "hi": _utc(hi)}).scalar()
+        cached_lo = lo if watermark is None else max(lo, watermark + 60)
+        starts = list(range(cached_lo, hi, 60))
+        try:
+            raws = cache.client.mget([*(bar_key(instrument, "1m", s) for s in starts), forming_key(instrument, "1m")])
+        except (redis.RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            bars = self.bar_store.read_bars(instrument, _M1, start, end, limit=MAX_BARS_PER_QUERY)
+            return bars, None
+        hits: dict[int, Bar] = {}
+        for s, raw in zip(starts, raws, strict=False):
+            if raw is not None and (b := _decode(raw, instrument, "1m")) is not None and b.start == s:
+                hits[s] = b
+        forming = _decode(raws[-1], instrument, "1m") if raws[-1] is not None else None
+        misses = [s for s in starts if s not in hits]
+        if self.metrics is not None:
+            self.metrics.cache_lookup(hits=len(hits), misses=len(misses))
+        # The database: everything before the cached window, and the span of the misses.
+        db_hi = max(misses[-1] + 60, cached_lo) if misses else cached_lo
+        db_lo_misses = misses[0] if misses else cached_lo
+        stored = self.bar_store.read_bars(instrument, _M1, start, cached_lo, limit=MAX_BARS_PER_QUERY) if start < cached_lo else []
+        from_db = self.bar_store.read_bars(instrument, _M1, db_lo_misses, db_hi, limit=MAX_BARS_PER_QUERY) if misses else []
+        fill = [b for b in from_db if b.start not in hits]
+        if fill:
+            self._populate(cache, fill)
+        tail = self.bar_store.read_bars(instrument, _M1, hi, end, limit=MAX_BARS_PER_QUERY) if hi < end else []
+        merged = {b.start: b for b in stored}
+        merged.update((b.start, b) for b in fill)
+        merged.update(hits)
+        merged.update((b.start, b) for b in tail)
+        return [merged[s] for s in sorted(merged)], forming
+
+    def _populate(self, cache: BarCache, bars: list[Bar]) -> None:
+        """Write database bars to their keys unless the aggregator wrote them meanwhile (SET NX)."""
+        from candlekeep.messages import encode_bar
+
+        try:
+            pipe = cache.client.pipeline(transaction=False)
+            for b in bars:
+                pipe.set(bar_key(b.instrument, b.interval, b.start), encode_bar(b), ex=cache.closed_ttl_s, nx=True)
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self._redis_failed(exc)
+
+    def _forming(self, instrument: str) -> Bar | None:
+        cache = self._usable_cache()
+        if cache is None:
+            return None
+        try:
+            raw = cache.client.get(forming_key(instrument, "1m"))
+        except (redis.RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            return None
+        return None if raw is None else _decode(raw, instrument, "1m")
+
+    def _usable_cache(self) -> BarCache | None:
+        if self.cache is None or time.monotonic() < self._redis_skip_until:
+            return None
+        return self.cache
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        self._redis_skip_until = time.monotonic() + self.redis_retry_s
+        log.warning("redis read failed (%s: %s): reading the database alone for %.0f s",
+                    type(exc).__name__, exc, self.redis_retry_s)  # fmt: skip
+
+    # -- limit -------------------------------------------------------------------------------
+
+    def _limit_window(self, query: OhlcvQuery, limit: int, now: int) -> OhlcvQuery:
+        """A window ending at query.end holding the `limit` most recent bars (when the range has them)."""
+        step = query.interval.seconds
+        guess = max(query.start, query.end - limit * step)
+        if guess == query.start:
+            return query
+        instrument = query.instrument.id
+        # `limit` buckets hold `limit` bars unless some are missing: then look through the range.
+        if self.bar_store.count_bars(instrument, query.interval, guess, query.end) >= limit:
+            return replace(query, start=guess)
+        starts = self.bar_store.bucket_starts(instrument, query.interval, query.start, query.end)
+        if len(starts) <= limit:
+            return query
+        return replace(query, start=starts[-limit])
+
+    # -- CSV ---------------------------------------------------------------------------------
+
+    def _copy_csv(self, query: OhlcvQuery, chunk_bytes: int) -> Iterator[bytes]:
+        """COPY (the same SELECT read_bars runs) TO STDOUT as CSV, in chunks of about chunk_bytes."""
+        sql, params = self.bar_store._query(  # noqa: SLF001  TODO(lead): a public BarStore.copy_csv
+            query.instrument.id, query.interval, query.start, query.end, _CSV_COLUMNS
+        )
+        engine = self.bar_store.engine
+        used = {k: v for k, v in params.items() if re.search(rf"(?<!:):{k}\b", sql)}
+        compiled = text(sql + " ORDER BY start").bindparams(**used).compile(dialect=engine.dialect)
+        statement = f"COPY ({compiled}) TO STDOUT WITH (FORMAT csv)"
+        with engine.connect() as conn:
+            driver = conn.connection.driver_connection
+            with driver.cursor() as cur, cur.copy(statement, compiled.params) as copy:
+                buffer = bytearray()
+                for data in copy:
+                    buffer += data
+                    if len(buffer) >= chunk_bytes:
+                        yield bytes(buffer)
+                        buffer.clear()
+                if buffer:
+                    yield bytes(buffer)
+
+
+class OnDemand:
+    """Reads that ask for missing data: track an untracked instrument, fetch the gaps, wait for them.
+
+    Single flight: per (instrument, start, end) — start = end = None for `track` — one request goes
+    out, whatever the number of concurrent readers; the same key is not requested again for
+    `refetch_after_s` (clients retrying after Retry-After do not flood the coordinator). Readers then
+    poll the store every `poll_s` until the window is complete or `wait` seconds have passed.
+
+    State: `_requested` (key -> monotonic time requested) and `_tracked` (ids, refreshed every
+    `tracked_ttl_s`), both under `_lock`.
+    """
+
+    def __init__(
+        self,
+        *,
+        request_fetch: Callable[[str, int | None, int | None], None],
+        service: OhlcvService,
+        tracked: Callable[[], Collection[str]],
+        poll_s: float = 0.25,
+        refetch_after_s: float = 60.0,
+        tracked_ttl_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.request_fetch = request_fetch
+        self.service = service
+        self.tracked = tracked
+        self.poll_s, self.refetch_after_s, self.tracked_ttl_s = poll_s, refetch_after_s, tracked_ttl_s
+        self.clock, self.sleep = clock, sleep
+        self._lock = threading.Lock()
+        self._requested: dict[tuple[str, int | None, int | None], float] = {}
+        self._failed: set[tuple[str, int | None, int | None]] = set()  # keys whose request failed
+        self._tracked: tuple[float, frozenset[str]] | None = None
+        self.requests_sent = 0
+
+    def read(self, query: OhlcvQuery, *, wait: float = 10.0, limit: int | None = None) -> tuple[Stitched, bool]:
+        """(the answer, whether data was asked for on its behalf). Waits at most `wait` seconds."""
+        if not 0 <= wait <= MAX_WAIT_S:
+            raise QueryError(f"wait {wait} must be between 0 and {MAX_WAIT_S:.0f} seconds")
+        deadline = self.clock() + wait
+        stitched = self.service.read(query, limit=limit)
+        instrument = query.instrument.id
+        asked = False
+        if not self._is_tracked(instrument):
+            asked |= self._once(instrument, None, None)
+        if stitched.gaps:
+            asked |= self._once(instrument, stitched.gaps[0][0], stitched.gaps[-1][1])
+        if not asked:  # nothing will arrive: answer now
+            return stitched, False
+        while not stitched.complete and self.clock() + self.poll_s <= deadline:
+            self.sleep(self.poll_s)
+            stitched = self.service.read(query, limit=limit)
+        return stitched, asked
+
+    def in_flight(self, instrument: str, start: int | None, end: int | None) -> bool:
+        with self._lock:
+            at = self._requested.get((instrument, start, end))
+            return at is not None and self.clock() - at < self.refetch_after_s
+
+    def _once(self, instrument: str, start: int | None, end: int | None) -> bool:
+        """Send the request unless one for the same key is recent; True when one is in flight."""
+        key = (instrument, start, end)
+        now = self.clock()
+        with self._lock:
+            at = self._requested.get(key)
+            if at is not None and now - at < self.refetch_after_s:
+                return key not in self._failed
+            self._requested[key] = now
+            self._failed.discard(key)
+            for k in [k for k, t in self._requested.items() if now - t >= self.refetch_after_s]:
+                del self._requested[k]
+                self._failed.discard(k)
+        try:
+            self.request_fetch(instrument, start, end)
+        except Exception as exc:  # the key stays: not asked again before refetch_after_s
+            with self._lock:
+                self._failed.add(key)
+            log.warning("on-demand %s of %s failed (%s: %s); answering with what is stored",
+                        "track" if start is None else "fetch", instrument, type(exc).__name__, exc)  # fmt: skip
+            return False
+        with self._lock:
+            self.requests_sent += 1
+            if start is None:  # tracked from now on, as far as this process knows
+                self._tracked = None
+        metrics = self.service.metrics
+        if metrics is not None:
+            metrics.on_demand_request(op="track" if start is None else "fetch")
+        return True
+
+    def _is_tracked(self, instrument: str) -> bool:
+        now = self.clock()
+        with self._lock:
+            cached = self._tracked
+        if cached is None or now - cached[0] >= self.tracked_ttl_s:
+            cached = (now, frozenset(self.tracked()))
+            with self._lock:
+                self._tracked = cached
+        return instrument in cached[1]
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def build_export_query(*, instrument: str, interval: str, start: str, end: str, default_venue: str = "cccagg") -> OhlcvQuery:
+    """`build_query` with the CSV cap (MAX_CSV_BARS) instead of MAX_BARS_PER_QUERY."""
+    try:
+        resolved = resolve_instrument(instrument, default_venue)
+        parsed_interval = Interval.parse(interval)
+    except (InstrumentError, ValueError) as exc:
+        raise QueryError(str(exc)) from None
+    start_s, end_s = parse_timestamp(start, name="start"), parse_timestamp(end, name="end")
+    for name, value in (("start", start_s), ("end", end_s)):
+        if not EARLIEST <= value <= LATEST:
+            raise QueryError(f"{name} {value} is outside the supported range 2009-01-01 .. 2100-01-01")
+    if end_s <= start_s:
+        raise QueryError(f"end ({end}) must be after start ({start})")
+    lo, hi = parsed_interval.floor(start_s), parsed_interval.ceil(end_s)
+    buckets = (hi - lo) // parsed_interval.seconds
+    if buckets > MAX_CSV_BARS:
+        raise QueryError(
+            f"range spans {buckets} {parsed_interval.value} bars; at most {MAX_CSV_BARS} per CSV request "
+            "(narrow the range or use a coarser interval)"
+        )
+    return OhlcvQuery(resolved, parsed_interval, lo, hi)
+
+
+def csv_line(bar: Bar) -> str:
+    trades = "" if bar.trades is None else str(bar.trades)
+    source = bar.source if bar.source.isidentifier() else '"' + bar.source.replace('"', '""') + '"'
+    return (
+        f"{bar.start},{decimal_str(bar.open)},{decimal_str(bar.high)},{decimal_str(bar.low)},{decimal_str(bar.close)},"
+        f"{decimal_str(bar.volume)},{decimal_str(bar.quote_volume)},{trades},{source},{'true' if bar.final else 'false'}\n"
+    )
+
+
+def _decode(raw: bytes, instrument: str, interval: str) -> Bar | None:
+    try:
+        bar = decode_bar(raw)
+    except MessageError as exc:
+        log.warning("unreadable cached bar of %s %s ignored: %s", instrument, interval, exc)
+        return None
+    return bar if bar.instrument == instrument and bar.interval == interval else None
+
+
+def _utc(ts: int) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+__all__: list[Any] = ["MAX_CSV_BARS", "OhlcvService", "OnDemand", "Stitched", "build_export_query", "csv_line"]
