@@ -43,6 +43,12 @@ class Settings(BaseSettings):
 
     instruments: CommaList = ["cccagg:BTC-USD", "cccagg:ETH-USD", "cccagg:SOL-USD"]
     api_keys: CommaList = []
+    # Browser origins allowed to call the API (CORS); empty: no CORS headers at all.
+    api_cors_origins: CommaList = []
+    # Per API key (or per client IP without a key): a token bucket refilled at this rate, holding
+    # at most `api_rate_burst` requests; 0 turns rate limiting off.
+    api_rate_limit_per_minute: int = Field(600, ge=0)
+    api_rate_burst: int = Field(120, gt=0)
     topic_prefix: str = ""
 
     simulator_seed: int = 0
@@ -56,7 +62,7 @@ class Settings(BaseSettings):
     # Streaming daemons' /health and /metrics: base, base+1, ... (0: any free port).
     stream_port_base: int = Field(9101, ge=0, lt=65533)
 
-    @field_validator("instruments", "api_keys", mode="before")
+    @field_validator("instruments", "api_keys", "api_cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
