@@ -13,6 +13,6 @@ from candlekeep.settings import Settings
 @pytest.fixture
 def client(engine: Engine, database_url: str) -> Iterator[TestClient]:
     """The API over the test database (emptied for each test)."""
-    app = create_app(Settings(database_url=database_url, redis_url=None))
+    app = create_app(Settings(database_url=database_url, redis_url=None, api_rate_limit_per_minute=0))
     with TestClient(app) as test_client:
         yield test_client
