@@ -59,6 +59,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from sqlalchemy import Engine
 
 from candlekeep.bars import NS_PER_S, Bar, Interval, Trade
 from candlekeep.cache import BarCache
@@ -239,12 +240,7 @@ class Aggregator:
 
     def _fail(self, exc: Exception) -> None:
         self._failures += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"
-        if self.state.state != "error":
-            self.state.to("error", reason=self.last_error)
-        else:
-            log.warning("aggregator retry %d failed: %s", self._failures, self.last_error,
-                        extra={"failures": self._failures, "error": self.last_error})  # fmt: skip
+        self.last_error = self.state.fail(exc, failures=self._failures, logger=log)
 
     def _shutdown(self) -> None:
         try:
@@ -540,7 +536,13 @@ def _iso_s(ts_s: int | None) -> str:
     return "-" if ts_s is None else datetime.fromtimestamp(ts_s, UTC).isoformat().replace("+00:00", "Z")
 
 
-# -- entry point ------------------------------------------------------------------------------
+# -- construction and entry point -----------------------------------------------------------------
+
+
+def build(settings: Settings, bus: Bus, engine: Engine, cache: BarCache | None = None, **kw: Any) -> Aggregator:
+    """The aggregator of `settings` on `bus` and `engine` (streaming.runner and `main` share it);
+    `kw` are Aggregator's options (lateness_ns, horizon, flush_interval_s, ticks_partitions, ...)."""
+    return Aggregator(bus, BarStore(engine), TickStore(engine), cache, prefix=settings.topic_prefix, **kw)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -568,8 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bus: Bus = KafkaBus(settings.kafka_bootstrap_servers, consumer_config={"group.instance.id": args.instance_id})
     else:
         bus = make_bus(settings)
-    aggregator = Aggregator(
-        bus, BarStore(engine), TickStore(engine), cache, prefix=settings.topic_prefix,
+    aggregator = build(
+        settings, bus, engine, cache,
         lateness_ns=int(args.lateness * NS_PER_S), horizon=args.horizon, flush_interval_s=args.flush_interval,
         ticks_partitions=args.partitions,
     )  # fmt: skip

@@ -221,12 +221,7 @@ class DynamicConsumer:
     def _fail(self, exc: Exception) -> None:
         self._failures += 1
         self.m_errors.inc()
-        self.last_error = f"{type(exc).__name__}: {exc}"
-        if self.state.state != "error":
-            self.state.to("error", reason=self.last_error)
-        else:
-            log.warning("dynamic consumer retry %d failed: %s", self._failures, self.last_error,
-                        extra={"failures": self._failures, "error": self.last_error})  # fmt: skip
+        self.last_error = self.state.fail(exc, failures=self._failures, logger=log)
 
     def _shutdown(self) -> None:
         try:

@@ -13,7 +13,9 @@ pairs, and the same fields in `extra=` for JSON log formatters; WARNING into an 
 for the `routine` pairs a daemon makes many times a second, INFO otherwise), and exports the state as a
 Prometheus Enum `candlekeep_<daemon>_state` plus `candlekeep_<daemon>_state_transitions_total`
 {from_state, to_state} and `candlekeep_<daemon>_state_since_seconds` (unix time of the last change).
-Thread-safe; `to()` into the current state is a no-op returning False.
+Thread-safe; `to()` into the current state is a no-op returning False. `fail(exc, failures=n)` is
+the daemons' shared error handling: the first failure enters "error" (reason "<Type>: <message>"),
+each further one while still there logs one "<daemon> retry <n> failed" WARNING.
 
 HealthServer serves `/health` from a callable returning a JSON-able mapping (HTTP 503 when its
 "healthy" is false) and `/metrics` from the daemon's registry, on a daemon thread
@@ -124,6 +126,19 @@ class StateMachine:
                    "fields": dict(fields)},
         )  # fmt: skip
         return True
+
+    def fail(self, exc: BaseException, *, failures: int, state: str = "error",
+             logger: logging.Logger | None = None) -> str:  # fmt: skip
+        """A daemon's failure number `failures` (its own count, kept for its backoff): enter `state`
+        with the error as reason, or, when already there, log one retry WARNING (on `logger`,
+        default this machine's). Returns the reason, `"<ExceptionType>: <message>"`."""
+        reason = f"{type(exc).__name__}: {exc}"
+        if not self.to(state, reason=reason):
+            (logger or self._log).warning(
+                "%s retry %d failed: %s", self.daemon, failures, reason,
+                extra={"daemon": self.daemon, "failures": failures, "error": reason},
+            )  # fmt: skip
+        return reason
 
     def health(self, **extra: Any) -> dict[str, Any]:
         """The /health body: daemon, state, since, last transition, healthy, and `extra` (lag, ...)."""

@@ -593,3 +593,25 @@ def test_state_machine_validates_logs_and_serves_health(caplog: pytest.LogCaptur
         assert json.loads(urllib.request.urlopen(f"{server.url}/health", timeout=5).read())["healthy"] is True
     finally:
         server.stop()
+
+
+def test_state_machine_fail_enters_error_once_then_logs_each_retry(caplog: pytest.LogCaptureFixture) -> None:
+    """`fail` is the daemons' shared error handling: the first failure is the transition into
+    error, each further one (still in error) one retry warning; the reason is returned."""
+    registry = CollectorRegistry()
+    machine = StateMachine("aggregator", TRANSITIONS, initial="idle", registry=registry)
+    machine.to("consuming")
+    daemon_log = logging.getLogger("streaming.aggregator")
+    caplog.set_level(logging.INFO, logger="streaming")
+    assert machine.fail(OSError("down"), failures=1, logger=daemon_log) == "OSError: down"
+    assert machine.fail(ValueError("still down"), failures=2, logger=daemon_log) == "ValueError: still down"
+    assert machine.state == "error" and machine.last_transition["reason"] == "OSError: down"
+    assert registry.get_sample_value("candlekeep_aggregator_state_transitions_total",
+                                     {"from_state": "consuming", "to_state": "error"}) == 1  # fmt: skip
+    transition, retry = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert (transition.name, transition.to_state) == ("streaming.health", "error")
+    assert retry.name == "streaming.aggregator" and retry.failures == 2 and retry.error == "ValueError: still down"
+    assert retry.getMessage() == "aggregator retry 2 failed: ValueError: still down"
+    machine.to("consuming", reason="recovered")
+    machine.fail(OSError("again"), failures=1)  # out of error: a transition again, no retry line
+    assert machine.state == "error" and len([r for r in caplog.records if r.levelno == logging.WARNING]) == 3
