@@ -25,8 +25,10 @@ State (one block):
     _unsaved    outages not yet written (PostgreSQL down): retried, never dropped
     _recovered  outages a previous run left open; closed when the feed is live again
 
-Control: the producer's consumer group never commits, so every start replays `control` from the
-beginning and rebuilds the set of tracked instruments (startup is recovery).
+Control: each producer reads `control` in a consumer group of its own (`<prefix>producer-<8 hex>`,
+new at every start) that never commits, so every producer sees every command (a group shared by two
+producers would give the single `control` partition to only one of them), and every start replays
+`control` from the beginning and rebuilds the set of tracked instruments (startup is recovery).
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, Protocol
+from uuid import uuid4
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from sqlalchemy import Engine
 
 from candlekeep.bars import NS_PER_S, Trade
 from candlekeep.instruments import Instrument
@@ -67,7 +71,6 @@ TRANSITIONS = {
     "backoff": {"connecting", "error", "idle"},
     "error": {"backoff", "connecting", "idle"},
 }
-CONTROL_GROUP = "candlekeep-producer"
 SOURCE_FRAMES = "source.frames"  # `topic` of dead letters for source frames (they have no offset)
 
 
@@ -243,7 +246,7 @@ class Producer:
         handoff: int = 1_000,
         ticks_partitions: int = 1,
         max_redeliveries: int = 5,
-        control_group: str = CONTROL_GROUP,
+        control_group: str | None = None,
         poll_interval: float = 0.05,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -256,7 +259,8 @@ class Producer:
         self.ticks_partitions = ticks_partitions
         self.max_redeliveries = max_redeliveries
         self._redeliveries: dict[tuple[str, str, bytes], int] = {}
-        self.control_group = control_group
+        # Unique per instance, never committed: every producer sees all of `control`, from the start.
+        self.control_group = control_group or f"{topic_prefix}producer-{uuid4().hex[:8]}"
         self.poll_interval = poll_interval
         self.ticks_topic = topic_name(topic_prefix, TICKS)
         self.control_topic = topic_name(topic_prefix, CONTROL)
@@ -578,7 +582,7 @@ class Producer:
         )
 
 
-# --- command line ---------------------------------------------------------------------------------
+# --- construction and command line ---------------------------------------------------------------------------------
 
 
 def _time_ns(text: str) -> int:
@@ -589,6 +593,23 @@ def _time_ns(text: str) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp()) * NS_PER_S + moment.microsecond * 1000
+
+
+def build(
+    settings: Settings,
+    bus: Bus,
+    engine: Engine | None = None,
+    *,
+    speed: float = 1.0,
+    start_ns: int | None = None,
+    end_ns: int | None = None,
+    partitions: int = 1,
+) -> Producer:
+    """The producer of `settings` on `bus` (streaming.runner and `main` share it); outages are
+    persisted in `engine` for the CryptoCompare source (the simulator has none)."""
+    source = make_live_source(settings, speed=speed, start_ns=start_ns, end_ns=end_ns)
+    outages = OutageStore(engine) if engine is not None and settings.source == "cryptocompare" else None
+    return Producer(bus, source, topic_prefix=settings.topic_prefix, outages=outages, ticks_partitions=partitions)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -606,14 +627,13 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = Settings()
     bus = make_bus(settings)
-    source = make_live_source(settings, speed=args.speed, start_ns=args.start, end_ns=args.end)
-    outages = None
+    engine = None
     if settings.source == "cryptocompare":
         from candlekeep.storage.db import create_engine, resolve_database_url
 
-        outages = OutageStore(create_engine(resolve_database_url(settings)))
-    producer = Producer(bus, source, topic_prefix=settings.topic_prefix, outages=outages,
-                        ticks_partitions=args.partitions)  # fmt: skip
+        engine = create_engine(resolve_database_url(settings))
+    producer = build(settings, bus, engine, speed=args.speed, start_ns=args.start, end_ns=args.end,
+                     partitions=args.partitions)  # fmt: skip
     server = None
     if args.port >= 0:
         server = HealthServer(producer.registry, producer.health, host=args.host, port=args.port).start()
@@ -626,6 +646,8 @@ def main(argv: list[str] | None = None) -> None:
         if server is not None:
             server.stop()
         bus.close()
+        if engine is not None:
+            engine.dispose()
 
 
 if __name__ == "__main__":

@@ -44,14 +44,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import SecretStr
-from sqlalchemy import Engine
 
 from candlekeep.bars import NS_PER_S
 from candlekeep.instruments import Instrument
 from candlekeep.messages import CONTROL, ControlCommand, encode_control
 from candlekeep.messages import topic as topic_name
 from candlekeep.settings import Settings
-from streaming import coordinator, dynamic
+from streaming import aggregator, coordinator, dynamic, producer
 from streaming.bus import Bus, InProcessBus, make_bus
 from streaming.health import HealthServer
 
@@ -76,13 +75,9 @@ def run_daemon(name: str, settings: Settings, argv: Sequence[str]) -> int:
         log.warning("no CANDLEKEEP_KAFKA_BOOTSTRAP_SERVERS: the %s runs on an in-process bus no other process "
                     "can reach; `streaming.runner all` runs every daemon on one", name)  # fmt: skip
     if name == "producer":
-        from streaming import producer
-
         producer.main(list(argv))  # reads CANDLEKEEP_* itself
         return 0
     if name == "aggregator":
-        from streaming import aggregator
-
         return aggregator.main(list(argv))  # reads CANDLEKEEP_* itself
     if name == "coordinator":
         return coordinator.main(argv, settings)
@@ -185,8 +180,8 @@ class Embedded:
         self.engine = create_engine(_database(settings))
         self.bus = InProcessBus()
         self.cache = BarCache.from_url(settings.redis_url) if settings.redis_url else None
-        self.producer = _build_producer(settings, self.bus, self.engine, speed=speed, start_ns=start_ns, end_ns=end_ns)
-        self.aggregator = _build_aggregator(settings, self.bus, self.engine, self.cache)
+        self.producer = producer.build(settings, self.bus, self.engine, speed=speed, start_ns=start_ns, end_ns=end_ns)
+        self.aggregator = aggregator.build(settings, self.bus, self.engine, self.cache)
         self.coordinator = coordinator.build(settings, self.bus, self.engine, announce=True)
         self.dynamic = dynamic.build(settings, self.bus, self.engine)
         self.servers: dict[str, HealthServer] = {}
@@ -233,8 +228,8 @@ class Embedded:
         log.info("embedded streaming stopping")
         try:
             self._stop(threads["producer"])
-            producer = threads["producer"].thread
-            self.clean["producer"] = not producer.is_alive() and self.producer.health()["buffered"] == 0
+            producer_thread = threads["producer"].thread
+            self.clean["producer"] = not producer_thread.is_alive() and self.producer.health()["buffered"] == 0
             self._stop(threads["coordinator"])
             self.clean["coordinator"] = not threads["coordinator"].thread.is_alive()
             drains = {"aggregator": ("lag", "pending_trades", "pending_bars"), "dynamic": ("lag", "retrying")}
@@ -274,26 +269,6 @@ class Embedded:
         log.error("embedded streaming: %s not drained after %.0f s: %s", health().get("daemon"), self.drain_s,
                   {k: health()[k] for k in keys})  # fmt: skip
         return False
-
-
-def _build_producer(settings: Settings, bus: Bus, engine: Engine, *, speed: float, start_ns: int | None,
-                    end_ns: int | None) -> Any:  # fmt: skip
-    """streaming.producer.main's construction, on a given bus. To become `producer.build(settings, bus, ...)`."""
-    from candlekeep.storage.outages import OutageStore
-    from streaming.producer import Producer, make_live_source
-
-    source = make_live_source(settings, speed=speed, start_ns=start_ns, end_ns=end_ns)
-    outages = OutageStore(engine) if settings.source == "cryptocompare" else None
-    return Producer(bus, source, topic_prefix=settings.topic_prefix, outages=outages)
-
-
-def _build_aggregator(settings: Settings, bus: Bus, engine: Engine, cache: Any) -> Any:
-    """streaming.aggregator.main's construction, on a given bus. To become `aggregator.build(settings, bus, ...)`."""
-    from candlekeep.storage.bars import BarStore
-    from candlekeep.storage.ticks import TickStore
-    from streaming.aggregator import Aggregator
-
-    return Aggregator(bus, BarStore(engine), TickStore(engine), cache, prefix=settings.topic_prefix)
 
 
 # --- supervised child processes --------------------------------------------------------------------

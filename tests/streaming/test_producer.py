@@ -26,7 +26,7 @@ from candlekeep.messages import CONTROL, DEADLETTER, TICKS, ControlCommand, deco
 from candlekeep.sources.cryptocompare_stream import StreamerClient, trade_sub
 from candlekeep.sources.simulator import Simulator
 from candlekeep.storage.outages import OutageStore
-from streaming.bus import Bus, KafkaBus, Record
+from streaming.bus import Bus, InProcessBus, KafkaBus, Record
 from streaming.health import HealthServer
 from streaming.producer import Producer, SimulatorPlayback
 from tests.utils.kafka import KafkaBroker
@@ -201,7 +201,7 @@ def test_control_track_and_untrack(bus: Bus, topic_prefix: str) -> None:
     assert out.flush(10) == 0
 
     playback = SimulatorPlayback(instruments=[btc], start_ns=START, speed=120)
-    producer = Producer(bus, playback, topic_prefix=topic_prefix, control_group=f"{topic_prefix}producer")
+    producer = Producer(bus, playback, topic_prefix=topic_prefix)
     thread = run_in_thread(producer)
     try:
         seen: dict[str, list[Trade]] = defaultdict(list)
@@ -243,6 +243,44 @@ def test_control_track_and_untrack(bus: Bus, topic_prefix: str) -> None:
     dead = consume(bus, topic(topic_prefix, DEADLETTER), count=1)
     assert len(dead) == 1 and b"explode" in dead[0].value and dead[0].key == "*"
     assert producer.health()["state"] == "idle"
+
+
+def test_every_producer_sees_every_control_command(topic_prefix: str) -> None:
+    """Each producer reads `control` in a group of its own (prefixed, never shared): two producers
+    both replay the track sent before they started and both follow the one sent while they run.
+    (In one shared group only one of them would hold the single `control` partition.)"""
+    btc, eth, sol = INSTRUMENTS
+    control = topic(topic_prefix, CONTROL)
+    bus = InProcessBus()
+    bus.ensure_topics([control])
+    out = bus.producer(name="test-control")
+    out.publish(control, eth, encode_control(ControlCommand("track", eth, "r1")))
+    assert out.flush(10) == 0
+    playbacks = [SimulatorPlayback(instruments=[btc], start_ns=START, speed=60) for _ in range(2)]
+    producers = [Producer(bus, p, topic_prefix=topic_prefix) for p in playbacks]
+    groups = {p.control_group for p in producers}
+    assert len(groups) == 2 and all(g.startswith(f"{topic_prefix}producer-") for g in groups)
+    threads = [run_in_thread(p) for p in producers]
+    try:
+
+        def wait_tracked(instrument: str) -> None:
+            deadline = time.monotonic() + 30
+            while not all(instrument in p.instruments for p in playbacks):
+                assert time.monotonic() < deadline, f"{instrument}: {[p.instruments for p in playbacks]}"
+                time.sleep(0.05)
+
+        wait_tracked(eth)  # replayed from `control` at start, by both
+        out.publish(control, sol, encode_control(ControlCommand("track", sol, "r2")))
+        assert out.flush(10) == 0
+        wait_tracked(sol)  # live, by both
+    finally:
+        for producer in producers:
+            producer.stop()
+        for thread in threads:
+            thread.join(30)
+        bus.close()
+    assert not any(t.errors for t in threads)  # type: ignore[attr-defined]
+    assert all(not t.is_alive() for t in threads)
 
 
 def test_broker_outage_buffers_with_backpressure_then_delivers_exactly_once(
