@@ -150,8 +150,9 @@ def main() -> None:
               f"({args.days * 1440 * len(INSTRUMENTS):,} rows) in {time.perf_counter() - began:.1f} s")
         engine = create_engine(url)
         InstrumentStore(engine).register(INSTRUMENTS, tracked=True)
-        cached_app = create_app(Settings(database_url=url, redis_url=redis_url))
-        plain_app = create_app(Settings(database_url=url, redis_url=None))
+        # Rate limiting off: the bench measures serving, not the limiter's refusals.
+        cached_app = create_app(Settings(database_url=url, redis_url=redis_url, api_rate_limit_per_minute=0))
+        plain_app = create_app(Settings(database_url=url, redis_url=None, api_rate_limit_per_minute=0))
         p1, p2 = free_port(), free_port()
         servers = [serve(cached_app, p1), serve(plain_app, p2)]
         cached_app.state.ohlcv.cache = BarCache.from_url(redis_url, closed_ttl_s=2 * 86400)  # a whole day cacheable
