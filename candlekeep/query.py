@@ -69,8 +69,18 @@ def parse_timestamp(text: str, *, name: str) -> int:
     return int(parsed.timestamp())
 
 
-def build_query(*, instrument: str, interval: str, start: str, end: str, default_venue: str = "cccagg") -> OhlcvQuery:
-    """Validate raw request values; buckets touching `[start, end)` are included."""
+def build_query(
+    *,
+    instrument: str,
+    interval: str,
+    start: str,
+    end: str,
+    default_venue: str = "cccagg",
+    max_bars: int = MAX_BARS_PER_QUERY,
+    per: str = "request",
+) -> OhlcvQuery:
+    """Validate raw request values; buckets touching `[start, end)` are included, at most `max_bars`
+    of them (the error names the cap as "at most {max_bars} per {per}")."""
     try:
         resolved = resolve_instrument(instrument, default_venue)
         parsed_interval = Interval.parse(interval)
@@ -86,9 +96,9 @@ def build_query(*, instrument: str, interval: str, start: str, end: str, default
     bucket_start = parsed_interval.floor(start_s)
     bucket_end = parsed_interval.ceil(end_s)
     buckets = (bucket_end - bucket_start) // parsed_interval.seconds
-    if buckets > MAX_BARS_PER_QUERY:
+    if buckets > max_bars:
         raise QueryError(
-            f"range spans {buckets} {parsed_interval.value} bars; at most {MAX_BARS_PER_QUERY} per request "
+            f"range spans {buckets} {parsed_interval.value} bars; at most {max_bars} per {per} "
             "(narrow the range or use a coarser interval)"
         )
     return OhlcvQuery(resolved, parsed_interval, bucket_start, bucket_end)

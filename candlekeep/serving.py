@@ -40,22 +40,18 @@ Stitching rules (DESIGN.md "Bar semantics", "Redis"):
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import redis
-from sqlalchemy import text
 
 from candlekeep.bars import Bar, Interval, decimal_str, missing_ranges, rollup_bars
 from candlekeep.cache import BarCache, bar_key, forming_key
-from candlekeep.instruments import InstrumentError, resolve_instrument
 from candlekeep.messages import MessageError, decode_bar
-from candlekeep.query import EARLIEST, LATEST, MAX_BARS_PER_QUERY, OhlcvQuery, QueryError, parse_timestamp
+from candlekeep.query import MAX_BARS_PER_QUERY, OhlcvQuery, QueryError, build_query
 from candlekeep.storage.bars import BarStore
 
 log = logging.getLogger(__name__)
@@ -66,15 +62,6 @@ CSV_HEADER = "time,open,high,low,close,volume,quote_volume,trades,source,final\n
 MAX_WAIT_S = 30.0
 
 _M1 = Interval.M1
-# The newest final 1m bar of a range (the cache watermark). TODO(lead): move to BarStore.
-_FINAL_WATERMARK = text(
-    'SELECT extract(epoch FROM max(bucket))::bigint FROM bars WHERE instrument = :instrument'
-    ' AND "interval" = \'1m\' AND final AND bucket >= :lo AND bucket < :hi'
-)
-_CSV_COLUMNS = (
-    "extract(epoch FROM bucket)::bigint AS start, open, high, low, close, volume, quote_volume, trades, source,"
-    " final::text AS final"
-)
 
 
 class ServingMetrics(Protocol):
@@ -152,7 +139,9 @@ class OhlcvService:
         yield CSV_HEADER.encode()
         split = max(query.start, min(query.end, query.interval.floor(now)))
         if split > query.start:
-            yield from self._copy_csv(replace(query, end=split), chunk_bytes)
+            yield from self.bar_store.copy_csv(
+                query.instrument.id, query.interval, query.start, split, chunk_bytes=chunk_bytes
+            )
         if split < query.end:
             tail = self.read(replace(query, start=split))
             yield "".join(csv_line(b) for b in tail.bars).encode()
@@ -203,8 +192,7 @@ class OhlcvService:
         if cache is None or lo >= hi:
             bars = self.bar_store.read_bars(instrument, _M1, start, end, limit=MAX_BARS_PER_QUERY)
             return bars, self._forming(instrument) if cache else None
-        with self.bar_store.engine.connect() as conn:
-            watermark = conn.execute(_FINAL_WATERMARK, {"instrument": instrument, "lo": _utc(lo), "hi": _utc(hi)}).scalar()
+        watermark = self.bar_store.latest_final_start(instrument, _M1, lo, hi)
         cached_lo = lo if watermark is None else max(lo, watermark + 60)
         starts = list(range(cached_lo, hi, 60))
         try:
@@ -285,29 +273,6 @@ class OhlcvService:
         if len(starts) <= limit:
             return query
         return replace(query, start=starts[-limit])
-
-    # -- CSV ---------------------------------------------------------------------------------
-
-    def _copy_csv(self, query: OhlcvQuery, chunk_bytes: int) -> Iterator[bytes]:
-        """COPY (the same SELECT read_bars runs) TO STDOUT as CSV, in chunks of about chunk_bytes."""
-        sql, params = self.bar_store._query(  # noqa: SLF001  TODO(lead): a public BarStore.copy_csv
-            query.instrument.id, query.interval, query.start, query.end, _CSV_COLUMNS
-        )
-        engine = self.bar_store.engine
-        used = {k: v for k, v in params.items() if re.search(rf"(?<!:):{k}\b", sql)}
-        compiled = text(sql + " ORDER BY start").bindparams(**used).compile(dialect=engine.dialect)
-        statement = f"COPY ({compiled}) TO STDOUT WITH (FORMAT csv)"
-        with engine.connect() as conn:
-            driver = conn.connection.driver_connection
-            with driver.cursor() as cur, cur.copy(statement, compiled.params) as copy:
-                buffer = bytearray()
-                for data in copy:
-                    buffer += data
-                    if len(buffer) >= chunk_bytes:
-                        yield bytes(buffer)
-                        buffer.clear()
-                if buffer:
-                    yield bytes(buffer)
 
 
 class OnDemand:
@@ -415,25 +380,10 @@ class OnDemand:
 
 def build_export_query(*, instrument: str, interval: str, start: str, end: str, default_venue: str = "cccagg") -> OhlcvQuery:
     """`build_query` with the CSV cap (MAX_CSV_BARS) instead of MAX_BARS_PER_QUERY."""
-    try:
-        resolved = resolve_instrument(instrument, default_venue)
-        parsed_interval = Interval.parse(interval)
-    except (InstrumentError, ValueError) as exc:
-        raise QueryError(str(exc)) from None
-    start_s, end_s = parse_timestamp(start, name="start"), parse_timestamp(end, name="end")
-    for name, value in (("start", start_s), ("end", end_s)):
-        if not EARLIEST <= value <= LATEST:
-            raise QueryError(f"{name} {value} is outside the supported range 2009-01-01 .. 2100-01-01")
-    if end_s <= start_s:
-        raise QueryError(f"end ({end}) must be after start ({start})")
-    lo, hi = parsed_interval.floor(start_s), parsed_interval.ceil(end_s)
-    buckets = (hi - lo) // parsed_interval.seconds
-    if buckets > MAX_CSV_BARS:
-        raise QueryError(
-            f"range spans {buckets} {parsed_interval.value} bars; at most {MAX_CSV_BARS} per CSV request "
-            "(narrow the range or use a coarser interval)"
-        )
-    return OhlcvQuery(resolved, parsed_interval, lo, hi)
+    return build_query(
+        instrument=instrument, interval=interval, start=start, end=end, default_venue=default_venue,
+        max_bars=MAX_CSV_BARS, per="CSV request",
+    )
 
 
 def csv_line(bar: Bar) -> str:
@@ -452,10 +402,6 @@ def _decode(raw: bytes, instrument: str, interval: str) -> Bar | None:
         log.warning("unreadable cached bar of %s %s ignored: %s", instrument, interval, exc)
         return None
     return bar if bar.instrument == instrument and bar.interval == interval else None
-
-
-def _utc(ts: int) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
 
 
 __all__: list[Any] = ["MAX_CSV_BARS", "OhlcvService", "OnDemand", "Stitched", "build_export_query", "csv_line"]

@@ -18,15 +18,15 @@ MAX_COUNTBACK.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Protocol
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from candlekeep.bars import Bar, Interval
 from candlekeep.instruments import Instrument
 from candlekeep.query import EARLIEST, LATEST, MAX_BARS_PER_QUERY, OhlcvQuery
+from candlekeep.storage.bars import BarStore
 
 # UDF resolution -> interval. "D" is the older spelling of "1D".
 RESOLUTIONS: dict[str, Interval] = {
@@ -133,15 +133,8 @@ def newest_start_before(engine: Engine, *, instrument: str, interval: Interval, 
 
     One index probe per stored interval (primary key (instrument, interval, bucket)).
     """
-    sources = ["1m"] + ([interval.value] if interval in (Interval.H1, Interval.D1) else [])
-    with engine.connect() as conn:
-        newest = conn.execute(
-            text(
-                'SELECT extract(epoch FROM max(bucket))::bigint FROM bars'
-                ' WHERE instrument = :instrument AND "interval" = ANY(:sources) AND bucket < :before'
-            ),
-            {"instrument": instrument, "sources": sources, "before": datetime.fromtimestamp(before, UTC)},
-        ).scalar_one()
+    sources = [Interval.M1] + ([interval] if interval in (Interval.H1, Interval.D1) else [])
+    newest = BarStore(engine).latest_start_before(instrument, sources, before)
     return None if newest is None else interval.floor(newest)
 
 

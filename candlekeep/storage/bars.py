@@ -14,7 +14,7 @@ a session temp table and merged with one `INSERT ... SELECT ... ON CONFLICT DO U
   final bar overwrites a provisional one; a refused provisional bar counts as unchanged;
 - the stored `revision` is the database's count of changes; the incoming `Bar.revision` is ignored.
 
-Reads (`read_bars`): 1m bars are the stored ones. Coarser intervals are rolled up in SQL from the
+Reads (`read_bars`; `copy_csv` streams the same SELECT as CSV): 1m bars are the stored ones. Coarser intervals are rolled up in SQL from the
 stored 1m bars exactly as candlekeep.bars.rollup_bars does (flat bars only carry the close); a 1h
 or 1d bucket without any 1m bar falls back to the stored 1h / 1d bar of that bucket (deep history,
 as the source gave it). A bucket is never made from both.
@@ -26,7 +26,8 @@ the exact UTC instant.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator
+import re
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -84,6 +85,9 @@ SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FR
 
 _START = "extract(epoch FROM bucket)::bigint AS start"
 _OUT = f"{_START}, open, high, low, close, volume, quote_volume, trades, source, final, revision"
+_CSV_COLUMNS = (  # copy_csv: final as 'true' / 'false'
+    f"{_START}, open, high, low, close, volume, quote_volume, trades, source, final::text AS final"
+)
 _STORED = """
 SELECT {columns} FROM bars
 WHERE instrument = :instrument AND "interval" = :interval AND bucket >= :lo AND bucket < :hi"""
@@ -259,6 +263,62 @@ class BarStore:
                 ),
                 {"instrument": str(instrument), "interval": Interval(interval).value},
             ).scalar_one()
+
+    def latest_final_start(self, instrument: str, interval: Interval | str, start: int, end: int) -> int | None:
+        """Start of the newest *final* bar stored at `interval` with `start <= bar.start < end`, or None.
+
+        Stored rows only (nothing derived); one indexed scalar query (the serving cache watermark).
+        """
+        with self.engine.connect() as conn:
+            return conn.execute(
+                text(
+                    'SELECT extract(epoch FROM max(bucket))::bigint FROM bars WHERE instrument = :instrument'
+                    ' AND "interval" = :interval AND final AND bucket >= :lo AND bucket < :hi'
+                ),
+                {"instrument": str(instrument), "interval": Interval(interval).value, "lo": _utc(start), "hi": _utc(end)},
+            ).scalar()
+
+    def latest_start_before(
+        self, instrument: str, intervals: Sequence[Interval | str], before: int
+    ) -> int | None:
+        """Start of the newest bar stored at any of `intervals` starting before `before`, or None.
+
+        Stored rows only, as stored (not floored to a coarser bucket); one index probe per interval.
+        """
+        with self.engine.connect() as conn:
+            return conn.execute(
+                text(
+                    'SELECT extract(epoch FROM max(bucket))::bigint FROM bars'
+                    ' WHERE instrument = :instrument AND "interval" = ANY(:intervals) AND bucket < :before'
+                ),
+                {
+                    "instrument": str(instrument),
+                    "intervals": [Interval(i).value for i in intervals],
+                    "before": _utc(before),
+                },
+            ).scalar_one()
+
+    def copy_csv(
+        self, instrument: str, interval: Interval | str, start: int, end: int, *, chunk_bytes: int = 1 << 16
+    ) -> Iterator[bytes]:
+        """The bars `read_bars` gives for `[start, end)`, ascending, as CSV rows without a header
+        (`start,open,high,low,close,volume,quote_volume,trades,source,final`, final as true/false),
+        from one COPY ... TO STDOUT, in chunks of about `chunk_bytes`. Nothing runs until iterated."""
+        sql, params = self._query(str(instrument), Interval(interval), start, end, _CSV_COLUMNS)
+        used = {k: v for k, v in params.items() if re.search(rf"(?<!:):{k}\b", sql)}
+        compiled = text(sql + " ORDER BY start").bindparams(**used).compile(dialect=self.engine.dialect)
+        statement = f"COPY ({compiled}) TO STDOUT WITH (FORMAT csv)"
+        with self.engine.connect() as conn:
+            driver = conn.connection.driver_connection
+            with driver.cursor() as cur, cur.copy(statement, compiled.params) as copy:
+                buffer = bytearray()
+                for data in copy:
+                    buffer += data
+                    if len(buffer) >= chunk_bytes:
+                        yield bytes(buffer)
+                        buffer.clear()
+                if buffer:
+                    yield bytes(buffer)
 
     def _query(
         self, instrument: str, interval: Interval, start: int, end: int, columns: str, *, stored_only: bool = False

@@ -229,3 +229,69 @@ def test_concurrent_writer_during_the_copy_fast_path(engine: Engine) -> None:
     assert [(b.close, b.revision) for b in store.read_bars(BTC, "1m", T0, T0 + 180)] == [
         (Decimal("10"), 0), (Decimal("11"), 1), (Decimal("12"), 0)
     ]
+
+
+def test_latest_final_start_is_the_newest_final_stored_bar_of_the_range(engine: Engine) -> None:
+    store = BarStore(engine)
+    assert store.latest_final_start(BTC, Interval.M1, T0, T0 + 3600) is None
+    store.upsert_bars([
+        bar(T0, "1"), bar(T0 + 60, "2"), bar(T0 + 120, "3", final=False, source="stream"),
+        bar(T0 + 180, "4", instrument="x:A-B"), bar(T0 + 3600, "5", interval="1h"),
+    ])
+    assert store.latest_final_start(BTC, Interval.M1, T0, T0 + 3600) == T0 + 60  # provisional T0+120 skipped
+    assert store.latest_final_start(BTC, "1m", T0, T0 + 60) == T0  # end is exclusive
+    assert store.latest_final_start(BTC, "1m", T0 + 61, T0 + 3600) is None  # start is inclusive, only T0+120 after
+    assert store.latest_final_start(BTC, "1m", T0 + 60, T0 + 61) == T0 + 60
+    assert store.latest_final_start("x:A-B", "1m", T0, T0 + 3600) == T0 + 180
+    assert store.latest_final_start(BTC, Interval.H1, T0, T0 + 7200) == T0 + 3600  # stored rows of that interval
+
+
+def test_latest_start_before_looks_at_the_given_stored_intervals_only(engine: Engine) -> None:
+    store = BarStore(engine)
+    assert store.latest_start_before(BTC, [Interval.M1], T0 + 86400) is None
+    store.upsert_bars([
+        bar(T0, "1"), bar(T0 + 60, "2", final=False), bar(T0 + 7200, "3", interval="1h"),
+        bar(T0 + 600, "4", instrument="x:A-B"),
+    ])
+    assert store.latest_start_before(BTC, [Interval.M1], T0 + 86400) == T0 + 60  # provisional bars count
+    assert store.latest_start_before(BTC, ["1m"], T0 + 60) == T0  # `before` is exclusive
+    assert store.latest_start_before(BTC, ["1m"], T0) is None
+    assert store.latest_start_before(BTC, [Interval.M1, Interval.H1], T0 + 86400) == T0 + 7200
+    assert store.latest_start_before(BTC, [Interval.M1, "1h"], T0 + 7200) == T0 + 60
+    assert store.latest_start_before(BTC, [Interval.M5], T0 + 86400) is None  # derived intervals are not stored
+    assert store.latest_start_before("x:A-B", ["1m"], T0 + 86400) == T0 + 600
+
+
+def test_copy_csv_streams_what_read_bars_reads_as_csv(engine: Engine) -> None:
+    store = BarStore(engine)
+    bars = [
+        bar(T0, "100.50"),
+        replace(bar(T0 + 60, "0.00000001", final=False, source="a,b"), trades=None),
+        bar(T0 + 300, "7"),
+        bar(T0 + 3600, "9", instrument="x:A-B"),
+    ]
+    store.upsert_bars(bars)
+    expected = [  # NUMERIC as PostgreSQL prints it (trailing zeros kept, no exponent), CSV quoting
+        f"{T0},100.50,101.50,99.50,100.50,1.5,150.750,7,cryptocompare,true\n".encode(),
+        f"{T0 + 60},0.00000001,1.00000001,-0.99999999,0.00000001,1.5,0.000000015,,\"a,b\",false\n".encode(),
+        f"{T0 + 300},7,8,6,7,1.5,10.5,7,cryptocompare,true\n".encode(),
+    ]
+    chunks = list(store.copy_csv(BTC, "1m", T0, T0 + 3600))
+    assert b"".join(chunks) == b"".join(expected)
+    assert b"".join(store.copy_csv(BTC, Interval.M1, T0 + 1, T0 + 300)) == expected[1]  # starts in [start, end)
+    small = list(store.copy_csv(BTC, "1m", T0, T0 + 3600, chunk_bytes=10))
+    assert len(small) > 1 and b"".join(small) == b"".join(chunks)  # chunks of about chunk_bytes
+    assert list(store.copy_csv(BTC, "1m", T0 + 3600, T0 + 7200)) == []
+
+
+def test_copy_csv_of_a_derived_interval_matches_read_bars(engine: Engine) -> None:
+    store = BarStore(engine)
+    store.upsert_bars([bar(T0 + 60 * i, f"{100 + i}.5") for i in range(12)])
+    rows = [line.split(",") for line in b"".join(store.copy_csv(BTC, "5m", T0, T0 + 3600)).decode().splitlines()]
+    read = store.read_bars(BTC, Interval.M5, T0, T0 + 3600)
+    assert len(read) == 3
+    assert rows == [
+        [str(b.start), str(b.open), str(b.high), str(b.low), str(b.close), str(b.volume), str(b.quote_volume),
+         str(b.trades), b.source, "true" if b.final else "false"]
+        for b in read
+    ]
