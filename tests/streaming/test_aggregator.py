@@ -46,6 +46,7 @@ from streaming.bus import Bus, InProcessBus, KafkaBus, partition_for
 from streaming.health import HealthServer, InvalidTransition, StateMachine
 from tests.utils.redis import RedisServer
 from tests.utils.trades import load_freqtrade, load_tardis, reference
+from tests.utils.wait import eventually
 
 MIN_NS = 60 * NS_PER_S
 LATENESS_NS = 2 * NS_PER_S
@@ -69,15 +70,6 @@ def micro(trade: Trade) -> Trade:
     return replace(trade, ts_ns=trade.ts_ns - trade.ts_ns % 1000, received_ns=None)
 
 
-def eventually(check: Callable[[], object], *, timeout: float = 30.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def stored_bars(engine: Engine, instrument: str, start: int, end: int) -> list[Bar]:

@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -45,6 +45,7 @@ from streaming.bus import Bus, InProcessBus, KafkaBus, Record
 from streaming.coordinator import Coordinator
 from streaming.dynamic import DynamicConsumer
 from streaming.health import HealthServer
+from tests.utils.wait import eventually
 
 M1 = Interval.M1
 DOGE = "coinbase:DOGE-USD"
@@ -98,15 +99,6 @@ def dynamic(bus: Bus, engine: Engine, prefix: str) -> DynamicConsumer:
                            poll_timeout_s=0.05, max_backoff_s=0.2)  # fmt: skip
 
 
-def eventually(check: Callable[[], object], *, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def send(bus: Bus, prefix: str, *messages: ControlCommand | tuple[str, bytes]) -> None:

@@ -17,10 +17,8 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import psutil
 from sqlalchemy import Engine, text
@@ -34,20 +32,10 @@ from candlekeep.storage.bars import BarStore
 from candlekeep.storage.instruments import InstrumentStore
 from streaming.bus import KafkaBus
 from streaming.runner import DAEMONS, Embedded, run_all, send_track
+from tests.utils.wait import eventually
 
 BTC, ETH = "cccagg:BTC-USD", "coinbase:ETH-USD"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def eventually(check: Callable[[], object], *, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def bar_stats(engine: Engine, instrument: str, source: str) -> tuple[int, int]:
