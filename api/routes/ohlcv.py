@@ -131,13 +131,14 @@ def _countback_query(*, instrument: str, interval: str, end: str, countback: int
 def _json(stitched: Stitched, *, requested: str, seed: bool) -> bytes:
     """The OhlcvPublic shape, encoded directly (a pydantic model per bar costs more than the read)."""
     q = stitched.query
+    days: dict[int, str] = {}
     body = {
         "instrument": q.instrument.id,
         "requested": requested,
         "interval": q.interval.value,
         "start": q.start,
         "end": q.end,
-        "bars": [_bar(b) for b in stitched.bars],
+        "bars": [_bar(b, days) for b in stitched.bars],
         "gaps": [{"start": s, "end": e} for s, e in stitched.gaps],
         "complete": stitched.complete,
         "forming": stitched.forming is not None,
@@ -147,12 +148,23 @@ def _json(stitched: Stitched, *, requested: str, seed: bool) -> bytes:
     return msgspec.json.encode(body)
 
 
-def _bar(b: Bar) -> dict:
+def _bar(b: Bar, days: dict[int, str]) -> dict:
     return {
-        "time": b.start, "start": iso(b.start), "open": decimal_str(b.open), "high": decimal_str(b.high),
+        "time": b.start, "start": _iso(b.start, days), "open": decimal_str(b.open), "high": decimal_str(b.high),
         "low": decimal_str(b.low), "close": decimal_str(b.close), "volume": decimal_str(b.volume),
         "quote_volume": decimal_str(b.quote_volume), "trades": b.trades, "source": b.source, "final": b.final,
     }  # fmt: skip
+
+
+def _iso(ts_s: int, days: dict[int, str]) -> str:
+    """api.schemas.iso(ts_s), strftime once per day (`days` caches the date part for one response)."""
+    day, sec = divmod(ts_s, 86400)
+    prefix = days.get(day)
+    if prefix is None:
+        prefix = days[day] = iso(day * 86400)[:11]  # "YYYY-MM-DDT"
+    hours, rest = divmod(sec, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{prefix}{hours:02d}:{minutes:02d}:{seconds:02d}Z"
 
 
 def _filename(query: OhlcvQuery) -> str:

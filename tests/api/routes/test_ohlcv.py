@@ -217,3 +217,92 @@ def test_with_redis_the_forming_bar_comes_last(redis_client: TestClient, engine:
 
     assert [(b["close"], b["final"]) for b in body["bars"]] == [("1", True), ("2", False)]
     assert body["forming"] is True and body["complete"] is True
+
+
+# -- the JSON body is encoded directly (no pydantic per bar); it must stay what the models say ------
+
+from dataclasses import replace as _replace  # noqa: E402
+
+from api.routes.ohlcv import _json  # noqa: E402
+from api.schemas import BarPublic, GapPublic, OhlcvPublic, OhlcvSeedPublic  # noqa: E402
+from candlekeep.query import build_query  # noqa: E402
+from candlekeep.serving import Stitched  # noqa: E402
+
+
+def _model_json(stitched: Stitched, *, requested: str, seed: bool) -> bytes:
+    q = stitched.query
+    fields = dict(instrument=q.instrument.id, requested=requested, interval=q.interval.value, start=q.start, end=q.end,
+                  bars=[BarPublic.from_bar(b) for b in stitched.bars],
+                  gaps=[GapPublic(start=s, end=e) for s, e in stitched.gaps],
+                  complete=stitched.complete, forming=stitched.forming is not None)  # fmt: skip
+    model = OhlcvSeedPublic(**fields, resolved=q.instrument.id) if seed else OhlcvPublic(**fields)
+    return model.model_dump_json().encode()
+
+
+def _awkward_stitched() -> Stitched:
+    query = build_query(instrument="BTCUSD", interval="1m", start=str(T0), end=str(T0 + 600))
+    forming = _replace(make_bar(BTC, T0 + 540, "42000.5"), source="stream", final=False)
+    bars = [
+        make_bar(BTC, T0, "42283.58", volume="0.00000001"),  # str() would write 1E-8
+        _replace(make_bar(BTC, T0 + 60, "1E+3", volume="0"), trades=None, quote_volume=Decimal("0E-10")),
+        make_bar(BTC, T0 + 120, "0.000000000123456789", volume="12345678901234567890.123456789"),
+        forming,
+    ]
+    return Stitched(query=query, bars=bars, gaps=[(T0 + 180, T0 + 540)], complete=False, forming=forming)
+
+
+@pytest.mark.parametrize("seed", [False, True])
+def test_fast_json_is_byte_for_byte_the_pydantic_model(seed: bool) -> None:
+    stitched = _awkward_stitched()
+
+    fast = _json(stitched, requested="BTCUSD", seed=seed)
+
+    assert fast == _model_json(stitched, requested="BTCUSD", seed=seed)
+    model = OhlcvSeedPublic if seed else OhlcvPublic
+    assert model.model_validate_json(fast).model_dump_json().encode() == fast  # and it validates as the model
+
+
+def test_fast_json_of_nothing_matches_the_model() -> None:
+    query = build_query(instrument=BTC, interval="1h", start=str(T0), end=str(T0 + 7200))
+    stitched = Stitched(query=query, bars=[], gaps=[(T0, T0 + 7200)], complete=False, forming=None)
+
+    assert _json(stitched, requested=BTC, seed=False) == _model_json(stitched, requested=BTC, seed=False)
+
+
+@pytest.mark.parametrize(("path", "params", "seed"), [
+    ("/v1/ohlcv", {"instrument": "BTCUSD", "interval": "1m", "start": T0, "end": T0 + 300, "wait": 0}, False),
+    ("/ohlcv", {"symbol": "BTCUSD", "interval": "1m", "startDate": T0, "endDate": T0 + 300, "wait": 0}, True),
+])  # fmt: skip
+def test_http_body_is_the_model_of_the_same_answer(client: TestClient, engine: Engine, path: str, params: dict,
+                                                   seed: bool) -> None:  # fmt: skip
+    BarStore(engine).upsert_bars([make_bar(BTC, T0, "42283.58", volume="0.00000001"), make_bar(BTC, T0 + 120, "7")])
+
+    response = client.get(path, params=params)
+
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    assert int(response.headers["Retry-After"]) > 0  # gaps: the answer is incomplete
+    stitched = client.app.state.ohlcv.read(build_query(instrument="BTCUSD", interval="1m", start=str(T0),
+                                                       end=str(T0 + 300)))  # fmt: skip
+    assert response.content == _model_json(stitched, requested="BTCUSD", seed=seed)
+    assert [b["volume"] for b in response.json()["bars"]][0] == "0.00000001"
+
+
+def test_openapi_still_documents_the_response_models(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+
+    for path, model in (("/v1/ohlcv", "OhlcvPublic"), ("/ohlcv", "OhlcvSeedPublic")):
+        ok = paths[path]["get"]["responses"]["200"]["content"]
+        assert ok["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
+        assert "text/csv" in ok
+
+
+def test_iso_per_day_cache_matches_the_schema_iso() -> None:
+    import random
+
+    from api.routes.ohlcv import _iso
+    from api.schemas import iso
+
+    rng = random.Random(7)
+    stamps = [0, 59, 86399, 86400, 951782400, 1709164800, 4102444799] + [rng.randrange(0, 4_102_444_800) for _ in range(5000)]
+    days: dict[int, str] = {}
+    assert [_iso(t, days) for t in stamps + stamps] == [iso(t) for t in stamps + stamps]
