@@ -21,6 +21,7 @@ from candlekeep.bars import (
     Interval,
     Trade,
     aggregate_trades,
+    decimal_str,
     flat_bar,
     missing_ranges,
     rollup_bars,
@@ -385,3 +386,13 @@ def test_rollup_of_1m_equals_aggregation_at_the_interval(
     # And the bars are consistent, with every unique trade counted once.
     assert all(not b.problems() for b in direct)
     assert sum(b.trades or 0 for b in direct) == len(by_id)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [("42283.58", "42283.58"), ("1.50", "1.50"), ("1E-8", "0.00000001"), ("0.000001", "0.000001"),
+     ("1.5E+3", "1500"), ("0E-10", "0.0000000000"), ("-0.25", "-0.25"), ("123456789012345.123456789012", "123456789012345.123456789012")],
+)
+def test_decimal_str_is_plain_text_with_every_digit(value: str, text: str) -> None:
+    assert decimal_str(D(value)) == text
+    assert D(decimal_str(D(value))) == D(value)
