@@ -148,14 +148,16 @@ def test_run_all_on_kafka_supervises_and_restarts_the_daemons(kafka_bootstrap: s
         return found
 
     try:
-        first = eventually(lambda: (c := children()) and len(c) == len(DAEMONS) and c, what="four children")
+        # Exactly the four daemons: a child caught between fork() and exec() still shows the
+        # supervisor's own command line (`streaming.runner all`).
+        first = eventually(lambda: (c := children()) and set(c) == set(DAEMONS) and c, what="four children")
         eventually(lambda: bar_stats(engine, BTC, "stream")[0] >= 2, timeout=60, what="stream bars")
         send_track(Settings(kafka_bootstrap_servers=kafka_bootstrap, topic_prefix=topic_prefix), ETH)
         eventually(lambda: bar_stats(engine, ETH, "simulator")[0] == 1440, timeout=60, what="history via coordinator")
 
         os.kill(first["aggregator"], signal.SIGKILL)
         again = eventually(lambda: (c := children()).get("aggregator", first["aggregator"]) != first["aggregator"]
-                           and c, timeout=30, what="the aggregator restarted")  # fmt: skip
+                           and set(c) == set(DAEMONS) and c, timeout=30, what="the aggregator restarted")  # fmt: skip
         assert {n: p for n, p in again.items() if n != "aggregator"} == {
             n: p for n, p in first.items() if n != "aggregator"}  # the others kept running
         ticks, (_, trades) = tick_count(engine, BTC), bar_stats(engine, BTC, "stream")
