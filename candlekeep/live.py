@@ -180,14 +180,7 @@ class BarBuilder:
             first = min((b for b in self._buckets if b >= start), default=target)
             start = min(first, target)
         if start < target:
-            for bucket in range(start, target, self._step):
-                bar = self._bar(bucket, prev)
-                if bar is None:
-                    continue
-                prev = bar.close
-                emitted = self._emit(bar)
-                if emitted is not None:
-                    out.append(emitted)
+            out = self._close(start, target, prev)
         if self.closed_until is None or target > self.closed_until:
             self.closed_until = target
         self._prune()
@@ -233,9 +226,12 @@ class BarBuilder:
             bucket = self.interval.floor(trade.ts_ns // NS_PER_S)
             if bucket >= window:
                 self._count(trade, bucket)
+        return self._close(window, closed_until, base_close)
+
+    def _close(self, start: int, end: int, prev: Decimal | None) -> list[Bar]:
+        """Bars of the buckets `[start, end)` (flat after `prev` where quiet), those new or changed."""
         out: list[Bar] = []
-        prev = base_close
-        for bucket in range(window, closed_until, self._step):
+        for bucket in range(start, end, self._step):
             bar = self._bar(bucket, prev)
             if bar is None:
                 continue
