@@ -171,6 +171,24 @@ class _Counters:
 # --- Kafka ---------------------------------------------------------------------------------------
 
 
+class _CountedProducer:
+    """Delivery counters for metrics, the same on both buses (`_counts` set by the subclass)."""
+
+    _counts: _Counters
+
+    @property
+    def pending(self) -> int:
+        return self._counts.pending
+
+    @property
+    def delivered(self) -> int:
+        return self._counts.delivered
+
+    @property
+    def failed(self) -> int:
+        return self._counts.failed
+
+
 class KafkaBus:
     """A Kafka cluster. `producer_config` / `consumer_config` override librdkafka settings (tests)."""
 
@@ -248,7 +266,7 @@ def _on_client_error(err: KafkaError) -> None:
     log.log(level, "kafka client: %s", err.str(), extra={"code": err.name(), "fatal": err.fatal()})
 
 
-class KafkaBusProducer:
+class KafkaBusProducer(_CountedProducer):
     """Idempotent producer (acks=all, in-order, no duplicates on retry); batching via linger.ms."""
 
     def __init__(self, bootstrap: str, *, name: str, max_buffered: int, on_failed: OnFailed | None,
@@ -300,18 +318,6 @@ class KafkaBusProducer:
         left = self._producer.flush(timeout)
         self._counts.summarize(final=True)
         return left
-
-    @property
-    def pending(self) -> int:
-        return self._counts.pending
-
-    @property
-    def delivered(self) -> int:
-        return self._counts.delivered
-
-    @property
-    def failed(self) -> int:
-        return self._counts.failed
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:
@@ -514,7 +520,7 @@ class InProcessBus:
         return target
 
 
-class InProcessProducer:
+class InProcessProducer(_CountedProducer):
     """Records are in the log at once; delivery reports wait for `poll`/`flush`, like librdkafka's."""
 
     def __init__(self, bus: InProcessBus, *, name: str, max_buffered: int, on_failed: OnFailed | None) -> None:
@@ -559,18 +565,6 @@ class InProcessProducer:
         self.poll(0)
         self._counts.summarize(final=True)
         return self.pending
-
-    @property
-    def pending(self) -> int:
-        return self._counts.pending
-
-    @property
-    def delivered(self) -> int:
-        return self._counts.delivered
-
-    @property
-    def failed(self) -> int:
-        return self._counts.failed
 
 
 @dataclass
