@@ -69,7 +69,7 @@ from candlekeep.messages import topic as topic_name
 from candlekeep.settings import Settings
 from candlekeep.storage.bars import BarStore
 from candlekeep.storage.ticks import TickStore
-from streaming.bus import Bus, BufferFull, BusConsumer, BusProducer, Record, partition_for
+from streaming.bus import Bus, BusConsumer, BusProducer, Record, partition_for, publish_waiting
 from streaming.health import HealthServer, StateMachine
 
 log = logging.getLogger(__name__)
@@ -420,15 +420,7 @@ class Aggregator:
 
     def _publish(self, topic: str, key: str, value: bytes) -> None:
         assert self._producer is not None
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self._producer.publish(topic, key, value)
-                return
-            except BufferFull:
-                if time.monotonic() > deadline:
-                    raise
-                self._producer.poll(0.05)
+        publish_waiting(self._producer, topic, key, value)
 
     # -- recovery ----------------------------------------------------------------------------
 

@@ -177,6 +177,14 @@ class _CountedProducer:
     _counts: _Counters
 
     @property
+    def on_failed(self) -> OnFailed | None:
+        return self._counts.on_failed
+
+    @on_failed.setter
+    def on_failed(self, hook: OnFailed | None) -> None:
+        self._counts.on_failed = hook
+
+    @property
     def pending(self) -> int:
         return self._counts.pending
 
@@ -288,14 +296,6 @@ class KafkaBusProducer(_CountedProducer):
             "logger": _LIBRDKAFKA_LOG,
             **config,
         })
-
-    @property
-    def on_failed(self) -> OnFailed | None:
-        return self._counts.on_failed
-
-    @on_failed.setter
-    def on_failed(self, hook: OnFailed | None) -> None:
-        self._counts.on_failed = hook
 
     def publish(self, topic: str, key: str, value: bytes) -> None:
         if self._fatal is not None:
@@ -531,14 +531,6 @@ class InProcessProducer(_CountedProducer):
         self._reports: deque[tuple[str, str, bytes, str | None]] = deque()
         self._cond = threading.Condition()
 
-    @property
-    def on_failed(self) -> OnFailed | None:
-        return self._counts.on_failed
-
-    @on_failed.setter
-    def on_failed(self, hook: OnFailed | None) -> None:
-        self._counts.on_failed = hook
-
     def publish(self, topic: str, key: str, value: bytes) -> None:
         with self._cond:
             if len(self._reports) >= self.max_buffered:
@@ -682,3 +674,17 @@ class InProcessConsumer:
             if len(out) >= max_records:
                 break
         return out
+
+
+def publish_waiting(producer: BusProducer, topic: str, key: str, value: bytes, *, timeout: float = 30.0) -> None:
+    """Publish, serving delivery reports while the buffer is full (backpressure), for up to `timeout`
+    seconds; then BufferFull is raised to the caller, which never drops the record itself."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            producer.publish(topic, key, value)
+            return
+        except BufferFull:
+            if time.monotonic() > deadline:
+                raise
+            producer.poll(0.05)

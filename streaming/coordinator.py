@@ -76,7 +76,7 @@ from candlekeep.sources import Source, SourceError, make_source
 from candlekeep.storage.bars import BarStore
 from candlekeep.storage.instruments import InstrumentStore
 from candlekeep.storage.outages import OutageStore
-from streaming.bus import BufferFull, Bus, BusConsumer, BusProducer, CommitFailed, Record
+from streaming.bus import Bus, BusConsumer, BusProducer, CommitFailed, Record, publish_waiting
 from streaming.health import StateMachine
 
 log = logging.getLogger(__name__)
@@ -361,15 +361,7 @@ class Coordinator:
 
     def _publish(self, topic: str, key: str, value: bytes) -> None:
         assert self._producer is not None
-        deadline = time.monotonic() + self.delivery_timeout_s
-        while True:
-            try:
-                self._producer.publish(topic, key, value)
-                return
-            except BufferFull:
-                if time.monotonic() > deadline:
-                    raise
-                self._producer.poll(0.05)
+        publish_waiting(self._producer, topic, key, value, timeout=self.delivery_timeout_s)
 
     def _delivered(self, failed_before: int, what: str) -> None:
         assert self._producer is not None

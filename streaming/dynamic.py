@@ -45,7 +45,7 @@ from candlekeep.messages import topic as topic_name
 from candlekeep.settings import Settings
 from candlekeep.storage.bars import BarStore
 from candlekeep.storage.instruments import InstrumentStore
-from streaming.bus import BufferFull, Bus, BusConsumer, BusProducer, CommitFailed, Record
+from streaming.bus import Bus, BusConsumer, BusProducer, CommitFailed, Record, publish_waiting
 from streaming.health import StateMachine
 
 log = logging.getLogger(__name__)
@@ -208,15 +208,7 @@ class DynamicConsumer:
 
     def _publish(self, key: str, value: bytes) -> None:
         assert self._producer is not None
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self._producer.publish(self.deadletter_topic, key, value)
-                return
-            except BufferFull:
-                if time.monotonic() > deadline:
-                    raise
-                self._producer.poll(0.05)
+        publish_waiting(self._producer, self.deadletter_topic, key, value)
 
     def _fail(self, exc: Exception) -> None:
         self._failures += 1
