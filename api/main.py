@@ -82,7 +82,7 @@ def request_fetch(settings: Settings) -> Callable[[str, int | None, int | None],
             raise RuntimeError("fetching a range needs CANDLEKEEP_KAFKA_BOOTSTRAP_SERVERS (the coordinator's control topic)")
         from candlekeep.messages import CONTROL, ControlCommand, encode_control
         from candlekeep.messages import topic as topic_name
-        from streaming.bus import make_bus
+        from candlekeep.bus import make_bus
 
         bus = make_bus(settings)
         try:

@@ -50,7 +50,7 @@ from candlekeep.bars import NS_PER_S, Trade
 from candlekeep.messages import TICKS, decode_tick, encode_tick, topic
 from candlekeep.storage.db import with_database
 from candlekeep.storage.migrate import upgrade
-from streaming.bus import KafkaBus
+from candlekeep.bus import KafkaBus
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.utils (the broker and port helpers) when run as a script

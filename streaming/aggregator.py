@@ -69,7 +69,7 @@ from candlekeep.messages import topic as topic_name
 from candlekeep.settings import Settings
 from candlekeep.storage.bars import BarStore
 from candlekeep.storage.ticks import TickStore
-from streaming.bus import Bus, BusConsumer, BusProducer, Record, partition_for, publish_waiting
+from candlekeep.bus import Bus, BusConsumer, BusProducer, Record, partition_for, publish_waiting
 from streaming.health import HealthServer, StateMachine
 
 log = logging.getLogger(__name__)
@@ -541,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m streaming.aggregator`: settings from CANDLEKEEP_* (database, Kafka, Redis, prefix)."""
     from candlekeep.storage.db import create_engine, resolve_database_url
     from candlekeep.storage.migrate import upgrade
-    from streaming.bus import KafkaBus, make_bus
+    from candlekeep.bus import KafkaBus, make_bus
 
     parser = argparse.ArgumentParser(prog="streaming.aggregator", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="/health and /metrics address")

@@ -45,7 +45,7 @@ from candlekeep.messages import topic as topic_name
 from candlekeep.settings import Settings
 from candlekeep.storage.bars import BarStore
 from candlekeep.storage.instruments import InstrumentStore
-from streaming.bus import Bus, BusConsumer, BusProducer, CommitFailed, Record, publish_waiting
+from candlekeep.bus import Bus, BusConsumer, BusProducer, CommitFailed, Record, publish_waiting
 from streaming.health import StateMachine
 
 log = logging.getLogger(__name__)
@@ -261,8 +261,8 @@ def main(argv: Sequence[str] | None = None, settings: Settings | None = None) ->
     """`python -m streaming.dynamic` (or `streaming.runner dynamic`): settings from CANDLEKEEP_*."""
     from candlekeep.storage.db import create_engine, resolve_database_url
     from candlekeep.storage.migrate import upgrade
-    from streaming.bus import make_bus
-    from streaming.runner import serve
+    from candlekeep.bus import make_bus
+    from streaming.health import serve
 
     parser = argparse.ArgumentParser(prog="streaming.dynamic", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="/health and /metrics address")

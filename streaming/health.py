@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -219,3 +220,22 @@ class HealthServer:
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def serve(daemon: Any, *, host: str, port: int, cleanup: Iterable[Callable[[], object]] = ()) -> int:
+    """Run `daemon.run(stop)` on this (main) thread, /health on `port`, until SIGINT / SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    server = None
+    if port >= 0:
+        server = HealthServer(daemon.registry, daemon.health, host=host, port=port).start()
+        log.info("%s /health and /metrics on %s", daemon.state.daemon, server.url)
+    try:
+        daemon.run(stop)
+    finally:
+        if server is not None:
+            server.stop()
+        for step in cleanup:
+            step()
+    return 0

@@ -57,7 +57,7 @@ from candlekeep.settings import Settings
 from candlekeep.sources.cryptocompare_stream import BadFrame, Outage, StreamStatus, SubscriptionFailed
 from candlekeep.sources.simulator import Simulator
 from candlekeep.storage.outages import OutageRow, OutageStore, from_ns
-from streaming.bus import Bus, BufferFull, BusConsumer, BusProducer
+from candlekeep.bus import Bus, BufferFull, BusConsumer, BusProducer
 from streaming.health import HealthServer, InvalidTransition, StateMachine
 
 log = logging.getLogger(__name__)
@@ -623,7 +623,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
-    from streaming.bus import make_bus
+    from candlekeep.bus import make_bus
 
     settings = Settings()
     bus = make_bus(settings)

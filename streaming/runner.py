@@ -51,7 +51,7 @@ from candlekeep.messages import CONTROL, ControlCommand, encode_control
 from candlekeep.messages import topic as topic_name
 from candlekeep.settings import Settings
 from streaming import aggregator, coordinator, dynamic, producer
-from streaming.bus import Bus, InProcessBus, make_bus
+from candlekeep.bus import Bus, InProcessBus, make_bus
 from streaming.health import HealthServer
 
 log = logging.getLogger(__name__)
@@ -82,25 +82,6 @@ def run_daemon(name: str, settings: Settings, argv: Sequence[str]) -> int:
     if name == "coordinator":
         return coordinator.main(argv, settings)
     return dynamic.main(argv, settings)
-
-
-def serve(daemon: Any, *, host: str, port: int, cleanup: Iterable[Callable[[], object]] = ()) -> int:
-    """Run `daemon.run(stop)` on this (main) thread, /health on `port`, until SIGINT / SIGTERM."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
-    server = None
-    if port >= 0:
-        server = HealthServer(daemon.registry, daemon.health, host=host, port=port).start()
-        log.info("%s /health and /metrics on %s", daemon.state.daemon, server.url)
-    try:
-        daemon.run(stop)
-    finally:
-        if server is not None:
-            server.stop()
-        for step in cleanup:
-            step()
-    return 0
 
 
 # --- all of them -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from streaming.bus import Bus, InProcessBus, KafkaBus
+from candlekeep.bus import Bus, InProcessBus, KafkaBus
 from tests.utils.kafka import KafkaBroker, KafkaBrokerError
 
 

@@ -42,7 +42,7 @@ from candlekeep.storage.db import create_engine, with_database
 from candlekeep.storage.migrate import upgrade
 from candlekeep.storage.ticks import TickStore
 from streaming.aggregator import TRANSITIONS, Aggregator
-from streaming.bus import Bus, InProcessBus, KafkaBus, partition_for
+from candlekeep.bus import Bus, InProcessBus, KafkaBus, partition_for
 from streaming.health import HealthServer, InvalidTransition, StateMachine
 from tests.utils.redis import RedisServer
 from tests.utils.trades import load_freqtrade, load_tardis, reference

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from streaming.bus import BufferFull, Bus, BusConsumer, CommitFailed, InProcessBus, KafkaBus, Record, partition_for
+from candlekeep.bus import BufferFull, Bus, BusConsumer, CommitFailed, InProcessBus, KafkaBus, Record, partition_for
 from tests.utils.kafka import KafkaBroker, KafkaBrokerError
 
 
@@ -263,7 +263,7 @@ def test_failed_delivery_is_counted_logged_and_handed_back(kind: str, request: p
     failures: list[tuple[str, str, bytes, str]] = []
     producer = bus.producer(name="test", on_failed=lambda *args: failures.append(args))
     missing = topic_prefix + "nowhere"  # never created; the test broker does not auto-create topics
-    with caplog.at_level(logging.ERROR, logger="streaming.bus"):
+    with caplog.at_level(logging.ERROR, logger="candlekeep.bus"):
         producer.publish(missing, "cccagg:BTC-USD", b"tick")
         assert producer.pending == 1
         assert producer.flush(20) == 0
@@ -398,7 +398,7 @@ def test_failure_storm_is_logged_in_full_but_summarized(caplog: pytest.LogCaptur
     bus = InProcessBus()
     failures: list[str] = []
     producer = bus.producer(name="test", on_failed=lambda topic, key, value, error: failures.append(key))
-    with caplog.at_level(logging.ERROR, logger="streaming.bus"):
+    with caplog.at_level(logging.ERROR, logger="candlekeep.bus"):
         for i in range(500):
             producer.publish("nowhere", f"k{i % 2}", b"x")
         assert producer.flush(1) == 0

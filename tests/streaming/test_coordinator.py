@@ -41,7 +41,7 @@ from candlekeep.sources.simulator import Simulator
 from candlekeep.storage.bars import BarStore
 from candlekeep.storage.instruments import InstrumentStore
 from candlekeep.storage.outages import OutageStore
-from streaming.bus import Bus, InProcessBus, KafkaBus, Record
+from candlekeep.bus import Bus, InProcessBus, KafkaBus, Record
 from streaming.coordinator import Coordinator
 from streaming.dynamic import DynamicConsumer
 from streaming.health import HealthServer

@@ -26,7 +26,7 @@ from candlekeep.messages import CONTROL, DEADLETTER, TICKS, ControlCommand, deco
 from candlekeep.sources.cryptocompare_stream import StreamerClient, trade_sub
 from candlekeep.sources.simulator import Simulator
 from candlekeep.storage.outages import OutageStore
-from streaming.bus import Bus, InProcessBus, KafkaBus, Record
+from candlekeep.bus import Bus, InProcessBus, KafkaBus, Record
 from streaming.health import HealthServer
 from streaming.producer import Producer, SimulatorPlayback
 from tests.utils.kafka import KafkaBroker

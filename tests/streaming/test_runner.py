@@ -30,7 +30,7 @@ from candlekeep.settings import Settings
 from candlekeep.sources.simulator import Simulator
 from candlekeep.storage.bars import BarStore
 from candlekeep.storage.instruments import InstrumentStore
-from streaming.bus import KafkaBus
+from candlekeep.bus import KafkaBus
 from streaming.runner import DAEMONS, Embedded, run_all, send_track
 from tests.utils.wait import eventually
 

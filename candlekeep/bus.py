@@ -264,7 +264,7 @@ class KafkaBus:
                 log.error("bus closed while producer %s has %d undelivered records", producer.name, producer.pending)
 
 
-_LIBRDKAFKA_LOG = logging.getLogger("streaming.bus.librdkafka")
+_LIBRDKAFKA_LOG = logging.getLogger("candlekeep.bus.librdkafka")
 
 
 def _on_client_error(err: KafkaError) -> None:
