@@ -102,6 +102,33 @@ class Trade:
         return trade_order_key(self.ts_ns, self.trade_id)
 
 
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """The source was live for `instrument` and has sent every trade of it up to `ts_ns`."""
+
+    instrument: str
+    ts_ns: int
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """The source cannot vouch for `instrument` between its previous record and its next one.
+
+    A dropped connection, a failed subscription, or a producer that started without knowing the
+    past; `ts_ns` is when the source noticed. The span around it is a gap (DESIGN.md).
+    """
+
+    instrument: str
+    ts_ns: int
+    source: str
+    reason: str
+
+
+# What the `ticks` log carries, per instrument, in log order.
+TickRecord = Trade | Heartbeat | Disconnect
+
+
 def trade_order_key(ts_ns: int, trade_id: str) -> tuple:
     """Exchange order: timestamp, then trade id (numerically when the ids are numbers)."""
     if trade_id.isascii() and trade_id.isdigit():

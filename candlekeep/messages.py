@@ -17,12 +17,14 @@ from typing import Any, Literal
 
 import msgspec
 
-from candlekeep.bars import Bar, Trade, decimal_str
+from candlekeep.bars import Bar, Disconnect, Heartbeat, TickRecord, Trade, decimal_str
+from candlekeep.books import BookDelta, BookSnapshot, Level
 from candlekeep.instruments import Instrument, InstrumentError
 
 VERSION = 1
 
 TICKS = "ticks"
+BOOKS = "books"
 BARS = "bars"
 CONTROL = "control"
 DEADLETTER = "deadletter"
@@ -47,11 +49,14 @@ def replay_topic(prefix: str, session: str, kind: str) -> str:
 
 
 # --- ticks ---------------------------------------------------------------------------------------
+# Three kinds of record share the topic (DESIGN.md): trades, heartbeats and disconnects. A record
+# without `kind` is a trade (the shape before heartbeats existed).
 
 
 def encode_tick(trade: Trade) -> bytes:
     return _dumps({
         "v": VERSION,
+        "kind": "trade",
         "instrument": trade.instrument,
         "ts_ns": trade.ts_ns,
         "price": decimal_str(trade.price),
@@ -63,47 +68,155 @@ def encode_tick(trade: Trade) -> bytes:
     })
 
 
+def encode_heartbeat(beat: Heartbeat) -> bytes:
+    return _dumps({"v": VERSION, "kind": "heartbeat", "instrument": beat.instrument, "ts_ns": beat.ts_ns,
+                   "source": beat.source})  # fmt: skip
+
+
+def encode_disconnect(gone: Disconnect) -> bytes:
+    return _dumps({"v": VERSION, "kind": "disconnect", "instrument": gone.instrument, "ts_ns": gone.ts_ns,
+                   "source": gone.source, "reason": gone.reason})  # fmt: skip
+
+
+def encode_tick_record(record: TickRecord) -> bytes:
+    if isinstance(record, Trade):
+        return encode_tick(record)
+    if isinstance(record, Heartbeat):
+        return encode_heartbeat(record)
+    return encode_disconnect(record)
+
+
 class _TickV1(msgspec.Struct, forbid_unknown_fields=False):
-    """The tick shape, checked field by field by msgspec (the aggregator's hot path)."""
+    """Every `ticks` shape in one struct, checked by msgspec (the aggregator's hot path); the
+    fields a kind needs are checked in `decode_tick_record`."""
 
     v: Literal[1]
     instrument: str
     ts_ns: int
-    price: str
-    size: str
-    side: Literal["buy", "sell", "unknown"]
-    trade_id: str
     source: str
+    kind: Literal["trade", "heartbeat", "disconnect"] = "trade"
+    price: str | None = None
+    size: str | None = None
+    side: Literal["buy", "sell", "unknown"] | None = None
+    trade_id: str | None = None
     received_ns: int | None = None
+    reason: str | None = None
 
 
 _TICK = msgspec.json.Decoder(_TickV1)
 
 
-def decode_tick(raw: bytes) -> Trade:
+def decode_tick_record(raw: bytes) -> TickRecord:
+    """A `ticks` record of any kind; `MessageError` names what breaks the contract."""
     try:
         msg = _TICK.decode(raw)
     except msgspec.ValidationError as exc:
         raise MessageError(f"tick violates the contract: {exc}") from None
     except msgspec.DecodeError as exc:
         raise MessageError(f"not JSON: {exc}") from None
-    if not msg.trade_id or not msg.source:
-        raise MessageError("tick violates the contract: trade_id and source must be non-empty")
+    if not msg.source:
+        raise MessageError("tick violates the contract: source must be non-empty")
     if msg.ts_ns <= 0:
         raise MessageError(f"tick violates the contract: ts_ns must be positive, got {msg.ts_ns}")
+    kind = msg.kind
+    if kind == "heartbeat":
+        return Heartbeat(_instrument_id(msg.instrument), msg.ts_ns, msg.source)
+    if kind == "disconnect":
+        if not msg.reason:
+            raise MessageError("disconnect violates the contract: reason must be non-empty")
+        return Disconnect(_instrument_id(msg.instrument), msg.ts_ns, msg.source, msg.reason)
+    for name in ("price", "size", "side", "trade_id"):
+        if not getattr(msg, name):
+            raise MessageError(f"tick violates the contract: trade field {name!r} is missing or empty")
     try:
         return Trade(
             instrument=_instrument_id(msg.instrument),
             ts_ns=msg.ts_ns,
-            price=_decimal_text("price", msg.price),
-            size=_decimal_text("size", msg.size),
-            side=msg.side,
-            trade_id=msg.trade_id,
+            price=_decimal_text("price", msg.price),  # type: ignore[arg-type]
+            size=_decimal_text("size", msg.size),  # type: ignore[arg-type]
+            side=msg.side,  # type: ignore[arg-type]
+            trade_id=msg.trade_id,  # type: ignore[arg-type]
             source=msg.source,
             received_ns=msg.received_ns,
         )
     except (TypeError, ValueError) as exc:  # Trade's own checks: positive price and size
         raise MessageError(f"tick violates the contract: {exc}") from None
+
+
+def decode_tick(raw: bytes) -> Trade:
+    """A trade record; any other kind is a `MessageError` (for readers that want trades only)."""
+    record = decode_tick_record(raw)
+    if not isinstance(record, Trade):
+        raise MessageError(f"expected a trade, got a {type(record).__name__.lower()}")
+    return record
+
+
+# --- books ---------------------------------------------------------------------------------------
+
+
+def encode_book(update: BookSnapshot | BookDelta) -> bytes:
+    body: dict[str, Any] = {
+        "v": VERSION,
+        "kind": "snapshot" if isinstance(update, BookSnapshot) else "delta",
+        "instrument": update.instrument,
+        "ts_ns": update.ts_ns,
+        "received_ns": update.received_ns,
+        "sequence": update.sequence,
+        "bids": [[decimal_str(p), decimal_str(s)] for p, s in update.bids],
+        "asks": [[decimal_str(p), decimal_str(s)] for p, s in update.asks],
+        "source": update.source,
+        "verified": update.verified,
+    }
+    if update.prev_sequence is not None:
+        body["prev_sequence"] = update.prev_sequence
+    return _dumps(body)
+
+
+class _BookV1(msgspec.Struct, forbid_unknown_fields=False):
+    v: Literal[1]
+    kind: Literal["snapshot", "delta"]
+    instrument: str
+    ts_ns: int
+    source: str
+    bids: list[tuple[str, str]]
+    asks: list[tuple[str, str]]
+    verified: bool
+    received_ns: int | None = None
+    sequence: int | None = None
+    prev_sequence: int | None = None
+
+
+_BOOK = msgspec.json.Decoder(_BookV1)
+
+
+def decode_book(raw: bytes) -> BookSnapshot | BookDelta:
+    try:
+        msg = _BOOK.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise MessageError(f"book update violates the contract: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise MessageError(f"not JSON: {exc}") from None
+    if not msg.source:
+        raise MessageError("book update violates the contract: source must be non-empty")
+    cls = BookSnapshot if msg.kind == "snapshot" else BookDelta
+    try:
+        return cls(
+            instrument=_instrument_id(msg.instrument),
+            ts_ns=msg.ts_ns,
+            received_ns=msg.received_ns,
+            sequence=msg.sequence,
+            prev_sequence=msg.prev_sequence,
+            bids=_levels("bids", msg.bids),
+            asks=_levels("asks", msg.asks),
+            source=msg.source,
+            verified=msg.verified,
+        )
+    except (TypeError, ValueError) as exc:  # the record's own checks
+        raise MessageError(f"book update violates the contract: {exc}") from None
+
+
+def _levels(name: str, rows: list[tuple[str, str]]) -> tuple[Level, ...]:
+    return tuple((_decimal_text(f"{name} price", p), _decimal_text(f"{name} size", s)) for p, s in rows)
 
 
 # --- bars ----------------------------------------------------------------------------------------
