@@ -413,8 +413,7 @@ class BarBuilder:
         if agg is not None:
             return self._bar_of(start, agg)
         ref = self._ref_before(start)
-        until = min((start + self._step) * NS_PER_S, self.clock_ns if self.clock_ns is not None else 0)
-        if ref is None or self._gap_within(ref[1], max(until, ref[1] + 1)):
+        if ref is None or self._gap_within(ref[1], (start + self._step) * NS_PER_S):
             return None
         return self._flat(start, ref[0])
 

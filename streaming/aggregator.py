@@ -55,6 +55,7 @@ State (one block):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import threading
@@ -390,7 +391,8 @@ class Aggregator:
         out = []
         for instrument, bucket in sorted(late):
             trades = self.tick_store.read_trades(instrument, bucket * NS_PER_S, (bucket + 60) * NS_PER_S)
-            out += aggregate_trades(trades, Interval.M1, bucket, bucket + 60, instrument=instrument, source="stream")
+            bars = aggregate_trades(trades, Interval.M1, bucket, bucket + 60, instrument=instrument, source="stream")
+            out += [dataclasses.replace(b, final=False) for b in bars]  # the stream's bars are provisional
         return out
 
     def _finish(self) -> None:

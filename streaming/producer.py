@@ -157,10 +157,10 @@ class SimulatorPlayback:
         self._closed.set()
 
     def events(self) -> Iterator[Trade | Heartbeat | StreamStatus]:
-        """Trades in sim time, with a heartbeat for each instrument that had no trade since the
-        last beat. Beats come every `heartbeat_s` of wall time, i.e. `heartbeat_s * speed` of sim
-        time (at least one sim second), on multiples of that step and at every minute boundary,
-        so the aggregator's clock passes each minute on the simulator's own clock."""
+        """Trades in sim time, with heartbeats on the simulator's own clock: at every minute
+        boundary (so each minute closes on time), and at each beat step for an instrument without
+        a trade since the previous beat. The step is `heartbeat_s` of wall time, i.e.
+        `heartbeat_s * speed` of sim time (at least one sim second)."""
         if self._wall0 is None:
             self._wall0 = self._clock()
         start = datetime.fromtimestamp(self.start_ns / NS_PER_S, UTC).isoformat()
@@ -196,8 +196,9 @@ class SimulatorPlayback:
                         quiet[item.instrument] = False
                         yield item
                     continue
+                boundary = ts_ns % minute == 0  # always beat there: the minute closes on time
                 for instrument in wanted:
-                    if instrument in self._wanted and quiet.get(instrument, True):
+                    if instrument in self._wanted and (boundary or quiet.get(instrument, True)):
                         yield Heartbeat(instrument, ts_ns, self.name)
                     quiet[instrument] = True
             self._cursor = chunk_end
@@ -343,9 +344,9 @@ class Producer:
                 self._retry_local()
                 self._out.poll(0)
                 self._update_metrics()
-            if self._stop.is_set():
-                self._take_rest()  # what the source already handed over goes out too
-                self._disconnect(self.source.instruments, "producer stopped")
+            self._take_rest()  # what the source already handed over goes out too
+            # The feed ends here (a stop, or a bounded playback done): nothing vouches for what follows.
+            self._disconnect(self.source.instruments, "producer stopped")
             self._deliver_everything()
         finally:
             self.source.close()

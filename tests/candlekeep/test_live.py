@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 
 from candlekeep.bars import EXACT, NS_PER_S, Bar, Trade
-from candlekeep.live import BarBuilder, Outcome
+from candlekeep.live import BarBuilder, Outcome, Poison, bars_of_log
+from tests.utils.ticklog import make_log, pandas_bars
 from tests.utils.trades import load_freqtrade, load_tardis, reference
 
 INST = "binance:BTC-USDT"
@@ -310,3 +311,85 @@ def test_resolution_orders_trades_within_it_by_id() -> None:
     assert (by_us.forming.open, by_us.forming.close) == (D("11"), D("10"))
     with pytest.raises(ValueError, match="resolution"):
         BarBuilder(INST, resolution_ns=7)
+
+
+# --- the log's clock: heartbeats, disconnects, poison --------------------------------------------
+
+
+def test_bars_of_a_log_equal_the_pandas_reference_with_flat_bars_and_gaps() -> None:
+    log, gaps = make_log(seed=7)
+    truth = pandas_bars(log)
+    bars, found = bars_of_log(log)
+    assert {k: fields(b) for k, b in bars.items()} == {k: fields(b) for k, b in truth.items()}
+    # The gap is reported where the contract puts it: from the clock at the disconnect to the next record.
+    assert [(g.instrument, g.start_ns, g.end_ns) for g in found] == [(i, *span) for i, span in sorted(gaps.items())]
+    btc = "binance:BTC-USDT"
+    start, end = gaps[btc]
+    inside = [b for (i, s), b in bars.items() if i == btc and start // NS_PER_S + 60 <= s and s + 60 <= end // NS_PER_S]
+    assert inside == []  # a dead feed gives no invented bars
+    assert any(b.is_flat for b in bars.values())  # while a live feed's quiet minutes are flat
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_same_log_in_any_batching_and_after_any_restart_gives_the_same_bars(seed: int) -> None:
+    """Bars depend on the log alone: split anywhere, restored from what a daemon would have stored."""
+    log, _ = make_log(seed=7)
+    whole, _ = bars_of_log(log)
+    rng = random.Random(seed)
+    cut = rng.randrange(len(log) // 4, 3 * len(log) // 4)
+    first, _ = bars_of_log(log[:cut])
+    # A restart: builders rebuilt from the durable state at `cut`, fed the rest.
+    builders: dict[str, BarBuilder] = {}
+    for record in log[:cut]:
+        builders.setdefault(record.instrument, BarBuilder(record.instrument)).feed(record)
+    resumed: dict[tuple[str, int], Bar] = dict(first)
+    for instrument, old in builders.items():
+        trades = [r for r in log[:cut] if isinstance(r, Trade) and r.instrument == instrument]
+        window = old.window_start()
+        fresh = BarBuilder(instrument)
+        kept = [t for t in trades if window is None or t.ts_ns >= window * NS_PER_S]
+        before = [t for t in trades if window is not None and t.ts_ns < window * NS_PER_S]
+        last = max(before, key=lambda t: t.sort_key, default=None)
+        stored = [b for (i, _), b in first.items() if i == instrument]
+        fresh.restore(closed_until=old.closed_until, trades=kept, stored=stored,
+                      base=(last.price, last.ts_ns) if last else None, clock_ns=old.clock_ns,
+                      gaps=[g for g in bars_of_log(log[:cut])[1] if g.instrument == instrument])  # fmt: skip
+        builders[instrument] = fresh
+    for record in log[cut:]:
+        _, changed = builders.setdefault(record.instrument, BarBuilder(record.instrument)).feed(record)
+        for bar in changed:
+            resumed[(bar.instrument, bar.start)] = bar
+    assert {k: fields(b) for k, b in resumed.items()} == {k: fields(b) for k, b in whole.items()}
+
+
+def test_a_disconnect_makes_quiet_minutes_gaps_until_the_next_trade() -> None:
+    builder = BarBuilder(INST)
+    out = builder.add(trade(0, 10, "10", 1))
+    out += builder.heartbeat(at(2, 5))  # live through minutes 0 and 1: 1 is flat
+    assert [(b.start, b.trades) for b in out] == [(BASE, 1), (BASE + 60, 0)]
+    assert builder.disconnect(at(2, 20), "test", "connection lost") == []
+    (opened,) = builder.take_gaps()
+    assert (opened.start_ns, opened.end_ns) == (at(2, 5), None)  # from the record before it
+    assert builder.forming is None  # nothing vouches for the current minute
+    out = builder.heartbeat(at(6, 30))  # back 4 minutes later: minutes 2..5 close, none of them flat
+    assert out == []
+    (closed,) = builder.take_gaps()
+    assert (closed.start_ns, closed.end_ns) == (at(2, 5), at(6, 30))
+    out = builder.add(trade(6, 40, "12", 2))
+    out += builder.heartbeat(at(9, 5))
+    assert [(b.start, b.trades, str(b.close)) for b in out] == [(BASE + 360, 1, "12"), (BASE + 420, 0, "12"),
+                                                                (BASE + 480, 0, "12")]  # fmt: skip
+
+
+def test_poison_records_change_nothing() -> None:
+    builder = BarBuilder(INST)
+    builder.add(trade(0, 10, "10", 1))
+    digits = D("1." + "7" * 70)
+    with pytest.raises(Poison, match="more digits"):
+        builder.add(replace(trade(0, 20, "10", 2), price=digits, size=digits))
+    with pytest.raises(Poison, match="ahead of the clock"):
+        builder.add(trade(3 * 365 * 24 * 60, 0, "10", 3))  # three years on: not 1.5 M flat bars
+    with pytest.raises(Poison, match="ahead of the clock"):
+        builder.heartbeat(at(2 * 24 * 60))
+    out = builder.heartbeat(at(1, 5))
+    assert [(b.start, b.trades, b.volume) for b in out] == [(BASE, 1, D(1))]

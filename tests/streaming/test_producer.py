@@ -1,7 +1,9 @@
 """The producer daemon on a real bus (in-process and a real Kafka broker): the simulator's trades played
 back arrive in `ticks` exactly (no loss, no duplicate, per-instrument order), also across a broker
 outage; control track/untrack; the CryptoCompare streamer (a loopback WebSocket server) through the
-daemon with outages persisted in PostgreSQL and bad frames dead-lettered.
+daemon, its gaps marked by disconnects on `ticks` and bad frames dead-lettered. Besides trades,
+`ticks` carries heartbeats (the simulator's on its own clock) and disconnects (at start, for a newly
+tracked instrument, for a lost connection or refused subscription, and at stop).
 
 The truth is always independent of the producer: `Simulator.trades` for the played range, or the
 frames the test server sent.
@@ -20,12 +22,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Engine, text
 
-from candlekeep.bars import NS_PER_S, Trade
+from candlekeep.bars import NS_PER_S, Disconnect, Heartbeat, TickRecord, Trade
 from candlekeep.instruments import Instrument
-from candlekeep.messages import CONTROL, DEADLETTER, TICKS, ControlCommand, decode_tick, encode_control, topic
+from candlekeep.messages import CONTROL, DEADLETTER, TICKS, ControlCommand, decode_tick_record, encode_control, topic
 from candlekeep.sources.cryptocompare_stream import StreamerClient, trade_sub
 from candlekeep.sources.simulator import Simulator
-from candlekeep.storage.outages import OutageStore
 from candlekeep.bus import Bus, InProcessBus, KafkaBus, Record
 from streaming.health import HealthServer
 from streaming.producer import Producer, SimulatorPlayback
@@ -63,13 +64,23 @@ def consume(bus: Bus, name: str, *, count: int, timeout: float = 30.0, settle: f
     return records
 
 
-def ticks_by_instrument(records: list[Record]) -> dict[str, list[Trade]]:
-    out: dict[str, list[Trade]] = defaultdict(list)
+def log_by_instrument(records: list[Record]) -> dict[str, list[TickRecord]]:
+    """Every `ticks` record (trades, heartbeats, disconnects) per instrument, in log order."""
+    out: dict[str, list[TickRecord]] = defaultdict(list)
     for record in sorted(records, key=lambda r: (r.partition, r.offset)):
-        trade = decode_tick(record.value)
-        assert record.key == trade.instrument
-        out[trade.instrument].append(trade)
+        item = decode_tick_record(record.value)
+        assert record.key == item.instrument
+        out[item.instrument].append(item)
     return dict(out)
+
+
+def ticks_by_instrument(records: list[Record]) -> dict[str, list[Trade]]:
+    """The trades alone, per instrument, in log order."""
+    return {i: [t for t in log if isinstance(t, Trade)] for i, log in log_by_instrument(records).items()}
+
+
+def n_trades(records: list[Record]) -> int:
+    return sum(map(len, ticks_by_instrument(records).values()))
 
 
 class FakeClock:
@@ -179,10 +190,23 @@ def test_playback_end_to_end_exact(bus: Bus, topic_prefix: str) -> None:
     want = expected(INSTRUMENTS, start, end)
     total = sum(map(len, want.values()))
     records = consume(bus, topic(topic_prefix, TICKS), count=total)
-    assert len(records) == total  # no loss, no duplicate
+    assert n_trades(records) == total  # no loss, no duplicate
     assert ticks_by_instrument(records) == want  # exact trades, per-instrument order
+    for instrument, log in log_by_instrument(records).items():
+        # A disconnect opens the log (nothing known before the start) and one closes it.
+        assert isinstance(log[0], Disconnect) and log[0].reason == "producer started" and log[0].ts_ns == start
+        assert isinstance(log[-1], Disconnect) and log[-1].reason == "producer stopped"
+        beats = [r for r in log[1:-1] if isinstance(r, Heartbeat)]
+        assert not any(isinstance(r, Disconnect) for r in log[1:-1])
+        # Heartbeats on the simulator's clock: every minute boundary is passed, on time, in order.
+        times = [r.ts_ns for r in log[1:-1]]
+        assert times == sorted(times) and {start + MINUTE, start + 2 * MINUTE, end} <= {b.ts_ns for b in beats}
+        # A heartbeat only after a beat step without a trade of that instrument.
+        for prev, beat in zip(log, log[1:], strict=False):
+            if isinstance(beat, Heartbeat):
+                assert not isinstance(prev, Trade) or prev.ts_ns < beat.ts_ns, instrument
     health = producer.health()
-    assert (health["state"], health["delivered"], health["buffered"]) == ("idle", total, 0)
+    assert (health["state"], health["delivered"], health["buffered"]) == ("idle", len(records), 0)
     assert health["delivery_failures"] == 0
     assert health["ticks"] == total and health["backpressure"] is False and health["healthy"] is True
     transitions = producer.registry.get_sample_value(
@@ -205,13 +229,18 @@ def test_control_track_and_untrack(bus: Bus, topic_prefix: str) -> None:
     thread = run_in_thread(producer)
     try:
         seen: dict[str, list[Trade]] = defaultdict(list)
+        gone: dict[str, list[Disconnect]] = defaultdict(list)
         watcher = bus.consumer(group=f"{topic_prefix}watch", topics=[ticks])
 
         def drain(seconds: float) -> None:
             until = time.monotonic() + seconds
             while time.monotonic() < until:
                 for r in watcher.poll_batch(max_records=1000, timeout=0.1):
-                    seen[r.key].append(decode_tick(r.value))
+                    item = decode_tick_record(r.value)
+                    if isinstance(item, Trade):
+                        seen[r.key].append(item)
+                    elif isinstance(item, Disconnect):
+                        gone[r.key].append(item)
 
         deadline = time.monotonic() + 30
         while len(seen[eth]) < 20:  # replayed from `control` at start: ETH joins at a minute boundary
@@ -240,6 +269,9 @@ def test_control_track_and_untrack(bus: Bus, topic_prefix: str) -> None:
     want_eth = list(Simulator(0).trades(Instrument.parse(eth), joined, last + 1))
     assert seen[eth] == want_eth[: len(seen[eth])]  # (the untrack may fall between fills of one order)
     assert seen[btc] == list(Simulator(0).trades(Instrument.parse(btc), START, seen[btc][-1].ts_ns + 1))
+    # BTC's log opens with the producer's start; ETH's with its track (nothing known before it).
+    assert gone[btc][0].reason == "producer started"
+    assert gone[eth][0].reason.startswith("tracked") and gone[eth][0].ts_ns <= first
     dead = consume(bus, topic(topic_prefix, DEADLETTER), count=1)
     assert len(dead) == 1 and b"explode" in dead[0].value and dead[0].key == "*"
     assert producer.health()["state"] == "idle"
@@ -320,14 +352,14 @@ def test_broker_outage_buffers_with_backpressure_then_delivers_exactly_once(
     want = expected(INSTRUMENTS, start, end)
     total = sum(map(len, want.values()))
     records = consume(bus, topic(topic_prefix, TICKS), count=total, timeout=60)
-    assert len(records) == total  # every tick exactly once: nothing dropped, nothing duplicated
+    assert n_trades(records) == total  # every tick exactly once: nothing dropped, nothing duplicated
     assert ticks_by_instrument(records) == want
     health = producer.health()
-    assert (health["delivered"], health["buffered"], health["backpressure"]) == (total, 0, False)
+    assert (health["delivered"], health["buffered"], health["backpressure"]) == (len(records), 0, False)
     bus.close()
 
 
-def test_cryptocompare_stream_through_the_producer(bus: Bus, topic_prefix: str, engine: Engine) -> None:
+def test_cryptocompare_stream_through_the_producer(bus: Bus, topic_prefix: str) -> None:
     btc, eth, bad = "coinbase:BTC-USD", "binance:ETH-USDT", "coinbase:NOPE-USD"
     frames = [
         trade_frame(market="Coinbase", fsym="BTC", tsym="USD", flags=1, trade_id=852793745, ts=1753190418,
@@ -358,20 +390,16 @@ def test_cryptocompare_stream_through_the_producer(bus: Bus, topic_prefix: str, 
         s.trade(after)
         done.set()
 
-    with engine.begin() as conn:
-        conn.execute(text("DELETE FROM outages"))
-    store = OutageStore(engine)
-    left_open = store.record(source="cryptocompare", started_at=datetime.now(UTC) - timedelta(hours=1),
-                             instruments=[btc], reason="producer killed")  # a previous run died in an outage
     with StreamerServer([first, second]) as server:
         client = StreamerClient(instruments=[btc, eth, bad], url=server.url, min_backoff=0.2, max_backoff=0.3,
                                 recv_timeout=0.05)  # fmt: skip
-        producer = Producer(bus, client, topic_prefix=topic_prefix, outages=store)
+        producer = Producer(bus, client, topic_prefix=topic_prefix)
         thread = run_in_thread(producer)
         try:
             assert done.wait(15), producer.health()
             deadline = time.monotonic() + 15
-            while producer.health()["delivered"] < 4 or len(store.list(source="cryptocompare")) < 2:
+            while (producer.registry.get_sample_value("candlekeep_producer_disconnects_total") < 6
+                   or producer.health()["state"] != "streaming" or producer.health()["delivered"] < 4):
                 assert time.monotonic() < deadline, producer.health()
                 time.sleep(0.05)
             health = producer.health()
@@ -389,7 +417,8 @@ def test_cryptocompare_stream_through_the_producer(bus: Bus, topic_prefix: str, 
     assert not thread.errors  # type: ignore[attr-defined]
 
     records = consume(bus, topic(topic_prefix, TICKS), count=3)
-    got = [decode_tick(r.value) for r in sorted(records, key=lambda r: (r.partition, r.offset))]
+    log = [decode_tick_record(r.value) for r in sorted(records, key=lambda r: (r.partition, r.offset))]
+    got = [t for t in log if isinstance(t, Trade)]
     assert [(t.instrument, t.trade_id, str(t.price), str(t.size), t.side) for t in got] == [
         (btc, "852793745", "119283.1", "0.34637342", "sell"),
         (eth, "77", "3600.5", "1.25", "buy"),
@@ -402,10 +431,22 @@ def test_cryptocompare_stream_through_the_producer(bus: Bus, topic_prefix: str, 
     assert served["state"] == "streaming" and served["healthy"] is True and served["delivered"] >= 4
     assert 'candlekeep_producer_state{candlekeep_producer_state="streaming"} 1.0' in metrics
     assert "candlekeep_producer_failed_subscriptions 1.0" in metrics
-    assert "candlekeep_producer_deadletters_total 1.0" in metrics and "candlekeep_producer_outages_total 1.0" in metrics
+    assert "candlekeep_producer_deadletters_total 1.0" in metrics and "candlekeep_producer_heartbeats_total" in metrics
 
-    old, new = store.list(source="cryptocompare")
-    assert old.id == left_open and old.ended_at is not None  # closed once the feed was live again
-    assert new.ended_at is not None and new.started_at < new.ended_at and new.instruments == [eth, btc]
-    assert new.reason.startswith("connection lost") or new.reason == "closed by server"
-    assert store.open_outages() == []
+    # The gaps, as disconnects in each instrument's log: the start, the refused subscription, the
+    # dropped connection (for the live instruments only), the stop.
+    reasons = defaultdict(list)
+    for item in log:
+        if isinstance(item, Disconnect):
+            reasons[item.instrument].append(item.reason)
+    assert [r for r in reasons[bad] if r != "producer stopped"][:2] == ["producer started", reasons[bad][1]]
+    assert reasons[bad][1].startswith("subscription failed")
+    for instrument in (btc, eth):
+        assert reasons[instrument][0] == "producer started" and reasons[instrument][-1] == "producer stopped"
+        (lost,) = reasons[instrument][1:-1]
+        assert lost.startswith("connection lost") or lost == "closed by server"
+    # The trade after the reconnect follows the disconnect of BTC's lost connection.
+    btc_log = [i for i in log if i.instrument == btc]
+    lost_at = next(k for k, i in enumerate(btc_log) if isinstance(i, Disconnect) and i.reason not in
+                   ("producer started", "producer stopped"))  # fmt: skip
+    assert btc_log.index(got[2]) > lost_at

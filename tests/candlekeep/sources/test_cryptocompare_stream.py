@@ -18,10 +18,9 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import Engine, text
 
-from candlekeep.bars import Trade
+from candlekeep.bars import Disconnect, Heartbeat, Trade
 from candlekeep.sources.cryptocompare_stream import (
     BadFrame,
-    Outage,
     StreamError,
     StreamerClient,
     StreamStatus,
@@ -175,7 +174,7 @@ class Collector:
         return [s.state for s in self.of(StreamStatus)]
 
 
-def test_session_reconnects_resubscribes_and_records_the_outage(engine: Engine) -> None:
+def test_session_reconnects_resubscribes_and_marks_the_gap_with_disconnects() -> None:
     btc_sub, eth_sub, foo_sub = trade_sub(BTC), trade_sub(ETH), trade_sub(FOO)
     eth_1 = trade_frame(market="Binance", fsym="ETH", tsym="USDT", flags=2, trade_id=501, ts=1753190419, q="1.5",
                         p="3600.01", ccseq=9)  # fmt: skip
@@ -214,8 +213,8 @@ def test_session_reconnects_resubscribes_and_records_the_outage(engine: Engine) 
         client = StreamerClient(instruments=[BTC, ETH, FOO], url=server.url, api_key="test-key",
                                 min_backoff=0.3, max_backoff=0.6, heartbeat_timeout=5.0, recv_timeout=0.05)  # fmt: skip
         events = Collector(client)
-        events.wait_for(lambda: second_done.is_set() and len(events.of(Outage)) == 2
-                        and events.states()[-1] == "streaming")  # fmt: skip
+        events.wait_for(lambda: second_done.is_set() and events.states()[-1] == "streaming"
+                        and any(h.instrument == BTC for h in events.of(Heartbeat)))  # fmt: skip
         events.stop()
         s0, s1 = server.sessions
 
@@ -242,26 +241,22 @@ def test_session_reconnects_resubscribes_and_records_the_outage(engine: Engine) 
                                "streaming"]  # fmt: skip
     assert "FORCE_DISCONNECT" in events.of(StreamStatus)[3].detail
 
-    opened, closed = events.of(Outage)
-    assert opened.ended_ns is None and closed.ended_ns is not None
-    assert opened.started_ns == closed.started_ns < closed.ended_ns
-    assert opened.instruments == closed.instruments == (ETH, BTC)  # FOO was refused: not part of the feed
-    assert closed.reason == "500 FORCE_DISCONNECT"
-    # The outage starts at the last frame of the lost connection and ends when the feed is live again.
-    assert closed.ended_ns - closed.started_ns >= 0.3e9
-
-    store = OutageStore(engine)
-    with engine.begin() as conn:
-        conn.execute(text("DELETE FROM outages"))
-    for outage in events.of(Outage):  # as the producer persists them
-        store.record(source=outage.source, started_at=from_ns(outage.started_ns), instruments=outage.instruments,
-                     reason=outage.reason, ended_at=from_ns(outage.ended_ns) if outage.ended_ns else None)  # fmt: skip
-        if outage.ended_ns is None:
-            assert [o.instruments for o in store.open_outages("cryptocompare")] == [[ETH, BTC]]
-    (row,) = store.list(source="cryptocompare", instrument=BTC)
-    assert (row.started_at, row.ended_at) == (from_ns(closed.started_ns), from_ns(closed.ended_ns))
-    assert (row.instruments, row.reason) == ([ETH, BTC], "500 FORCE_DISCONNECT")
-    assert store.open_outages() == [] and store.list(instrument=FOO) == []
+    # The lost connection is a disconnect for each live instrument (FOO was refused: its own one).
+    gone = [d for d in events.of(Disconnect) if d.reason == "500 FORCE_DISCONNECT"]
+    assert sorted(d.instrument for d in gone) == sorted([ETH, BTC])
+    assert all(d.source == "cryptocompare" and started_ns < d.ts_ns < time.time_ns() for d in gone)
+    (refused,) = [d for d in events.of(Disconnect) if d.instrument == FOO]
+    assert refused.reason.startswith("subscription failed") and "INVALID_SUB" in refused.reason
+    # Heartbeats while live: the receive clock minus the latency bound, never for the refused one.
+    beats = events.of(Heartbeat)
+    assert beats and {b.instrument for b in beats} <= {ETH, BTC}
+    assert all(started_ns - 1_000_000_000 < b.ts_ns < time.time_ns() - 1_000_000_000 + 1 for b in beats)
+    # In the log, the gap's disconnects come after the last trade of the lost connection and
+    # before the first heartbeat of the new one.
+    order = [e for _, e in events.events]
+    last_trade = max(i for i, e in enumerate(order) if isinstance(e, Trade) and e.trade_id == "852793746")
+    first_gone = min(order.index(d) for d in gone)
+    assert last_trade < first_gone < min(i for i, e in enumerate(order) if isinstance(e, Heartbeat) and i > first_gone)
 
 
 def test_heartbeat_silence_is_stale_and_reconnects() -> None:
@@ -296,10 +291,10 @@ def test_heartbeat_silence_is_stale_and_reconnects() -> None:
     assert events.states() == ["connecting", "subscribing", "streaming", "backoff", "connecting", "subscribing",
                                "streaming"]  # fmt: skip
     assert "heartbeat stale" in events.of(StreamStatus)[3].detail
-    opened, closed = events.of(Outage)
-    assert [opened.reason, closed.reason] == ["heartbeat stale: none for 0.6 s"] * 2
-    # The feed was lost at its last frame (the heartbeat), not when the silence was noticed 0.6 s later.
-    assert abs(closed.started_ns - heartbeat_sent[1]) < 0.3e9
+    (gone,) = events.of(Disconnect)
+    assert (gone.instrument, gone.reason) == (BTC, "heartbeat stale: none for 0.6 s")
+    # Noticed when the silence ran out; the gap itself runs from the instrument's previous record.
+    assert gone.ts_ns - heartbeat_sent[1] >= 0.5e9
 
 
 def test_unauthorized_is_an_error_state_then_backoff() -> None:
@@ -321,9 +316,8 @@ def test_unauthorized_is_an_error_state_then_backoff() -> None:
     assert events.states() == ["connecting", "error", "backoff", "connecting", "subscribing", "streaming"]
     error = events.of(StreamStatus)[1].detail
     assert "401 UNAUTHORIZED" in error and "valid api_key" in error and "CANDLEKEEP_CRYPTOCOMPARE_API_KEY" in error
-    opened, closed = events.of(Outage)  # never live yet: the outage runs from the refusal to the first LOADCOMPLETE
-    assert opened.started_ns == closed.started_ns and closed.instruments == (BTC,)
-    assert closed.reason.startswith("401 UNAUTHORIZED")
+    (gone,) = events.of(Disconnect)  # never live yet: the gap runs to the first record after LOADCOMPLETE
+    assert gone.instrument == BTC and gone.reason.startswith("401 UNAUTHORIZED")
 
 
 def test_rate_limited_backs_off_longer() -> None:
@@ -391,8 +385,8 @@ def test_unreachable_server_opens_an_outage_and_keeps_trying() -> None:
     events.stop()
     assert events.states()[:4] == ["connecting", "backoff", "connecting", "backoff"]
     assert "connect failed" in events.of(StreamStatus)[1].detail
-    (outage,) = events.of(Outage)  # one outage, however many attempts fail
-    assert outage.ended_ns is None and outage.instruments == (BTC,)
+    (gone,) = events.of(Disconnect)  # one disconnect, however many attempts fail
+    assert gone.instrument == BTC and "connect failed" in gone.reason
 
 
 # --- where outages go (candlekeep.storage.outages; kept here, next to the source that makes them) -
@@ -403,10 +397,11 @@ def test_outage_store_records_updates_lists_and_gives_refill_windows(engine: Eng
         conn.execute(text("DELETE FROM outages"))
     store = OutageStore(engine)
     t0 = datetime(2025, 7, 22, 13, 20, 18, 654321, tzinfo=UTC)
-    opened = store.record(source="cryptocompare", started_at=t0, instruments=[BTC, ETH, BTC], reason="heartbeat stale")
-    assert [(o.id, o.instruments, o.ended_at) for o in store.open_outages()] == [(opened, [ETH, BTC], None)]
+    opened = store.record(source="cryptocompare", started_at=t0, instruments=[BTC, ETH, FOO, BTC],
+                          reason="heartbeat stale")  # fmt: skip
+    assert [(o.id, o.instruments, o.ended_at) for o in store.open_outages()] == [(opened, [ETH, BTC, FOO], None)]
     closed = store.record(source="cryptocompare", started_at=t0, ended_at=t0 + timedelta(minutes=2, seconds=1),
-                          instruments=[BTC, ETH, FOO], reason="heartbeat stale")  # fmt: skip
+                          instruments=[FOO, ETH, BTC], reason="heartbeat stale")  # fmt: skip
     assert closed == opened and store.open_outages("cryptocompare") == []  # the same outage, now closed
     later = store.record(source="cryptocompare", started_at=t0 + timedelta(hours=1), instruments=[ETH], reason="x")
     other = store.record(source="simulator", started_at=t0, instruments=[BTC], reason="y")
