@@ -22,6 +22,7 @@ from candlekeep.cache import BarCache
 from candlekeep.serving import OhlcvService, OnDemand
 from candlekeep.settings import Settings
 from candlekeep.storage.bars import BarStore
+from candlekeep.storage.outages import OutageStore
 from candlekeep.storage.db import create_engine, resolve_database_url
 from candlekeep.storage.instruments import InstrumentStore
 
@@ -39,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.bar_store = BarStore(engine)
         app.state.cache = cache
-        app.state.ohlcv = OhlcvService(bar_store=app.state.bar_store, cache=cache,
+        app.state.ohlcv = OhlcvService(bar_store=app.state.bar_store, cache=cache, outages=OutageStore(engine),
                                        metrics=getattr(app.state, "serving_metrics", None))  # fmt: skip
         instruments = InstrumentStore(engine)
         app.state.on_demand = OnDemand(

@@ -463,19 +463,54 @@ class KafkaBusConsumer:
 # --- in-process ----------------------------------------------------------------------------------
 
 
-class InProcessBus:
-    """Kafka's semantics in memory, for the embedded single-process deployment and tests."""
+class _Log:
+    """One partition in memory: the records from offset `base` on (older ones were trimmed)."""
+
+    __slots__ = ("base", "records")
 
     def __init__(self) -> None:
+        self.base = 0
+        self.records: list[Record] = []
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.records)
+
+    def read(self, position: int, count: int) -> list[Record]:
+        start = max(position, self.base) - self.base
+        return self.records[start:start + count]
+
+    def trim(self, below: int) -> int:
+        """Forget the records before offset `below`; how many went."""
+        drop = min(max(below - self.base, 0), len(self.records))
+        if drop:
+            del self.records[:drop]
+            self.base += drop
+        return drop
+
+
+class InProcessBus:
+    """Kafka's semantics in memory, for the embedded single-process deployment and tests.
+
+    Retention is bounded, as a broker's is: past `retention` records a partition forgets the ones
+    every group reading it has committed; past `max_retention` it forgets the oldest regardless
+    (logged: a consumer that far behind resumes at the earliest record kept, like Kafka's
+    `auto.offset.reset=earliest`)."""
+
+    def __init__(self, *, retention: int = 100_000, max_retention: int = 2_000_000) -> None:
+        if not 0 < retention <= max_retention:
+            raise ValueError("retention bounds must satisfy 0 < retention <= max_retention")
         self._cond = threading.Condition()
-        self._topics: dict[str, list[list[Record]]] = {}
+        self._topics: dict[str, list[_Log]] = {}
         self._groups: dict[str, _Group] = {}
+        self.retention, self.max_retention = retention, max_retention
+        self.trimmed = 0
 
     def ensure_topics(self, names: Iterable[str], *, partitions: int = 1) -> None:
         with self._cond:
             for name in dict.fromkeys(names):
                 if name not in self._topics:
-                    self._topics[name] = [[] for _ in range(partitions)]
+                    self._topics[name] = [_Log() for _ in range(partitions)]
                     log.info("created topic %s (%d partitions)", name, partitions, extra={"topic": name})
                 elif (count := len(self._topics[name])) != partitions:
                     log.warning("topic %s exists with %d partitions (asked for %d); left as it is",
@@ -502,10 +537,25 @@ class InProcessBus:
             if log_ is None:
                 return f"Broker: Unknown topic or partition ({topic} does not exist)"
             partition = partition_for(key, len(log_))
-            records = log_[partition]
-            records.append(Record(topic, partition, len(records), key, value, time.time_ns() // 1_000_000))
+            part = log_[partition]
+            part.records.append(Record(topic, partition, part.end, key, value, time.time_ns() // 1_000_000))
+            if len(part.records) > self.retention:
+                self._trim(topic, partition, part)
             self._cond.notify_all()
             return None
+
+    def _trim(self, topic: str, partition: int, part: _Log) -> None:
+        """Bounded retention (see the class docstring); under the lock."""
+        tp = (topic, partition)
+        readers = [g for g in self._groups.values() if tp in g.committed or any(topic in m.topics for m in g.members)]
+        safe = min((g.committed.get(tp, 0) for g in readers), default=part.end)
+        below = min(safe, part.end - self.retention)
+        if part.end - max(below, part.base) > self.max_retention:
+            forced = part.end - self.max_retention
+            log.warning("in-process topic %s[%d] holds more than %d records: forgetting the oldest, uncommitted "
+                        "ones included", topic, partition, self.max_retention)  # fmt: skip
+            below = max(below, forced)
+        self.trimmed += part.trim(below)
 
     def _target(self, group: _Group) -> dict[tuple[str, int], InProcessConsumer]:
         """Who should hold each partition: Kafka's range assignor over the members in join order."""
@@ -610,7 +660,8 @@ class InProcessConsumer:
 
     def lag(self) -> int:
         with self._bus._cond:
-            return sum(len(self._bus._topics[t][p]) - pos for (t, p), pos in self._positions.items())
+            return sum(self._bus._topics[t][p].end - max(pos, self._bus._topics[t][p].base)
+                       for (t, p), pos in self._positions.items())
 
     def close(self) -> None:
         if self._closed:
@@ -666,9 +717,9 @@ class InProcessConsumer:
         self._cursor = (self._cursor + 1) % len(held)  # rotate so no partition starves another
         out: list[Record] = []
         for tp in held[self._cursor:] + held[:self._cursor]:
-            log_ = self._bus._topics[tp[0]][tp[1]]
-            position = self._positions[tp]
-            chunk = log_[position:position + max_records - len(out)]
+            part = self._bus._topics[tp[0]][tp[1]]
+            position = max(self._positions[tp], part.base)  # trimmed past: the earliest kept
+            chunk = part.read(position, max_records - len(out))
             out += chunk
             self._positions[tp] = position + len(chunk)
             if len(out) >= max_records:

@@ -32,7 +32,10 @@ Stitching rules (DESIGN.md "Bar semantics", "Redis"):
   is appended. A coarse bucket held only as a stored deep-history 1h/1d bar is never mixed with 1m.
 - `Stitched.forming` is the last bar when it is still open: the Redis forming bar (folded for coarse
   intervals), or, without one, a provisional last bar whose bucket has not closed yet.
-- Gaps are the closed buckets (`start < floor(now)`) of the answered window with no bar.
+- Gaps are the closed buckets of the answered window (ended at least CLOSING_S ago: a bucket the live
+  feed is still closing is no gap) without a complete bar: no bar at all; a coarse bar derived from
+  only some of its minutes (served only where no stored complete 1h/1d bar exists); or a bucket
+  holding part of a recorded outage whose bars are not final yet (the feed missed trades there).
 - `limit=N`: the N most recent bars of the range; the answered window (`Stitched.query.start`) then
   begins at the first bar returned (or stays at the range start when the range has fewer bars).
 """
@@ -44,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import redis
@@ -53,6 +57,7 @@ from candlekeep.cache import BarCache, bar_key, forming_key
 from candlekeep.messages import MessageError, decode_bar
 from candlekeep.query import MAX_BARS_PER_QUERY, OhlcvQuery, QueryError, build_query
 from candlekeep.storage.bars import BarStore
+from candlekeep.storage.outages import OutageStore
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,10 @@ log = logging.getLogger(__name__)
 MAX_CSV_BARS = 366 * 1440
 CSV_HEADER = "time,open,high,low,close,volume,quote_volume,trades,source,final\n"
 MAX_WAIT_S = 30.0
+# A bucket is closing, not missing, until this long after its end: the aggregator's lateness (2 s)
+# and flush interval (0.5 s) plus the feed's own latency. No gap is reported, nor fetched, before.
+CLOSING_S = 5.0
+MAX_FETCHES = 16  # gaps fetched per read (the rest on the next read)
 
 _M1 = Interval.M1
 
@@ -92,8 +101,12 @@ class OhlcvService:
         clock: Callable[[], float] = time.time,
         metrics: ServingMetrics | None = None,
         redis_retry_s: float = 5.0,
+        outages: OutageStore | None = None,
+        closing_s: float = CLOSING_S,
     ) -> None:
         self.bar_store = bar_store
+        self.outages = outages
+        self.closing_s = closing_s
         self.cache = cache
         self.clock = clock
         self.metrics = metrics
@@ -113,9 +126,26 @@ class OhlcvService:
         if limit is not None and len(bars) > limit:
             bars = bars[-limit:]
             query = replace(query, start=bars[0].start)
-        closed_end = min(query.end, query.interval.floor(now))
-        gaps = missing_ranges((b.start for b in bars), query.interval, query.start, closed_end) if closed_end > query.start else []
+        closed_end = min(query.end, query.interval.floor(int(self.clock() - self.closing_s)))
+        gaps = self._gaps(query, bars, closed_end) if closed_end > query.start else []
         return Stitched(query, bars, gaps, not gaps, forming)
+
+    def _gaps(self, query: OhlcvQuery, bars: list[Bar], closed_end: int) -> list[tuple[int, int]]:
+        """Closed buckets of the window that lack a complete bar: no bar; a coarse bar derived from
+        only some of its minutes; a bucket holding part of an outage whose bars are not final yet
+        (the feed missed some of its trades: refilled by the coordinator, then final)."""
+        interval, instrument = query.interval, query.instrument.id
+        missing = missing_ranges((b.start for b in bars), interval, query.start, closed_end)
+        bad = {b for lo, hi in missing for b in range(lo, hi, interval.seconds)}
+        bad.update(b for b in self.bar_store.partial_buckets(instrument, interval, query.start, closed_end))
+        if self.outages is not None:
+            for outage in self.outages.list(instrument=instrument, start=_utc(query.start), end=_utc(closed_end)):
+                lo, hi = outage.refill_window(now=_utc(closed_end))
+                lo, hi = max(lo, query.start), min(hi, closed_end)
+                if lo < hi:
+                    bad.update(interval.floor(m) for m in self.bar_store.provisional_starts(instrument, lo, hi))
+        present = [b.start for b in bars if b.start not in bad]
+        return missing_ranges(present, interval, query.start, closed_end)
 
     def latest_start(self, instrument: str, interval: Interval) -> int | None:
         """Start of the newest bucket with data (forming bar included), at `interval`, or None."""
@@ -320,8 +350,8 @@ class OnDemand:
         asked = False
         if not self._is_tracked(instrument):
             asked |= self._once(instrument, None, None)
-        if stitched.gaps:
-            asked |= self._once(instrument, stitched.gaps[0][0], stitched.gaps[-1][1])
+        for lo, hi in stitched.gaps[:MAX_FETCHES]:  # each gap alone: never refetch live-covered minutes between them
+            asked |= self._once(instrument, lo, hi)
         if not asked:  # nothing will arrive: answer now
             return stitched, False
         while not stitched.complete and self.clock() + self.poll_s <= deadline:
@@ -393,6 +423,10 @@ def csv_line(bar: Bar) -> str:
         f"{bar.start},{decimal_str(bar.open)},{decimal_str(bar.high)},{decimal_str(bar.low)},{decimal_str(bar.close)},"
         f"{decimal_str(bar.volume)},{decimal_str(bar.quote_volume)},{trades},{source},{'true' if bar.final else 'false'}\n"
     )
+
+
+def _utc(ts: int) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
 
 
 def _decode(raw: bytes, instrument: str, interval: str) -> Bar | None:

@@ -82,6 +82,7 @@ from streaming.health import StateMachine
 log = logging.getLogger(__name__)
 
 GROUP = "coordinator"
+SETTLE_S = 120  # a fetched minute is final only once it ended this long ago
 DEFAULT_HISTORY_S = 86_400
 TRANSITIONS = {
     "active": {"creating-topic", "notifying", "error"},
@@ -118,6 +119,7 @@ class Coordinator:
         delivery_timeout_s: float = 30.0,
         clock: Callable[[], float] = time.time,
         registry: CollectorRegistry | None = None,
+        settle_s: int = SETTLE_S,
     ) -> None:
         if history_s <= 0 or history_s % 60:
             raise ValueError(f"history_s must be a positive number of minutes, got {history_s}")
@@ -128,6 +130,7 @@ class Coordinator:
         self.deadletter_topic = topic_name(prefix, DEADLETTER)
         self.group = group or topic_name(prefix, GROUP)
         self.history_s, self.announce = history_s, announce
+        self.settle_s = settle_s
         self.poll_timeout_s, self.scan_interval_s = poll_timeout_s, scan_interval_s
         self.refill_interval_s, self.refill_lookback_s = refill_interval_s, refill_lookback_s
         self.max_attempts, self.max_backoff_s, self.delivery_timeout_s = max_attempts, max_backoff_s, delivery_timeout_s
@@ -336,8 +339,13 @@ class Coordinator:
         self.m_fetches.inc()
         failed_before = self._producer.failed
         count = 0
+        # A minute that ended less than `settle_s` ago may still change at the source (and the live
+        # stream may still be closing it): it goes out provisional, and a later refresh makes it final.
+        settled = int(self.clock()) - self.settle_s
         for page in self.source.bars(instrument, M1, start, end):
             for bar in page:
+                if bar.final and bar.start + 60 > settled:
+                    bar = replace(bar, final=False)
                 self._publish(name, instrument.id, encode_bar(bar))
             count += len(page)
             self._producer.poll(0)

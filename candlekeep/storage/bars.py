@@ -119,14 +119,29 @@ WITH m AS (
            CASE WHEN count(trades) = count(*) THEN sum(trades) END AS trades,
            CASE WHEN min(source) = max(source) THEN min(source) ELSE 'mixed' END AS source,
            bool_and(final) AS final,
-           max(revision) AS revision
+           max(revision) AS revision,
+           count(*) AS minutes
     FROM m
     GROUP BY agg
 )"""
+# A stored deep-history 1h/1d bar serves its bucket unless every minute of it is stored: a complete
+# bar beats a partial derivation from a few minutes (never a mix of the two).
 _DEEP = """
 SELECT {columns} FROM bars AS s
 WHERE s.instrument = :instrument AND s."interval" = :interval AND s.bucket >= :lo AND s.bucket < :hi
-  AND NOT EXISTS (SELECT 1 FROM derived AS d WHERE d.bucket = s.bucket)"""
+  AND NOT EXISTS (SELECT 1 FROM derived AS d WHERE d.bucket = s.bucket AND d.minutes = :minutes)"""
+_DERIVED_NOT_DEEP = """
+SELECT {columns} FROM derived AS d
+WHERE d.minutes = :minutes OR NOT EXISTS (
+    SELECT 1 FROM bars AS s
+    WHERE s.instrument = :instrument AND s."interval" = :interval AND s.bucket = d.bucket)"""
+# Coarse buckets of [lo, hi) answered by a derivation from fewer than all their minutes.
+_PARTIAL = f"""{_DERIVED}
+SELECT extract(epoch FROM d.bucket)::bigint FROM derived AS d
+WHERE d.minutes < :minutes AND NOT EXISTS (
+    SELECT 1 FROM bars AS s
+    WHERE s.instrument = :instrument AND s."interval" = :interval AND s.bucket = d.bucket)
+ORDER BY 1"""
 
 
 @dataclass(frozen=True)
@@ -365,10 +380,34 @@ class BarStore:
         if interval is Interval.M1 or stored_only:
             return _STORED.format(columns=columns), params
         params["step"] = timedelta(seconds=interval.seconds)
-        sql = f"{_DERIVED} SELECT {columns} FROM derived"
         if interval in _DEEP_HISTORY:
-            sql += " UNION ALL " + _DEEP.format(columns=columns)
+            params["minutes"] = interval.seconds // 60
+            sql = f"{_DERIVED} {_DERIVED_NOT_DEEP.format(columns=columns)} UNION ALL {_DEEP.format(columns=columns)}"
+        else:
+            sql = f"{_DERIVED} SELECT {columns} FROM derived"
         return sql, params
+
+    def partial_buckets(self, instrument: str, interval: Interval | str, start: int, end: int) -> list[int]:
+        """Starts of the coarse buckets in `[start, end)` whose bar is derived from only some of
+        their minutes (incomplete: a gap inside), ascending; none for 1m."""
+        interval = Interval(interval)
+        if interval is Interval.M1:
+            return []
+        lo, hi = _utc(interval.ceil(start)), _utc(interval.ceil(end))
+        params = {"instrument": str(instrument), "interval": interval.value, "lo": lo, "hi": hi,
+                  "step": timedelta(seconds=interval.seconds), "minutes": interval.seconds // 60}  # fmt: skip
+        with self.engine.connect() as conn:
+            return [int(r[0]) for r in conn.execute(text(_PARTIAL), params)]
+
+    def provisional_starts(self, instrument: str, start: int, end: int) -> set[int]:
+        """1m buckets in `[start, end)` whose stored bar is not final."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text('SELECT extract(epoch FROM bucket)::bigint FROM bars WHERE instrument = :i AND "interval" = \'1m\''
+                     " AND bucket >= :lo AND bucket < :hi AND NOT final"),
+                {"i": str(instrument), "lo": _utc(start), "hi": _utc(end)},
+            )  # fmt: skip
+            return {int(r[0]) for r in rows}
 
 
 class _CopyText:

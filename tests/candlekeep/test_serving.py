@@ -244,3 +244,75 @@ def test_latest_start_sees_the_forming_bar(engine: Engine, cache: BarCache) -> N
     assert svc.latest_start(BTC, Interval.M1) == T0 + 3600
     assert svc.latest_start(BTC, Interval.H1) == T0 + 3600
     assert bar_key(BTC, "1m", T0) == "ohlcv:cccagg:BTC-USD:1m:2024-01-01T00:00:00Z"
+
+
+# --- the seam on the log's clock (issue: bars from the log's own clock) ----------------------------
+
+
+def test_a_bucket_still_closing_is_no_gap_and_is_never_fetched(engine: Engine) -> None:
+    store = BarStore(engine)
+    minute = T0 + 3600
+    store.upsert_bars([stream_bar(minute - 120, "10"), stream_bar(minute - 60, "11")])
+    requested: list[tuple] = []
+    for at, gaps in ((minute + 2, []), (minute + 4.9, []), (minute + 5, [])):
+        got = service(engine, None, now=at).read(q(minute - 120, minute + 60))
+        assert got.gaps == gaps and got.complete, at
+    # 1:01:02 the aggregator has not closed 1:00 yet: closing; by 1:01:05 it should have: a gap.
+    closing = service(engine, None, now=minute + 62).read(q(minute - 120, minute + 120))
+    assert closing.gaps == [] and closing.complete
+    late = service(engine, None, now=minute + 65)
+    assert late.read(q(minute - 120, minute + 120)).gaps == [(minute, minute + 60)]
+    on_demand = OnDemand(request_fetch=lambda *a: requested.append(a), service=service(engine, None, now=minute + 62),
+                         tracked=lambda: [BTC], sleep=lambda s: None)  # fmt: skip
+    on_demand.read(q(minute - 120, minute + 120), wait=0)
+    assert requested == []  # nothing to fetch while the live feed is closing the minute
+
+
+def test_gaps_are_fetched_each_on_its_own_never_the_live_minutes_between(engine: Engine) -> None:
+    store = BarStore(engine)
+    store.upsert_bars([stream_bar(T0 + m * 60, "10") for m in (0, 2, 3, 6)])
+    requested: list[tuple] = []
+    on_demand = OnDemand(request_fetch=lambda *a: requested.append(a), service=service(engine, None),
+                         tracked=lambda: [BTC], sleep=lambda s: None)  # fmt: skip
+    on_demand.read(q(T0, T0 + 420), wait=0)
+    assert requested == [(BTC, T0 + 60, T0 + 120), (BTC, T0 + 240, T0 + 360)]
+
+
+def test_minutes_of_an_outage_are_gaps_until_final_bars_replace_them(engine: Engine) -> None:
+    from datetime import UTC, datetime
+
+    from candlekeep.storage.outages import OutageStore
+
+    store, outages = BarStore(engine), OutageStore(engine)
+    # The feed died at 00:02:30 and came back at 00:05:10: minutes 2 and 5 hold part of their
+    # trades (partial stream bars), 3 and 4 none.
+    store.upsert_bars([stream_bar(T0 + m * 60, "10") for m in (0, 1, 2, 5, 6, 7)])
+    outages.record(source="simulator", instruments=[BTC], reason="producer started",
+                   started_at=datetime.fromtimestamp(T0 + 150, UTC), ended_at=datetime.fromtimestamp(T0 + 310, UTC))
+    svc = OhlcvService(bar_store=store, cache=None, outages=outages, clock=lambda: NOW)
+    got = svc.read(q(T0, T0 + 480))
+    assert got.gaps == [(T0 + 120, T0 + 360)] and not got.complete
+    assert got.bars and [b.start for b in got.bars] == [T0 + m * 60 for m in (0, 1, 2, 5, 6, 7)]
+    coarse = svc.read(q(T0, T0 + 600, "5m"))
+    assert coarse.gaps == [(T0, T0 + 600)]  # both 5m buckets hold part of the outage
+    # The refill writes final bars for the outage's minutes: the gap is gone.
+    store.upsert_bars([make_bar(BTC, T0 + m * 60, "10") for m in (2, 3, 4, 5)])
+    assert svc.read(q(T0, T0 + 480)).gaps == [] and svc.read(q(T0, T0 + 480)).complete
+
+
+def test_a_coarse_bucket_with_missing_minutes_is_incomplete_and_a_stored_complete_bar_wins(engine: Engine) -> None:
+    store = BarStore(engine)
+    hour = T0
+    store.upsert_bars([stream_bar(hour + m * 60, "10") for m in range(0, 60) if m not in (17, 18)])
+    svc = service(engine, None, now=hour + 7200 + 30)
+    got = svc.read(q(hour, hour + 3600, "1h"))
+    assert got.gaps == [(hour, hour + 3600)] and not got.complete
+    assert got.bars[0].source == "stream"  # derived from the 58 minutes there are
+    # A stored complete 1h bar (deep history, as the source gave it) serves the bucket instead.
+    store.upsert_bars([replace(make_bar(BTC, hour, "12"), interval="1h")])
+    got = svc.read(q(hour, hour + 3600, "1h"))
+    assert got.gaps == [] and str(got.bars[0].close) == "12" and got.bars[0].final
+    # Once every minute is stored, the derivation from them wins again.
+    store.upsert_bars([stream_bar(hour + m * 60, "10") for m in (17, 18)])
+    got = svc.read(q(hour, hour + 3600, "1h"))
+    assert got.gaps == [] and str(got.bars[0].close) == "10" and got.bars[0].source == "stream"

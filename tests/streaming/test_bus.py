@@ -407,3 +407,31 @@ def test_failure_storm_is_logged_in_full_but_summarized(caplog: pytest.LogCaptur
     assert 2 <= len(lines) <= 30
     assert lines[-1].startswith("delivery failed for 480 more records") and "key k0 x240" in lines[-1]
     assert "key k1 x240" in lines[-1]
+
+
+def test_in_process_retention_is_bounded_and_never_drops_what_a_group_still_needs() -> None:
+    bus = InProcessBus(retention=100, max_retention=400)
+    bus.ensure_topics(["t"])
+    out = bus.producer(name="p")
+    reader = bus.consumer(group="g", topics=["t"])
+    for k in range(300):
+        out.publish("t", "k", str(k).encode())
+    # Nothing committed yet: the group still needs every record, none is forgotten.
+    assert bus._topics["t"][0].base == 0 and bus.trimmed == 0
+    records = reader.poll_batch(max_records=250, timeout=1)
+    assert [int(r.value) for r in records] == list(range(250))
+    reader.commit({("t", 0): 250})
+    out.publish("t", "k", b"300")
+    # Committed up to 250: the partition keeps its last 100 records (of those committed, only the newest).
+    part = bus._topics["t"][0]
+    assert (part.base, part.end) == (201, 301) and bus.trimmed == 201
+    assert [int(r.value) for r in reader.poll_batch(max_records=100, timeout=1)] == list(range(250, 301))
+    # A group that never commits holds records only up to the hard bound; then it resumes at the earliest kept.
+    lagging = bus.consumer(group="lagging", topics=["t"])
+    for k in range(301, 1000):
+        out.publish("t", "k", str(k).encode())
+    assert bus._topics["t"][0].end - bus._topics["t"][0].base <= 400
+    first = lagging.poll_batch(max_records=1, timeout=1)
+    assert [r.offset for r in first] == [bus._topics["t"][0].base] and first[0].value == b"600"
+    assert reader.lag() == 400  # it too was past the hard bound: it resumes at the earliest kept
+    bus.close()
