@@ -2,17 +2,20 @@
 
     .venv/bin/python bench/stream.py [--trades 1000000] [--instruments 5] [--latency-seconds 10]
 
-1. N synthetic trades (random walks with exact decimals, nanosecond times spread over the last
-   `--span-minutes`, `--instruments` instruments) are put on `ticks` (one partition) as
-   `encode_tick` JSON.
+1. N synthetic trades (random walks with exact decimals, nanosecond times spread over
+   `--span-minutes`, `--instruments` instruments), with a heartbeat per instrument at every second of
+   event time (as a producer sends them: the log's clock), are put on `ticks` (one partition) as
+   `encode_tick_record` JSON.
 2. Baseline: a bare confluent-kafka consumer reads the topic (`consume(10000)` in a loop, nothing
    else); its rate is from its first to its last message, the better of two runs. The decode floor (`decode_tick` of every
    value, in memory) is measured too, to show where the aggregator's time goes.
 3. The aggregator runs as its own process (`python -m streaming.aggregator`, as deployed): every
    record decoded and aggregated, every trade COPY'd into `ticks`, the bars upserted, Redis updated,
-   offsets committed. Its rate is N over the time from its first consumed record (its /metrics) to
-   the commit of the last offset (the group's committed offset, read from the broker). Peak memory
-   is the process's VmHWM. Target: aggregator rate >= 0.5 x bare consumer rate.
+   offsets committed. Its rate is N trades over the time from its first consumed record (its
+   /metrics) to the commit of the last offset (the group's committed offset, read from the broker).
+   Peak memory is the process's VmHWM, also printed per million trades in the revision window (all of
+   them: the span is shorter than the 60-minute window). Target: aggregator rate >= 0.5 x bare
+   consumer rate (over the same records).
 4. Live latency: with the aggregator caught up, trades are produced at `--rate` (5,000/s) with live
    timestamps; a Redis subscriber on `ohlcv:*:1m:updates` sees each forming-bar update, and a
    trade's latency is from its `produce()` call to the first update of its bucket whose trade count
@@ -46,8 +49,8 @@ import psycopg
 import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from candlekeep.bars import NS_PER_S, Trade
-from candlekeep.messages import TICKS, decode_tick, encode_tick, topic
+from candlekeep.bars import NS_PER_S, Heartbeat, Trade
+from candlekeep.messages import TICKS, decode_tick_record, encode_tick, encode_tick_record, topic
 from candlekeep.storage.db import with_database
 from candlekeep.storage.migrate import upgrade
 from candlekeep.bus import KafkaBus
@@ -64,12 +67,18 @@ BASES = ["BTC", "ETH", "SOL", "XRP", "ADA", "DOGE", "LTC", "BNB"]
 
 
 def synthetic_trades(count: int, instruments: list[str], start_ns: int, span_ns: int, seed: int = 1) -> list[bytes]:
-    """`count` encoded ticks round-robin over `instruments`, times rising evenly over the span."""
+    """`count` encoded trades round-robin over `instruments`, times rising evenly over the span, and
+    a heartbeat for every instrument at each whole second of event time (in log order)."""
     rng = random.Random(seed)
     cents = {inst: 4_200_000 if "BTC" in inst else rng.randint(10_000, 400_000) for inst in instruments}
     out = []
     step = span_ns / count
+    next_beat = (start_ns // NS_PER_S + 1) * NS_PER_S
     for i in range(count):
+        ts = start_ns + int(i * step)
+        while ts >= next_beat:
+            out += [encode_tick_record(Heartbeat(inst, next_beat, "bench")) for inst in instruments]
+            next_beat += NS_PER_S
         inst = instruments[i % len(instruments)]
         cents[inst] = max(100, cents[inst] + rng.randint(-50, 50))
         c = cents[inst]
@@ -77,10 +86,11 @@ def synthetic_trades(count: int, instruments: list[str], start_ns: int, span_ns:
                       Decimal(rng.randint(1, 5_000_000)).scaleb(-8), rng.choice(("buy", "sell")), str(10_000_000 + i),
                       "bench")  # fmt: skip
         out.append(encode_tick(trade))
+    out += [encode_tick_record(Heartbeat(inst, next_beat + 3 * NS_PER_S, "bench")) for inst in instruments]
     return out
 
 
-def produce(bootstrap: str, name: str, values: list[bytes], instruments: list[str]) -> float:
+def produce(bootstrap: str, name: str, values: list[bytes], keys: list[str]) -> float:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4",
                          "enable.idempotence": True, "partitioner": "consistent",
                          "queue.buffering.max.messages": 500_000, "batch.size": 1_000_000})  # fmt: skip
@@ -88,7 +98,7 @@ def produce(bootstrap: str, name: str, values: list[bytes], instruments: list[st
     for i, value in enumerate(values):
         while True:
             try:
-                producer.produce(name, value=value, key=instruments[i % len(instruments)])
+                producer.produce(name, value=value, key=keys[i])
                 break
             except BufferError:
                 producer.poll(0.05)
@@ -242,6 +252,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=5_000, help="trades/s in the latency phase")
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     args = parser.parse_args()
+    exit_code = 0
     instruments = [f"binance:{b}-USDT" for b in BASES[: args.instruments]]
     workdir = Path(tempfile.mkdtemp(prefix="candlekeep-bench-stream-"))
     cleanups = []
@@ -274,17 +285,19 @@ def main() -> None:
         span_ns = args.span_minutes * 60 * NS_PER_S
         began = time.perf_counter()
         values = synthetic_trades(args.trades, instruments, now_ns - span_ns - 60 * NS_PER_S, span_ns)
+        keys = [decode_tick_record(v).instrument for v in values]
+        records = len(values)
         gen_s = time.perf_counter() - began
-        produce_s = produce(bootstrap, name, values, instruments)
-        del values
+        produce_s = produce(bootstrap, name, values, keys)
+        del values, keys
 
-        bare_s, consumed_values = bare_consume(bootstrap, name, args.trades)
+        bare_s, consumed_values = bare_consume(bootstrap, name, records)
         del consumed_values
-        bare_s2, consumed_values = bare_consume(bootstrap, name, args.trades)  # the better of two runs
+        bare_s2, consumed_values = bare_consume(bootstrap, name, records)  # the better of two runs
         bare_s = min(bare_s, bare_s2)
         began = time.perf_counter()
         for value in consumed_values:
-            decode_tick(value)
+            decode_tick_record(value)
         decode_s = time.perf_counter() - began
         del consumed_values
 
@@ -298,7 +311,7 @@ def main() -> None:
                 raise RuntimeError(f"the aggregator exited; see {agg.log_path}")
             time.sleep(0.05)
         started = time.perf_counter()
-        while committed(probe, name) < args.trades:
+        while committed(probe, name) < records:
             if agg.proc.poll() is not None:
                 raise RuntimeError(f"the aggregator exited; see {agg.log_path}")
             time.sleep(0.1)
@@ -317,7 +330,9 @@ def main() -> None:
         code = agg.stop()
         cleanups.remove(agg.stop)
 
-        bare_rate, agg_rate, decode_rate = args.trades / bare_s, args.trades / agg_s, args.trades / decode_s
+        # Rates over the same records (trades and heartbeats): the aggregator's vs the bare consumer's.
+        bare_rate, agg_rate, decode_rate = records / bare_s, records / agg_s, records / decode_s
+        rss_per_million = memory["VmHWM"] / 2**20 * 1_000_000 / args.trades
         missing = sum(1 for x in lat if x == float("inf"))
         finite = [x for x in lat if x != float("inf")] or [float("inf")]
         summary = {
@@ -327,26 +342,36 @@ def main() -> None:
             "ratio_vs_bare": round(agg_rate / bare_rate, 3), "ratio_vs_decode": round(agg_rate / decode_rate, 3),
             "aggregator_seconds": round(agg_s, 2), "flush_seconds": round(flush_s, 2), "flushes": int(flushes),
             "ticks_stored": ticks, "bars_stored": bars,
-            "peak_rss_mib": round(memory["VmHWM"] / 2**20, 1), "rss_after_latency_mib": round(memory_after["VmRSS"] / 2**20, 1),
+            "records": records, "peak_rss_mib": round(memory["VmHWM"] / 2**20, 1),
+            "peak_rss_mib_per_million_trades_in_window": round(rss_per_million, 1),
+            "rss_after_latency_mib": round(memory_after["VmRSS"] / 2**20, 1),
             "latency_trades": len(lat), "latency_missing": missing,
             "latency_p50_ms": round(percentile(finite, 0.50) * 1000, 1),
             "latency_p99_ms": round(percentile(finite, 0.99) * 1000, 1),
             "latency_max_ms": round(max(finite) * 1000, 1), "aggregator_exit": code,
         }  # fmt: skip
-        print(f"trades: {args.trades:,} over {args.instruments} instruments ({args.span_minutes} min of event time)")
+        print(f"trades: {args.trades:,} over {args.instruments} instruments ({args.span_minutes} min of event time), "
+              f"{records - args.trades:,} heartbeats: {records:,} records")
         print(f"bare confluent-kafka consumer: {bare_rate:12,.0f} msg/s ({bare_s:.2f} s)")
         print(f"decode_tick alone (in memory): {decode_rate:12,.0f} msg/s ({decode_s:.2f} s)")
-        print(f"aggregator end to end:         {agg_rate:12,.0f} trades/s ({agg_s:.2f} s)  "
+        print(f"aggregator end to end:         {agg_rate:12,.0f} records/s ({agg_s:.2f} s)  "
               f"ratio {agg_rate / bare_rate:.3f} vs bare (target >= 0.5), {agg_rate / decode_rate:.2f} vs decode")
         print(f"batches: {flushes:.0f}, {flush_s:.2f} s in flight in total (cut -> committed; the writer thread "
               "overlaps consuming)")
-        print(f"stored: {ticks:,} ticks, {bars:,} bars; aggregator peak RSS {memory['VmHWM'] / 2**20:.1f} MiB")
+        print(f"stored: {ticks:,} ticks, {bars:,} bars; aggregator peak RSS {memory['VmHWM'] / 2**20:.1f} MiB, "
+              f"{rss_per_million:.1f} MiB per million trades in the window")
         print(f"live latency at {args.rate:,} trades/s, produce -> forming bar in Redis: "
               f"p50 {summary['latency_p50_ms']} ms, p99 {summary['latency_p99_ms']} ms (target < 250), "
               f"max {summary['latency_max_ms']} ms, {missing} never seen")
         per_second = [lat[i : i + args.rate] for i in range(0, len(lat), args.rate)]
         print("p99 ms by second:", [round(percentile(part, 0.99) * 1000) for part in per_second])
         print(json.dumps(summary))
+        missed = [name for name, ok in (("ratio vs bare >= 0.5", agg_rate / bare_rate >= 0.5),
+                                        ("live p99 < 250 ms", summary["latency_p99_ms"] < 250),
+                                        ("every live trade seen", missing == 0)) if not ok]  # fmt: skip
+        if missed:
+            print("MISSED:", "; ".join(missed))
+            exit_code = 1
     finally:
         for cleanup in cleanups:
             try:
@@ -354,6 +379,8 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - keep cleaning up
                 print(f"cleanup: {exc}", file=sys.stderr)
         shutil.rmtree(workdir, ignore_errors=True)
+    if exit_code:
+        raise SystemExit(exit_code)
 
 
 def _drop(admin_url: str, db: str) -> None:

@@ -188,7 +188,8 @@ class Aggregator:
         self.m_too_late = Counter(f"{p}_too_late_trades", "Trades older than the window, revised from storage",
                                   registry=r)  # fmt: skip
         self.m_gaps = Counter(f"{p}_gaps", "Gaps (disconnect spans) opened, per instrument", registry=r)
-        self.m_bars = Counter(f"{p}_bars_written", "Bars inserted or changed in PostgreSQL", registry=r)
+        self.m_bars = Counter(f"{p}_bars_written", "Bars PostgreSQL holds as written by a flush (new, changed or identical)",
+                              registry=r)  # fmt: skip
         self.m_revisions = Counter(f"{p}_revisions", "Revised bars published (revision > 0)", registry=r)
         self.m_ticks_stored = Counter(f"{p}_ticks_stored", "Trades newly stored in PostgreSQL", registry=r)
         self.m_commits = Counter(f"{p}_commits", "Offset commits (each after a durable flush)", registry=r)

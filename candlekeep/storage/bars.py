@@ -84,12 +84,12 @@ WITH written AS (
 )
 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written"""
 
-# The same merge, answering which bars it wrote and the revision each got (a refused provisional
-# bar over a final one, or an identical one, is not returned).
-_MERGE_RETURNING = _MERGE.split("SELECT count(*)")[0].replace(
-    "RETURNING revision = 0 AS inserted",
-    "RETURNING instrument, \"interval\", extract(epoch FROM bucket)::bigint, revision",
-) + "SELECT * FROM written"
+# After the merge, in its transaction: the staged bars PostgreSQL now holds as staged (inserted,
+# updated or identical), with their revisions; a provisional bar refused over a final one is not.
+_HELD = f"""
+SELECT b.instrument, b."interval", extract(epoch FROM b.bucket)::bigint, b.revision
+FROM {_STAGE} AS s JOIN bars AS b ON b.instrument = s.instrument AND b."interval" = s."interval" AND b.bucket = s.bucket
+WHERE s.final OR NOT b.final"""
 
 _START = "extract(epoch FROM bucket)::bigint AS start"
 _OUT = f"{_START}, open, high, low, close, volume, quote_volume, trades, source, final, revision"
@@ -241,9 +241,9 @@ class BarStore:
                 return _stage_and_merge(_cursor(conn), lines)
 
     def upsert_written(self, bars: Collection[Bar]) -> list[Bar]:
-        """Upsert `bars` (one transaction, any order) and return those written, each with the
-        revision PostgreSQL gave it: what a publisher may hand on. Identical bars, and provisional
-        bars refused over final ones, are left out."""
+        """Upsert `bars` (one transaction, any order) and return those PostgreSQL now holds as given
+        (new, changed or identical), each with its stored revision: what a publisher may hand on,
+        again after a crash. Provisional bars refused over final ones are left out."""
         latest = {(b.instrument, b.interval, b.start): b for b in bars}
         if not latest:
             return []
@@ -257,7 +257,8 @@ class BarStore:
                 cur = _cursor(conn)
                 cur.execute(_CREATE_STAGE)
                 _copy(cur, f"COPY {_STAGE} ({_KEYS_AND_VALUES}) FROM STDIN", _CopyText(list(latest.values())))
-                cur.execute(_MERGE_RETURNING)
+                cur.execute(_MERGE)
+                cur.execute(_HELD)
                 rows = cur.fetchall()
         out = []
         for instrument, interval, start, revision in rows:

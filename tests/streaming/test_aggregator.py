@@ -37,7 +37,7 @@ from sqlalchemy import Engine, text
 from candlekeep.bars import NS_PER_S, Bar, Interval, Trade
 from candlekeep.cache import BarCache, bar_key, forming_key, updates_channel
 from candlekeep.bars import Disconnect, Heartbeat
-from candlekeep.messages import BARS, DEADLETTER, TICKS, decode_bar, encode_tick, encode_tick_record, topic
+from candlekeep.messages import BARS, DEADLETTER, TICKS, decode_bar, encode_bar, encode_tick, encode_tick_record, topic
 from candlekeep.storage.bars import BarStore
 from candlekeep.storage.db import create_engine, with_database
 from candlekeep.storage.migrate import upgrade
@@ -462,6 +462,42 @@ def test_redis_outage_bars_still_reach_postgres_then_redis_catches_up(engine: En
             assert cached is not None and replace(cached, revision=0) == bar
         assert cache.read_forming(inst, "1m").start == hi
     own.stop()
+    bus.close()
+
+
+def test_after_a_crash_between_the_database_write_and_the_publish_redis_equals_postgres(
+    engine: Engine, redis_url: str, topic_prefix: str
+) -> None:
+    """A crash after PostgreSQL took a flush but before Redis and `bars` got it leaves Redis older
+    than the database (re-applying the records changes nothing in PostgreSQL, so nothing would be
+    published again): the restart publishes the durable state of its window."""
+    redis.Redis.from_url(redis_url).flushdb()
+    bus = InProcessBus()
+    trades = load_freqtrade()
+    inst = trades[0].instrument
+    start_ns = trades[0].ts_ns // MIN_NS * MIN_NS
+    clock = Clock(trades[-1].ts_ns // MIN_NS * MIN_NS + 2 * MIN_NS + LATENESS_NS)
+    feed = Feed(bus, topic_prefix)
+    clock.attach(feed, [inst])
+    bus.ensure_topics([feed.topic])
+    feed.send(trades)
+    clock.beat()
+    cache = BarCache.from_url(redis_url)
+    with running(make(bus, engine, topic_prefix, cache=cache)) as first:
+        eventually(consumed(first, count=feed.sent), what="consumed")
+    stored = BarStore(engine).read_bars(inst, Interval.M1, start_ns // NS_PER_S, clock.ns // NS_PER_S)
+    assert len(stored) >= 4
+    # What the crash leaves: Redis holds an older version of every bar (the publish never happened).
+    client = redis.Redis.from_url(redis_url)
+    for bar in stored:
+        older = replace(bar, volume=bar.volume + 1, revision=max(bar.revision - 1, 0))
+        client.set(bar_key(inst, "1m", bar.start), encode_bar(older))
+    with running(make(bus, engine, topic_prefix, cache=cache)) as second:
+        eventually(lambda: all(cache.read_bar(inst, "1m", b.start) == b for b in stored), what="redis caught up")
+        assert second.health()["pending_trades"] == 0
+    for bar in stored:
+        assert cache.read_bar(inst, "1m", bar.start) == bar  # the very revision PostgreSQL holds
+    cache.close()
     bus.close()
 
 
