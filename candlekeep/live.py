@@ -405,6 +405,15 @@ class BarBuilder:
             return None
         return self.bar(bucket)
 
+    @property
+    def closing(self) -> list[Bar]:
+        """Bars of the buckets that ended but are not closed yet (within the lateness): shown as
+        they stand until they close, so a reader never loses the minute that just ended."""
+        forming = self.forming
+        if self.closed_until is None or forming is None:
+            return []
+        return [b for start in range(self.closed_until, forming.start, self._step) if (b := self.bar(start))]
+
     def bar(self, start: int) -> Bar | None:
         """The current version of the bar starting at `start` (in the window), or None (a gap)."""
         if start in self._emitted:

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     dagster_port: int = Field(3000, gt=0, lt=65536)
     # Streaming daemons' /health and /metrics: base, base+1, ... (0: any free port).
     stream_port_base: int = Field(9101, ge=0, lt=65533)
+    # The log's clock: a live source sends a heartbeat per instrument after this long without a
+    # trade, dated its receive clock minus the latency bound (so a slow trade is late, not lost).
+    heartbeat_s: float = Field(1.0, gt=0)
+    stream_latency_bound_s: float = Field(1.0, ge=0)
 
     @field_validator("instruments", "api_keys", "api_cors_origins", mode="before")
     @classmethod

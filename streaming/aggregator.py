@@ -237,7 +237,9 @@ class Aggregator:
         touched = self._ingest(records)
         if self.cache is not None:
             if touched:
-                self.cache.put(forming=[f for i in touched if (b := self._builders.get(i)) and (f := b.forming)])
+                builders = [b for i in touched if (b := self._builders.get(i))]
+                self.cache.put(closed=[c for b in builders for c in b.closing],
+                               forming=[f for b in builders if (f := b.forming)])  # fmt: skip
             elif self.cache.backlog:
                 self.cache.catch_up()
         if self._producer is not None:

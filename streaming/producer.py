@@ -222,7 +222,7 @@ def make_live_source(
     if settings.source == "simulator":
         return SimulatorPlayback(
             instruments=settings.instruments, seed=settings.simulator_seed, start_ns=start_ns, end_ns=end_ns,
-            speed=speed,
+            speed=speed, heartbeat_s=settings.heartbeat_s,
         )  # fmt: skip
     from candlekeep.sources.cryptocompare_stream import StreamerClient
 
@@ -231,6 +231,8 @@ def make_live_source(
         instruments=settings.instruments,
         url=settings.cryptocompare_stream_url,
         api_key=key.get_secret_value() if key else None,
+        heartbeat_s=settings.heartbeat_s,
+        latency_bound_s=settings.stream_latency_bound_s,
     )
 
 

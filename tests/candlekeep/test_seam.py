@@ -83,3 +83,73 @@ def test_history_then_live_is_one_gapless_truthful_series(engine: Engine, redis_
             checked_boundaries.add(minute)
 
     assert len(checked_boundaries) >= 4  # the answer was checked right after several minute boundaries
+
+
+def test_live_boundary_sampled_every_100_ms_shows_no_gap_no_duplicate_and_fetches_nothing(
+    engine: Engine, redis_url: str
+) -> None:
+    """The real daemons in real time (the simulator's producer and the aggregator on the in-process
+    bus, Redis on): the live instrument's range is read every 100 ms across a minute boundary, with
+    Redis and without, through the on-demand path the API uses. A live-covered minute is never a gap
+    nor twice, and nothing is fetched. The closed minute equals the simulator's trades aggregated."""
+    import threading
+    import time
+
+    from candlekeep.bus import InProcessBus
+    from candlekeep.serving import CLOSING_S, OnDemand
+    from candlekeep.storage.outages import OutageStore
+    from candlekeep.storage.ticks import TickStore
+    from streaming.aggregator import Aggregator
+    from streaming.producer import Producer, SimulatorPlayback
+
+    redis_client = __import__("redis").Redis.from_url(redis_url)
+    redis_client.flushdb()
+    bus = InProcessBus()
+    playback = SimulatorPlayback(instruments=[INST.id], speed=1)
+    producer = Producer(bus, playback)
+    cache = BarCache.from_url(redis_url)
+    aggregator = Aggregator(bus, BarStore(engine), TickStore(engine), cache, flush_interval_s=0.5)
+    stop = threading.Event()
+    threads = [threading.Thread(target=producer.run, daemon=True),
+               threading.Thread(target=aggregator.run, args=(stop,), daemon=True)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    first_live = Interval.M1.floor(playback.start_ns // NS_PER_S) + 60  # the start's minute holds the gap's edge
+    boundary = first_live + 60
+    requested: list[tuple] = []
+    doors = {
+        name: OnDemand(request_fetch=lambda *a: requested.append(a), tracked=lambda: [INST.id],
+                       service=OhlcvService(bar_store=BarStore(engine), cache=c, outages=OutageStore(engine)))
+        for name, c in (("redis", cache), ("database", None))
+    }  # fmt: skip
+    samples = 0
+    try:
+        while time.time() < boundary - 8:
+            time.sleep(0.2)
+        while time.time() < boundary + 8:
+            now = time.time()
+            query = build_query(instrument=INST.id, interval="1m", start=str(first_live), end=str(int(now) + 60))
+            for name, door in doors.items():
+                answer, asked = door.read(query, wait=0)
+                starts = [b.start for b in answer.bars]
+                assert starts == sorted(set(starts)), f"{name}: a bucket twice at {now}"
+                assert answer.gaps == [], f"{name}: gap {answer.gaps} at {now:.1f}"
+                if name == "redis" or now >= boundary + CLOSING_S:  # without Redis, closed minutes only
+                    assert starts and starts[0] == first_live, f"{name}: {starts} at {now:.1f}"
+                assert not asked, f"{name}: fetched at {now:.1f}"
+            samples += 1
+            time.sleep(0.1)
+    finally:
+        producer.stop()
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        cache.close()
+        bus.close()
+    assert samples >= 80 and requested == []
+    (closed,) = BarStore(engine).read_bars(INST.id, Interval.M1, first_live, first_live + 60)
+    sim = Simulator(0, now=lambda: boundary + 60)
+    (truth,) = aggregate_trades(sim.trades(INST, first_live * NS_PER_S, boundary * NS_PER_S), Interval.M1,
+                                first_live, boundary, instrument=INST.id, source="stream",
+                                prev_close=sim.last_trade_before(INST, first_live * NS_PER_S).price)  # fmt: skip
+    assert values(closed) == values(truth) and closed.source == "stream" and not closed.final

@@ -42,7 +42,7 @@ from candlekeep.storage.bars import BarStore
 from candlekeep.storage.instruments import InstrumentStore
 from candlekeep.storage.outages import OutageStore
 from candlekeep.bus import Bus, InProcessBus, KafkaBus, Record
-from streaming.coordinator import Coordinator
+from streaming.coordinator import SETTLE_S, Coordinator
 from streaming.dynamic import DynamicConsumer
 from streaming.health import HealthServer
 from tests.utils.wait import eventually
@@ -136,8 +136,13 @@ def read_topic(bus: Bus, name: str, *, count: int, timeout: float = 30.0, settle
     return sorted(records, key=lambda r: (r.partition, r.offset))
 
 
-def simulator_bars(instrument: str, start: int, end: int) -> list[Bar]:
-    return [b for page in Simulator(0).bars(Instrument.parse(instrument), M1, start, end) for b in page]
+def simulator_bars(instrument: str, start: int, end: int, *, fetched_at: int | None = None) -> list[Bar]:
+    """The simulator's bars; fetched at `fetched_at`, those ended less than SETTLE_S before are
+    provisional (a fetch never makes a just-closed minute final)."""
+    bars = [b for page in Simulator(0).bars(Instrument.parse(instrument), M1, start, end) for b in page]
+    if fetched_at is not None:
+        bars = [b if b.start + 60 <= fetched_at - SETTLE_S else replace(b, final=False) for b in bars]
+    return bars
 
 
 def stored(engine: Engine, instrument: str, start: int, end: int) -> list[Bar]:
@@ -190,8 +195,8 @@ def test_track_creates_the_topic_registers_the_partition_and_publishes_the_histo
         instrument, interval, start, end = source.calls[0]
         assert (instrument, interval) == (DOGE, "1m")
         assert M1.floor(int(before)) <= end <= M1.floor(int(after)) and start == end - 86_400
-        expected = simulator_bars(DOGE, start, end)
-        assert len(expected) == 1440
+        expected = simulator_bars(DOGE, start, end, fetched_at=end)  # fetched within the minute after `end`
+        assert len(expected) == 1440 and [b.final for b in expected[-3:]] == [True, False, False]
 
         records = read_topic(bus, name, count=1440)
         assert [r.key for r in records] == [DOGE] * 1440
@@ -237,7 +242,7 @@ def test_two_coordinators_and_concurrent_tracks_fetch_the_history_once(
         assert holder.counts() == {"track:done": 1, "track:skipped": 1} and other.counts() == {}
         assert len(source.calls) == 1
         _, _, start, end = source.calls[0]
-        wait_stored(engine, DOGE, simulator_bars(DOGE, start, end))
+        wait_stored(engine, DOGE, simulator_bars(DOGE, start, end, fetched_at=end))
 
         # The holder goes; the other takes control over, recovers from PostgreSQL, and does not fetch again.
         members[id(holder)].stop()
@@ -275,7 +280,9 @@ def test_untrack_clears_the_flag_and_a_new_track_fetches_only_what_is_missing(
         noon = ts("2024-03-01T12:00:00")
         assert [c[2:] for c in source.calls] == [(noon - 3600, noon), (noon, noon + 600)]
         records = read_topic(bus, dynamic_topic(topic_prefix, Instrument.parse(DOGE)), count=70)
-        assert exactly([decode_bar(r.value) for r in records]) == exactly(simulator_bars(DOGE, noon - 3600, noon + 600))
+        truth = (simulator_bars(DOGE, noon - 3600, noon, fetched_at=noon)
+                 + simulator_bars(DOGE, noon, noon + 600, fetched_at=noon + 600))  # fmt: skip
+        assert exactly([decode_bar(r.value) for r in records]) == exactly(truth)
     finally:
         running.stop()
 
