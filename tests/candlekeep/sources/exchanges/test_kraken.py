@@ -13,7 +13,7 @@ from collections import defaultdict
 from decimal import Decimal
 from typing import Any
 
-from candlekeep.bars import Disconnect, Trade
+from candlekeep.bars import Disconnect, Trade, decimal_str
 from candlekeep.books import BookDelta, BookSnapshot
 from candlekeep.feeds import connector_from_listing, normalize, record_json
 from candlekeep.sources.exchanges.base import IntegrityEvent
@@ -111,7 +111,7 @@ def test_trades_keep_the_wire_digits_and_the_taker_side() -> None:
         records, _ = run_live(connector(server.url, books=False),
                               lambda rs: sum(isinstance(r, Trade) for r in rs) >= len(expected))  # fmt: skip
     trades = [r for r in records if isinstance(r, Trade)]
-    assert [(t.instrument, str(t.price), str(t.size), t.side) for t in trades] == expected
+    assert [(t.instrument, decimal_str(t.price), decimal_str(t.size), t.side) for t in trades] == expected
     assert trades[0].ts_ns == 1618678142_557535000 and trades[0].price == Decimal("354.11000000")
     assert len({t.trade_id for t in trades}) == len(trades)
 
