@@ -167,7 +167,13 @@ def run_live(
 
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True, name="feed-runner")
     thread.start()
-    finished = done.wait(timeout)
+    deadline = time.monotonic() + timeout
+    finished = False
+    while not finished and time.monotonic() < deadline:  # also polled: a state can change without a record
+        finished = done.wait(0.05)
+        if not finished:
+            with lock:
+                finished = until(records)
     while not stop_holder:
         time.sleep(0.01)
     loop.call_soon_threadsafe(stop_holder[0].set)
