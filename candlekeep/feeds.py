@@ -39,7 +39,7 @@ def normalize(connector: Connector, ws_events: Iterable[WsEvent],
               http_responses: Sequence[HttpResponse] = ()) -> Iterator[Record]:  # fmt: skip
     """Every record the connector makes of a recording, in order (one connection: the recorder
     writes one file per connection)."""
-    conn = connector.connections()[0].key
+    conns = [spec.key for spec in connector.connections()]
     wanted: dict[str, str] = {}  # path?query -> instrument, snapshots asked for and not yet given
     timeline: list[tuple[int, int, str, Any]] = []
     for n, response in enumerate(http_responses):
@@ -62,10 +62,11 @@ def normalize(connector: Connector, ws_events: Iterable[WsEvent],
 
     for event in ws:
         yield from rest_until(event.received_ns)
-        if event.kind == "open":
-            yield from connector.on_open(conn, event.received_ns)
+        if event.kind == "open":  # the recorder writes one file per socket; ours may spread instruments
+            for conn in conns:
+                yield from connector.on_open(conn, event.received_ns)
         elif event.kind == "received" and event.data is not None:
-            yield from connector.on_frame(conn, event.data, event.received_ns)
+            yield from connector.on_frame(conns[0], event.data, event.received_ns)
         actions()
     yield from rest_until(None)
 
