@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from candlekeep.bars import Trade
-from candlekeep.orderbook import okx_checksum
+from candlekeep.orderbook import OkxChecksum
 from candlekeep.sources.exchanges.base import (
     CHECKSUM_MISMATCH,
     CHECKSUM_OK,
@@ -82,6 +82,10 @@ class OkxConnector(Connector):
     venue = "okx"
     ws_url = WS_URL
     verified = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._checksums = {i: OkxChecksum() for i in self.instruments}
 
     def connections(self) -> list[ConnectionSpec]:
         frames = []
@@ -155,7 +159,10 @@ class OkxConnector(Connector):
                                    f"prevSeqId {prev} after seqId {state.sequence}", seq)  # fmt: skip
             book.update(bids, asks)
             prev_seq, state.sequence = state.sequence, seq
-        computed = okx_checksum(book)
+        checksum = self._checksums[instrument]
+        if action == "snapshot":
+            checksum.reset()
+        computed = checksum(book, [p for p, _ in bids], [p for p, _ in asks])
         if "checksum" in data and computed != int(data["checksum"]):
             return self.resync(instrument, received_ns, CHECKSUM_MISMATCH,
                                f"venue crc32 {data['checksum']}, book gives {computed}", seq)  # fmt: skip
