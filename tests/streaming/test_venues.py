@@ -13,8 +13,8 @@ from collections import defaultdict
 
 from prometheus_client import CollectorRegistry
 
-from candlekeep.bars import Trade
-from candlekeep.books import BookSnapshot
+from candlekeep.bars import Disconnect, Trade
+from candlekeep.books import BookDelta, BookSnapshot
 from candlekeep.bus import InProcessBus
 from candlekeep.messages import BOOKS, TICKS, decode_book, decode_tick_record
 from candlekeep.sources.exchanges.base import listing_bodies
@@ -54,11 +54,13 @@ def test_okx_recording_reaches_ticks_and_books() -> None:
                            runner_options={"heartbeat_every_s": 3600})  # fmt: skip
         assert feeds.unserved == ["cccagg:BTC-USD"]
         feeds.start()
-        published = 0
+        trades = books_out = 0
         deadline = time.monotonic() + 30
         for record in feeds.events():
-            published += publish_record(producer, "", record)
-            if published >= 290 + 74 or time.monotonic() > deadline:
+            publish_record(producer, "", record)
+            trades += isinstance(record, Trade)
+            books_out += isinstance(record, BookSnapshot | BookDelta)
+            if (trades >= 74 and books_out >= 290) or time.monotonic() > deadline:
                 break
         feeds.stop()
     producer.flush(5)
@@ -70,6 +72,7 @@ def test_okx_recording_reaches_ticks_and_books() -> None:
     ticks = [decode_tick_record(r.value) for r in got if r.topic == TICKS]
     assert all(r.key == (b.instrument) for r, b in zip([r for r in got if r.topic == BOOKS], books, strict=True))
     assert sum(isinstance(t, Trade) for t in ticks) == 74
+    assert sorted(t.instrument for t in ticks if isinstance(t, Disconnect)) == sorted(IDS.values())  # at start
     seen: dict[str, list[int]] = defaultdict(list)
     rebuilt: dict[str, ReferenceBook] = {}
     for b in books:

@@ -15,7 +15,8 @@ a frame: `on_close` (a `Disconnect` per instrument on it), jittered exponential 
 resubscribe. REST snapshots (`FetchSnapshot`) go through one queue per runner with a token bucket
 (`snapshot_rate_per_s`, `snapshot_burst`) and a 429/418 answer is retried after `Retry-After`
 instead of dropped: 125 symbols re-snapshotting at once must not lock a venue out (cryptofeed #613).
-While a connection is live and an instrument has no trade, a `Heartbeat` is emitted every
+Each connection's instruments get a `Disconnect` when the runner starts (nothing before it is
+known). While a connection is live and an instrument has no trade, a `Heartbeat` is emitted every
 `heartbeat_every_s` at the connection's exchange clock (the largest exchange time it has seen), so
 quiet minutes close as flat bars on the log's clock.
 
@@ -39,7 +40,7 @@ import requests
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from candlekeep.bars import Heartbeat, Trade
+from candlekeep.bars import Disconnect, Heartbeat, Trade
 from candlekeep.sources.exchanges.base import (
     Action,
     ConnectionSpec,
@@ -54,6 +55,7 @@ from candlekeep.sources.exchanges.recording import RecordingWriter
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Record], None]
+STARTED = "feed started: nothing is known before this"
 
 
 class FeedRunner:
@@ -141,6 +143,10 @@ class FeedRunner:
     # -- one connection ---------------------------------------------------------------------------
 
     async def _connection(self, spec: ConnectionSpec, stop: asyncio.Event) -> None:
+        # A runner that starts knows nothing of what came before it (a previous run, a crash): the
+        # log gets a disconnect first, so the span up to our first record is a gap (DESIGN.md).
+        started = self.now_ns()
+        self._deliver(spec.key, [Disconnect(i, started, self.connector.venue, STARTED) for i in spec.instruments])
         failures = 0
         while not stop.is_set():
             opened = False
