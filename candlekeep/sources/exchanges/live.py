@@ -113,7 +113,8 @@ class FeedRunner:
     def _deliver(self, conn: str | None, records: list[Record]) -> None:
         for record in records:
             ts = getattr(record, "ts_ns", None)
-            if conn is not None and isinstance(ts, int) and not isinstance(record, Heartbeat):
+            # the exchange clock: venue times only (a disconnect carries our own wall time)
+            if conn is not None and isinstance(ts, int) and not isinstance(record, Heartbeat | Disconnect):
                 if ts > self._clock.get(conn, 0):
                     self._clock[conn] = ts
             if isinstance(record, Trade):
