@@ -84,3 +84,41 @@ def test_okx_recording_reaches_ticks_and_books() -> None:
     ok = registry.get_sample_value("candlekeep_venue_integrity_total",
                                    {"venue": "okx", "instrument": "okx:BTC-USDT", "event": "checksum_ok"})  # fmt: skip
     assert ok == len(expected["okx:BTC-USDT"])
+
+
+def test_a_frame_no_connector_can_read_goes_to_deadletter_and_the_socket_reads_on() -> None:
+    from candlekeep.messages import DEADLETTER
+    import base64
+
+    frames = received_frames(recorded("OKX.ws.1.0.txt"))
+    broken = '{"arg":{"channel":"books","instId":"BTC-USDT"},"action":"update","data":[{"asks":[["x","1","0","1"]]}]}'
+    books_at = next(i for i, f in enumerate(frames) if '"instId":"UNI-USD-SWAP"},"action":"update"' in str(f))
+
+    def script(session: ReplaySession) -> None:
+        session.expect('"subscribe"')
+        session.send_all(frames[:books_at] + [broken] + frames[books_at:])
+
+    symbols = symbols_from_listing("okx", listing_bodies(recording_path("OKX.0.txt").read_text()))
+    bus = InProcessBus()
+    bus.ensure_topics([TICKS, BOOKS, DEADLETTER])
+    producer = bus.producer(name="venues-test")
+    registry = CollectorRegistry()
+    with ReplayServer([script]) as server:
+        feeds = VenueFeeds(list(IDS.values()), registry=registry, symbols={"okx": symbols},
+                           urls={"okx": (server.url, None)}, snapshot_every_s=0)  # fmt: skip
+        feeds.start()
+        deadline = time.monotonic() + 30
+        trades = 0
+        for record in feeds.events():
+            publish_record(producer, "", record)
+            trades += isinstance(record, Trade)
+            if trades >= 74 or time.monotonic() > deadline:
+                break
+        feeds.stop()
+    producer.flush(5)
+    consumer = bus.consumer(group="check", topics=[DEADLETTER])
+    [dead] = consumer.poll_batch(max_records=10, timeout=1.0)
+    body = json.loads(dead.value)
+    assert base64.b64decode(body["payload"]).decode() == broken and "okx" in body["error"]
+    assert trades == 74  # everything after the bad frame still arrived
+    assert registry.get_sample_value("candlekeep_venue_socket_events", {"venue": "okx", "event": "bad_frames"}) == 1
