@@ -156,7 +156,8 @@ class VenueFeeds:
                 continue
 
     def metrics(self) -> dict[str, Any]:
-        return {name: {"sockets": dict(r.stats), "integrity": r.connector.metrics()} for name, r in self._runners.items()}
+        return {name: {"sockets": dict(runner.stats), "integrity": runner.connector.metrics()}
+                for name, runner in self._runners.items()}  # fmt: skip
 
     # -- the loop thread --------------------------------------------------------------------------
 

@@ -20,7 +20,15 @@ from candlekeep.messages import BOOKS, TICKS, decode_book, decode_tick_record
 from candlekeep.sources.exchanges.base import listing_bodies
 from candlekeep.sources.exchanges.registry import symbols_from_listing
 from streaming.venues import VenueFeeds, publish_record, venue_instruments
-from tests.utils.exchange_replay import ReferenceBook, ReplayServer, ReplaySession, okx_crc, received_frames, recorded, recording_path
+from tests.utils.exchange_replay import (
+    ReferenceBook,
+    ReplayServer,
+    ReplaySession,
+    okx_crc,
+    received_frames,
+    recorded,
+    recording_path,
+)
 
 IDS = {"BTC-USDT": "okx:BTC-USDT", "BTC-USD-220527": "okx_futures:BTC-USD220527", "UNI-USD-SWAP": "okx_swap:UNI-USD"}
 

@@ -18,9 +18,10 @@ Facts (OKX v5 docs "WebSocket: Order book channel", "Trades channel", "Connect";
   recording predates them) an update's `prevSeqId` must equal the previous `seqId` (equal `seqId`
   and `prevSeqId` is a heartbeat-like no-change update); (2) `checksum` is the signed CRC32 of the
   top 25 levels interleaved `bid:bidsz:ask:asksz:...` (`candlekeep.orderbook.okx_checksum`),
-  snapshots included. Since 2025 OKX sends `checksum: 0` on the `books` channel (observed by
+  snapshots included. OKX has since been seen sending `checksum: 0` on `books` (observed by
   third-party recorders, e.g. the tickvault crate's notes): 0 means "no checksum" and the seqId
-  chain alone proves the book (a real CRC32 of 0 is a 1 in 2^32 case). A break, a mismatch or a crossed book resyncs that instrument only:
+  chain alone proves the book (a real CRC32 of 0 is a 1 in 2^32 case). A break, a mismatch or a
+  crossed book resyncs that instrument only:
   unsubscribe + subscribe its `books` channel, which pushes a fresh snapshot.
 - Trades: `{"instId","tradeId","px","sz","side","ts"}`; `side` is the taker's.
 
