@@ -41,8 +41,8 @@ from candlekeep.books import BookDelta, BookSnapshot
 from candlekeep.bus import BufferFull, BusProducer
 from candlekeep.feeds import fetch_listing
 from candlekeep.instruments import Instrument
-from candlekeep.settings import Settings
 from candlekeep.messages import BOOKS, DEADLETTER, TICKS, encode_book, encode_deadletter, encode_tick_record, topic
+from candlekeep.settings import Settings
 from candlekeep.sources.cryptocompare_stream import BadFrame
 from candlekeep.sources.exchanges.base import Connector, IntegrityEvent, Record, SymbolMap
 from candlekeep.sources.exchanges.live import FeedRunner
