@@ -112,6 +112,10 @@ class ConnectionSpec:
     ping: PingRule | None = None
     # No frame at all for this long means the socket is dead (venues heartbeat or push often).
     silence_timeout_s: float = 30.0
+    # The venue's cap on frames we send (subscribe/unsubscribe; pings excepted): a token bucket,
+    # so a burst of resyncs queues its resubscribes instead of getting the socket closed.
+    sends_per_s: float | None = None
+    send_burst: int = 10
 
 
 @dataclass(frozen=True, slots=True)

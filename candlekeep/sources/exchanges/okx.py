@@ -97,8 +97,9 @@ class OkxConnector(Connector):
             frames.append(self._op("subscribe", BOOK_CHANNEL, self.instruments))
         if self.with_trades:
             frames.append(self._op("subscribe", "trades", self.instruments))
+        # 480 subscribe/unsubscribe requests per hour per connection: a resync costs two.
         return [ConnectionSpec(CONN, self.ws_url, self.instruments, tuple(frames), PingRule(20.0, "ping"),
-                               silence_timeout_s=30.0)]  # fmt: skip
+                               silence_timeout_s=30.0, sends_per_s=480 / 3600, send_burst=20)]  # fmt: skip
 
     def _op(self, op: str, channel: str, instruments: Iterable[str]) -> str:
         args = [{"channel": channel, "instId": self.symbols.venue_symbol(i)} for i in instruments]
