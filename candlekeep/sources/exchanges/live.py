@@ -192,6 +192,9 @@ class FeedRunner:
                     self.stats["connects"] += 1
                     self._sockets[spec.key] = ws
                     self.live[spec.key] = True
+                    # heartbeats wait for this socket's own frames: the clock of the lost one is
+                    # from before the disconnect and must not be vouched for after it
+                    self._clock.pop(spec.key, None)
                     now = self.now_ns()
                     if self.recorder is not None:
                         self.recorder.opened(spec.url, now)
