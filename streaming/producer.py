@@ -51,10 +51,22 @@ from sqlalchemy import Engine
 
 from candlekeep.bars import NS_PER_S, Disconnect, Heartbeat, Trade
 from candlekeep.instruments import Instrument
-from candlekeep.messages import CONTROL, DEADLETTER, TICKS, MessageError, decode_control, encode_deadletter, encode_tick_record
+from candlekeep.books import BookDelta, BookSnapshot
+from candlekeep.messages import (
+    BOOKS,
+    CONTROL,
+    DEADLETTER,
+    TICKS,
+    MessageError,
+    decode_control,
+    encode_book,
+    encode_deadletter,
+    encode_tick_record,
+)
 from candlekeep.messages import topic as topic_name
 from candlekeep.settings import Settings
 from candlekeep.sources.cryptocompare_stream import BadFrame, StreamStatus, SubscriptionFailed
+from candlekeep.sources.exchanges.base import IntegrityEvent
 from candlekeep.sources.simulator import Simulator
 from candlekeep.bus import Bus, BufferFull, BusConsumer, BusProducer
 from streaming.health import HealthServer, InvalidTransition, StateMachine
@@ -215,10 +227,90 @@ class SimulatorPlayback:
         return False
 
 
+class CombinedSource:
+    """Several live sources as one: each instrument goes to the first source that `serves` it (the
+    venue connectors for their venues, the configured source for the rest); their events are merged
+    through a queue, one reader thread per source (each keeps its own order)."""
+
+    name = "producer"
+
+    def __init__(self, sources: list[tuple[LiveSource, Callable[[str], bool]]]) -> None:
+        self._sources = sources
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=10_000)
+        self._closed = threading.Event()
+
+    def _of(self, instrument: str) -> LiveSource:
+        return next((src for src, serves in self._sources if serves(instrument)), self._sources[-1][0])
+
+    @property
+    def instruments(self) -> list[str]:
+        return sorted({i for src, _ in self._sources for i in src.instruments})  # type: ignore[attr-defined]
+
+    def subscribe(self, instruments: Iterable[str]) -> None:
+        for instrument in instruments:
+            self._of(Instrument.parse(instrument).id).subscribe([instrument])
+
+    def unsubscribe(self, instruments: Iterable[str]) -> None:
+        for instrument in instruments:
+            self._of(Instrument.parse(instrument).id).unsubscribe([instrument])
+
+    def now_ns(self) -> int:
+        return self._sources[-1][0].now_ns()
+
+    def close(self) -> None:
+        self._closed.set()
+        for src, _ in self._sources:
+            src.close()
+
+    def events(self) -> Iterator[object]:
+        done = object()
+
+        def read(src: LiveSource) -> None:
+            try:
+                for event in src.events():
+                    while not self._closed.is_set():
+                        try:
+                            self._queue.put(event, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+            finally:
+                self._queue.put(done)
+
+        threads = [threading.Thread(target=read, args=(src,), name=f"source-{src.name}", daemon=True)
+                   for src, _ in self._sources]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        running = len(threads)
+        while running:
+            item = self._queue.get()
+            if item is done:
+                running -= 1
+                continue
+            yield item
+
+
 def make_live_source(
     settings: Settings, *, speed: float = 1.0, start_ns: int | None = None, end_ns: int | None = None
 ) -> LiveSource:
-    """The live source `CANDLEKEEP_SOURCE` names, tracking `CANDLEKEEP_INSTRUMENTS`."""
+    """The live source for `CANDLEKEEP_INSTRUMENTS`. Offline (`CANDLEKEEP_SOURCE=simulator`) the
+    simulator plays every instrument. Live, the instruments of the venues with a connector
+    (binance, coinbase, kraken, ...) go through it, trades and books, and the CryptoCompare
+    streamer keeps `cccagg:*` and every other venue; a `track` is routed the same way."""
+    if settings.source == "simulator":
+        return _configured_source(settings, speed=speed, start_ns=start_ns, end_ns=end_ns)
+    from streaming.venues import VenueFeeds, VenueSource, venue_instruments
+
+    served, rest = venue_instruments(settings.instruments)
+    base = _configured_source(settings.model_copy(update={"instruments": rest}))
+    venues = VenueSource([i for ids in served.values() for i in ids],
+                         feeds=lambda ids: VenueFeeds.from_settings(settings, ids))  # fmt: skip
+    return CombinedSource([(venues, lambda i: bool(venue_instruments([i])[0])), (base, lambda i: True)])
+
+
+def _configured_source(
+    settings: Settings, *, speed: float = 1.0, start_ns: int | None = None, end_ns: int | None = None
+) -> LiveSource:
     if settings.source == "simulator":
         return SimulatorPlayback(
             instruments=settings.instruments, seed=settings.simulator_seed, start_ns=start_ns, end_ns=end_ns,
@@ -254,6 +346,7 @@ class _Metrics:
         self.heartbeats = Counter(f"{p}heartbeats", "Heartbeats published (the source was live up to a time)",
                                   registry=registry)  # fmt: skip
         self.disconnects = Counter(f"{p}disconnects", "Disconnects published, per instrument", registry=registry)
+        self.books = Counter(f"{p}book_updates", "Book snapshots and deltas published to books", registry=registry)
         self.failed_subs = Gauge(f"{p}failed_subscriptions", "Subscriptions the source refused", registry=registry)
 
 
@@ -293,6 +386,7 @@ class Producer:
         self.control_group = control_group or f"{topic_prefix}producer-{uuid4().hex[:8]}"
         self.poll_interval = poll_interval
         self.ticks_topic = topic_name(topic_prefix, TICKS)
+        self.books_topic = topic_name(topic_prefix, BOOKS)
         self.control_topic = topic_name(topic_prefix, CONTROL)
         self.deadletter_topic = topic_name(topic_prefix, DEADLETTER)
         self.registry = registry or CollectorRegistry()
@@ -364,7 +458,7 @@ class Producer:
         while True:
             try:
                 self.bus.ensure_topics([self.ticks_topic], partitions=self.ticks_partitions)
-                self.bus.ensure_topics([self.control_topic, self.deadletter_topic])
+                self.bus.ensure_topics([self.control_topic, self.deadletter_topic, self.books_topic])
                 return True
             except Exception as exc:  # noqa: BLE001 - the broker may come later; keep trying
                 log.exception("producer: cannot create topics; retrying in %.0f s", delay)
@@ -442,6 +536,11 @@ class Producer:
         elif isinstance(item, Disconnect):
             self._send(self.ticks_topic, item.instrument, encode_tick_record(item))
             self.metrics.disconnects.inc()
+        elif isinstance(item, BookSnapshot | BookDelta):
+            self._send(self.books_topic, item.instrument, encode_book(item))
+            self.metrics.books.inc()
+        elif isinstance(item, IntegrityEvent):
+            pass  # counted and logged by the venue feeds
         elif isinstance(item, StreamStatus):
             self._to(item.state, item.detail)
         elif isinstance(item, SubscriptionFailed):

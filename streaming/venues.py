@@ -31,7 +31,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -156,9 +156,12 @@ class VenueFeeds:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def events(self, poll: float = 0.2) -> Iterator[Record | BadFrame]:
-        """Records in emit order until stopped (integrity events included: the caller may count them)."""
+    def events(self, poll: float = 0.2, until: Callable[[], bool] | None = None) -> Iterator[Record | BadFrame]:
+        """Records in emit order until stopped, or until `until()` says so (checked every `poll` s at
+        least); integrity events included: the caller may count them."""
         while not (self._closed.is_set() and self._queue.empty()):
+            if until is not None and until():
+                return
             try:
                 yield self._queue.get(timeout=poll)
             except queue.Empty:
@@ -231,3 +234,58 @@ def run_to_bus(feeds: VenueFeeds, producer: BusProducer, prefix: str = "", *, un
         if until is not None and time.monotonic() > until:
             break
     return published
+
+
+class VenueSource:
+    """The venue connectors as a producer's live source (streaming.producer.LiveSource).
+
+    `events()` runs one VenueFeeds for the wanted instruments and yields its records; a subscribe or
+    unsubscribe that changes the set restarts the feeds with the new set (each restart is a
+    disconnect per instrument on `ticks`, and a fresh snapshot per book: the gap is recorded, never
+    hidden). `feeds` builds the VenueFeeds (tests point it at loopback servers).
+    """
+
+    name = "venues"
+
+    def __init__(self, instruments: Iterable[str], *, feeds: Callable[[list[str]], VenueFeeds]) -> None:
+        self._feeds = feeds
+        self._lock = threading.Lock()
+        self._wanted = {Instrument.parse(i).id for i in instruments}
+        self._changed = threading.Event()
+        self._closed = threading.Event()
+
+    @property
+    def instruments(self) -> list[str]:
+        with self._lock:
+            return sorted(self._wanted)
+
+    def subscribe(self, instruments: Iterable[str]) -> None:
+        with self._lock:
+            before = set(self._wanted)
+            self._wanted.update(Instrument.parse(i).id for i in instruments)
+            if self._wanted != before:
+                self._changed.set()
+
+    def unsubscribe(self, instruments: Iterable[str]) -> None:
+        with self._lock:
+            before = set(self._wanted)
+            self._wanted.difference_update(Instrument.parse(i).id for i in instruments)
+            if self._wanted != before:
+                self._changed.set()
+
+    def now_ns(self) -> int:
+        return time.time_ns()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._changed.set()
+
+    def events(self) -> Iterator[Record | BadFrame]:
+        while not self._closed.is_set():
+            self._changed.clear()
+            feeds = self._feeds(self.instruments)
+            feeds.start()
+            try:
+                yield from feeds.events(until=self._changed.is_set)
+            finally:
+                feeds.stop()

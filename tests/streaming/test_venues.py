@@ -140,3 +140,58 @@ def test_settings_reach_the_runners() -> None:
     feeds = VenueFeeds.from_settings(settings, ["okx:BTC-USDT"])
     assert feeds.snapshot_every_s == 5
     assert feeds.runner_options == {"snapshot_rate_per_s": 1.5, "snapshot_burst": 3, "heartbeat_every_s": 2}
+
+
+def test_the_producer_runs_the_venue_connectors_into_ticks_and_books() -> None:
+    """streaming.producer with the venue connectors as its live source (VenueSource inside the
+    CombinedSource that `make_live_source` builds for a live deployment): the OKX recording's trades
+    reach `ticks` and its books `books`, where a consumer's book passes OKX's own checksum."""
+    import threading
+
+    from streaming.producer import CombinedSource, Producer, SimulatorPlayback
+    from streaming.venues import VenueSource
+
+    frames = received_frames(recorded("OKX.ws.1.0.txt"))
+    expected: dict[str, list[int]] = defaultdict(list)
+    for f in frames:
+        msg = json.loads(f)
+        if msg.get("arg", {}).get("channel") == "books" and "data" in msg:
+            expected[IDS[msg["arg"]["instId"]]] += [d["checksum"] for d in msg["data"]]
+
+    def script(session: ReplaySession) -> None:
+        session.expect('"subscribe"')
+        session.send_all(frames)
+
+    symbols = symbols_from_listing("okx", listing_bodies(recording_path("OKX.0.txt").read_text()))
+    bus = InProcessBus()
+    with ReplayServer([script]) as server:
+        source = VenueSource(IDS.values(), feeds=lambda ids: VenueFeeds(
+            ids, symbols={"okx": symbols}, urls={"okx": (server.url, None)}, snapshot_every_s=0,
+            runner_options={"heartbeat_every_s": 3600}))  # fmt: skip
+        others = SimulatorPlayback(instruments=[], speed=1)  # the configured source, with nothing to play
+        producer = Producer(bus, CombinedSource([(source, lambda i: i.startswith("okx")), (others, lambda i: True)]))
+        thread = threading.Thread(target=producer.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while producer.registry.get_sample_value("candlekeep_producer_book_updates_total") < 290:
+            assert time.monotonic() < deadline and thread.is_alive(), producer.health()
+            time.sleep(0.05)
+        producer.stop()
+        thread.join(30)
+    consumer = bus.consumer(group="check", topics=[TICKS, BOOKS])
+    got = []
+    while batch := consumer.poll_batch(max_records=10_000, timeout=0.5):
+        got += batch
+    ticks = [decode_tick_record(r.value) for r in got if r.topic == TICKS]
+    assert sum(isinstance(t, Trade) for t in ticks) == 74
+    seen: dict[str, list[int]] = defaultdict(list)
+    rebuilt: dict[str, ReferenceBook] = {}
+    for b in (decode_book(r.value) for r in got if r.topic == BOOKS):
+        book = rebuilt.setdefault(b.instrument, ReferenceBook())
+        book.apply(b)
+        seen[b.instrument].append(okx_crc(book.sorted_bids(), book.sorted_asks()))
+    assert dict(seen) == dict(expected)
+    # Each instrument's log opens and closes with a disconnect (the producer's start and stop).
+    for instrument in IDS.values():
+        gone = [t.reason for t in ticks if isinstance(t, Disconnect) and t.instrument == instrument]
+        assert gone[0] == "producer started" and gone[-1] == "producer stopped"
