@@ -51,7 +51,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -418,7 +418,11 @@ class Coordinator:
         """A fetch command per instrument of each closed outage not refilled yet (once per run)."""
         assert self.outages is not None
         since = datetime.fromtimestamp(self.clock() - self.refill_lookback_s, UTC)
-        rows = [r for r in self.outages.list(start=since) if r.ended_at is not None and r.id not in self.refills]
+        # An outage is refilled once its window has settled at the source (SETTLE_S): sooner, the
+        # fetched minutes would come back provisional and the gap would stay until the next refresh.
+        settled = datetime.fromtimestamp(self.clock() - self.settle_s, UTC)
+        rows = [r for r in self.outages.list(start=since)
+                if r.ended_at is not None and r.ended_at + timedelta(seconds=60) <= settled and r.id not in self.refills]  # fmt: skip
         commands = []
         for row in rows:
             start, end = row.refill_window()
