@@ -24,6 +24,7 @@ from pathlib import Path
 
 from candlekeep.bars import Interval, decimal_str
 from candlekeep.instruments import Instrument, InstrumentError, resolve_instrument
+from candlekeep.logs import configure as configure_logging
 from candlekeep.query import QueryError, build_query, query_ohlcv
 from candlekeep.settings import Settings
 
@@ -35,12 +36,12 @@ BACKFILL_INTERVALS = ("1m", "1h", "1d")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings()
     except ValueError as exc:  # pydantic's ValidationError names the variable
         print(f"candlekeep: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
+    configure_logging(settings.log_format, settings.log_level)
     try:
         return args.run(args, settings)
     except (QueryError, InstrumentError) as exc:

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     # Streaming daemons' /health and /metrics: base, base+1, ... (0: any free port).
     stream_port_base: int = Field(9101, ge=0, lt=65533)
 
+    # --- operations (candlekeep/logs.py) ---
+    # `json`: one JSON object per line per event (for log shippers); `text`: for people.
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
     @field_validator("instruments", "api_keys", "api_cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
