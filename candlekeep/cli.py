@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from datetime import date, timedelta
 from pathlib import Path
+from typing import IO
 
 from candlekeep.bars import Interval, decimal_str
 from candlekeep.instruments import Instrument, InstrumentError, resolve_instrument
@@ -221,6 +222,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from candlekeep.storage.instruments import InstrumentStore
 
     root = project_root()
+    lock = _lock_data_dir(settings.data_dir)
+    if lock is None:
+        return 1
     url = _database(settings)
     engine = create_engine(url)
     added = InstrumentStore(engine).register(Instrument.parse(i) for i in settings.instruments)
@@ -270,7 +274,33 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                 stopping, exit_code = True, 1
         time.sleep(0.5)
     _stop_children(children)
+    lock.close()  # the next `up` may start now
     return exit_code
+
+
+def _lock_data_dir(data_dir: Path) -> IO[str] | None:
+    """Hold `<data_dir>/up.lock` (an flock, released by the kernel when this process dies, even by
+    SIGKILL, so a stale file never blocks) and write our pid in it; None, after saying which process
+    holds it, when another `candlekeep up` on the same data directory is running."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "up.lock"
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        print(f"candlekeep up: already running on data directory {data_dir.resolve()} (pid {holder}); "
+              f"stop it first (Ctrl-C in its terminal, or kill -INT {holder})", file=sys.stderr)
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def _stop_children(children: dict[str, subprocess.Popen]) -> None:
