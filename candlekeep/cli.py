@@ -100,14 +100,18 @@ def _database(settings: Settings) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from candlekeep.storage.db import create_engine
+    from candlekeep.storage.db import create_engine, license_conflicts
     from candlekeep.storage.migrate import current_revision
 
     url = _database(settings)
     engine = create_engine(url)
     print(f"database migrated to {current_revision(engine)}")
+    # A schema can be current and still unreadable: built under the Timescale license, run under Apache.
+    problems = license_conflicts(engine)
     engine.dispose()
-    return 0
+    for problem in problems:
+        print(f"candlekeep migrate: NOT USABLE: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
