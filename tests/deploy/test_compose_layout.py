@@ -48,6 +48,9 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 INFRA = ("CANDLEKEEP_DATABASE_URL", "CANDLEKEEP_DAGSTER_PG_URL", "CANDLEKEEP_KAFKA_BOOTSTRAP_SERVERS",
          "CANDLEKEEP_REDIS_URL")  # fmt: skip
+# dagster.InstigationLogger (sensor and schedule `context.log`) always adds a coloredlogs console
+# handler in this format, whatever --log-format says; the same record goes to Dagster's event log.
+DAGSTER_INSTIGATION_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4} - dagster - [A-Z]+ - ")
 PROGRAMS = {  # the image's console scripts, run from this checkout (PYTHONPATH) with this venv
     "candlekeep": [sys.executable, "-m", "candlekeep.cli"],
     "uvicorn": [sys.executable, "-m", "uvicorn"],
@@ -82,7 +85,7 @@ def rewrite(argv: list[str], *, workspace: Path, code_port: int) -> tuple[list[s
             out.append("127.0.0.1")
         elif arg in ("--port", "-p"):
             next(args)
-            port = code_port if argv[:3] == ["dagster", "code-server", "start"] else free_port()
+            port = code_port if argv[0] == "dagster" else free_port()  # the code server, or its healthcheck
             out.append(str(port))
         elif arg == "-w":
             next(args)
@@ -150,9 +153,10 @@ def test_the_compose_layout_runs_without_containers(databases, kafka_bootstrap: 
     def start(service: str, replica: int = 0) -> Process:
         argv, port = rewrite(services[service]["command"], workspace=workspace_file, code_port=code_port)
         process = Process(service, replica, argv, port, tmp_path / f"{service}-{replica}.log")
-        with process.log.open("wb") as log:
-            process.proc = subprocess.Popen(argv, env=environment(service), cwd=ROOT, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        # stderr is the log (checked line by line below); stdout is a command's output.
+        with process.log.open("wb") as log, process.log.with_suffix(".out").open("wb") as out:
+            process.proc = subprocess.Popen(argv, env=environment(service), cwd=ROOT, stdout=out, stderr=log,
+                                            start_new_session=True)  # fmt: skip
         return process
 
     running: list[Process] = []
@@ -160,9 +164,20 @@ def test_the_compose_layout_runs_without_containers(databases, kafka_bootstrap: 
         # `migrate` first and to completion (compose: service_completed_successfully).
         migrate = start("migrate")
         assert migrate.proc.wait(120) == 0, migrate.tail()
-        assert "database migrated to" in migrate.log.read_text()
-        order = ["dagster-code"] + [n for n in services if n not in ("migrate", "dagster-code", *pending)]
-        for name in order:
+        assert "database migrated to" in migrate.log.with_suffix(".out").read_text()
+        # `dagster-code` next, until its compose healthcheck passes (the others wait: service_healthy).
+        running.append(start("dagster-code"))
+        check, _ = rewrite(services["dagster-code"]["healthcheck"]["test"][1:], workspace=workspace_file,
+                           code_port=code_port)  # fmt: skip
+        assert all(services[n]["depends_on"]["dagster-code"]["condition"] == "service_healthy"
+                   for n in ("dagster-webserver", "dagster-daemon"))  # fmt: skip
+
+        def code_server_healthy() -> bool:
+            assert running[0].proc.poll() is None, running[0].tail()
+            return subprocess.run(check, env=environment("dagster-code"), capture_output=True, timeout=60).returncode == 0
+
+        eventually(code_server_healthy, timeout=180, what="the code server's healthcheck")
+        for name in [n for n in services if n not in ("migrate", "dagster-code", *pending)]:
             running += [start(name, i) for i in range(compose.replicas(name))]
 
         def alive() -> None:
@@ -232,7 +247,7 @@ def test_the_compose_layout_runs_without_containers(databases, kafka_bootstrap: 
                 return conn.execute("SELECT count(DISTINCT instrument) FROM bars WHERE source = 'stream'").fetchone()[0]
 
         instruments = compose.environment("producer")["CANDLEKEEP_INSTRUMENTS"].split(",")
-        eventually(lambda: stream_bars() == len(instruments), timeout=150, what="stream bars of every instrument")
+        eventually(lambda: stream_bars() == len(instruments), timeout=240, what="stream bars of every instrument")  # fmt: skip
 
         # Every metric the dashboard queries is exported by a running process.
         exported: set[str] = set()
@@ -243,6 +258,20 @@ def test_the_compose_layout_runs_without_containers(databases, kafka_bootstrap: 
                          for line in body.decode().splitlines() if line and not line.startswith("#")}  # fmt: skip
         missing = dashboard_metric_names() - exported
         assert missing == {f"candlekeep_{d}_state" for d in pending}, missing
+
+        # The compose file sets CANDLEKEEP_LOG_FORMAT=json (and Dagster's --log-format json): every
+        # line every process wrote is one JSON object, and the library noise is not there.
+        assert compose.environment("aggregator")["CANDLEKEEP_LOG_FORMAT"] == "json"
+        for p in [migrate, *running]:
+            for line in p.log.read_text(errors="replace").splitlines():
+                if p.service.startswith("dagster") and DAGSTER_INSTIGATION_LINE.match(line):
+                    continue  # Dagster's sensor/schedule console logger: fixed text format, not configurable
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    raise AssertionError(f"{p.service}#{p.replica} wrote a line that is not JSON: {line[:300]}") from None
+                assert isinstance(event, dict), line
+                assert "Running commandline" not in line and "is currently in beta" not in line, line
     except BaseException:
         print("\n".join(p.tail() for p in running), file=sys.stderr)
         raise
