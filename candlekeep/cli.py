@@ -252,6 +252,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         # One process over the in-process bus, or a supervisor of one process per daemon with Kafka.
         "streaming": [sys.executable, "-m", "streaming.runner", "all", "--port-base", str(settings.stream_port_base)],
     }
+    if settings.log_format == "json":  # Dagster's own switch; ours reach the API and streaming by env
+        for name in ("dagster-webserver", "dagster-daemon"):
+            commands[name] += ["--log-format", "json"]
     children = {name: subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True)
                 for name, cmd in commands.items()}
     if added:
