@@ -19,6 +19,7 @@ from api.metrics import install_metrics
 from api.routes import health, ohlcv, stream, udf
 from api.security import install_security
 from candlekeep.cache import BarCache
+from candlekeep.logs import configure as configure_logging
 from candlekeep.serving import OhlcvService, OnDemand
 from candlekeep.settings import Settings
 from candlekeep.storage.bars import BarStore
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.log_format, settings.log_level)  # uvicorn's loggers too, one format
         engine = create_engine(resolve_database_url(settings))
         cache = BarCache.from_url(settings.redis_url) if settings.redis_url else None
         app.state.settings = settings

@@ -21,6 +21,8 @@ tests, do not collide). Exported:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -81,13 +83,25 @@ class ApiMetrics:
 def route_template(app: ASGIApp, scope: Scope) -> str:
     """The path template of the route `scope` targets (a method mismatch still names it)."""
     partial = None
-    for route in getattr(getattr(app, "router", None), "routes", ()):
+    for route in _flat_routes(getattr(getattr(app, "router", None), "routes", ())):
         match, _ = route.matches(scope)
+        path = getattr(route, "path_format", None) or getattr(route, "path", None)
         if match == Match.FULL:
-            return getattr(route, "path", UNMATCHED)
+            return path or UNMATCHED
         if match == Match.PARTIAL and partial is None:
-            partial = getattr(route, "path", None)
+            partial = path
     return partial or UNMATCHED
+
+
+def _flat_routes(routes: Iterable[Any]) -> Iterator[Any]:
+    """Every route, with included routers expanded: FastAPI >= 0.16x includes a router lazily, as one
+    `_IncludedRouter` entry whose `effective_route_contexts()` are its routes with the full path."""
+    for route in routes:
+        contexts = getattr(route, "effective_route_contexts", None)
+        if callable(contexts):
+            yield from contexts()
+        else:
+            yield route
 
 
 class MetricsMiddleware:

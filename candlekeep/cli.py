@@ -21,9 +21,11 @@ import time
 from collections.abc import Sequence
 from datetime import date, timedelta
 from pathlib import Path
+from typing import IO
 
 from candlekeep.bars import Interval, decimal_str
 from candlekeep.instruments import Instrument, InstrumentError, resolve_instrument
+from candlekeep.logs import configure as configure_logging
 from candlekeep.query import QueryError, build_query, query_ohlcv
 from candlekeep.settings import Settings
 
@@ -35,12 +37,12 @@ BACKFILL_INTERVALS = ("1m", "1h", "1d")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings()
     except ValueError as exc:  # pydantic's ValidationError names the variable
         print(f"candlekeep: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
+    configure_logging(settings.log_format, settings.log_level)
     try:
         return args.run(args, settings)
     except (QueryError, InstrumentError) as exc:
@@ -99,14 +101,18 @@ def _database(settings: Settings) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from candlekeep.storage.db import create_engine
+    from candlekeep.storage.db import create_engine, license_conflicts
     from candlekeep.storage.migrate import current_revision
 
     url = _database(settings)
     engine = create_engine(url)
     print(f"database migrated to {current_revision(engine)}")
+    # A schema can be current and still unreadable: built under the Timescale license, run under Apache.
+    problems = license_conflicts(engine)
     engine.dispose()
-    return 0
+    for problem in problems:
+        print(f"candlekeep migrate: NOT USABLE: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
@@ -221,6 +227,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from candlekeep.storage.instruments import InstrumentStore
 
     root = project_root()
+    lock = _lock_data_dir(settings.data_dir)
+    if lock is None:
+        return 1
     url = _database(settings)
     engine = create_engine(url)
     added = InstrumentStore(engine).register(Instrument.parse(i) for i in settings.instruments)
@@ -244,6 +253,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         # One process over the in-process bus, or a supervisor of one process per daemon with Kafka.
         "streaming": [sys.executable, "-m", "streaming.runner", "all", "--port-base", str(settings.stream_port_base)],
     }
+    if settings.log_format == "json":  # Dagster's own switch; ours reach the API and streaming by env
+        for name in ("dagster-webserver", "dagster-daemon"):
+            commands[name] += ["--log-format", "json"]
     children = {name: subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True)
                 for name, cmd in commands.items()}
     if added:
@@ -270,7 +282,33 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                 stopping, exit_code = True, 1
         time.sleep(0.5)
     _stop_children(children)
+    lock.close()  # the next `up` may start now
     return exit_code
+
+
+def _lock_data_dir(data_dir: Path) -> IO[str] | None:
+    """Hold `<data_dir>/up.lock` (an flock, released by the kernel when this process dies, even by
+    SIGKILL, so a stale file never blocks) and write our pid in it; None, after saying which process
+    holds it, when another `candlekeep up` on the same data directory is running."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "up.lock"
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        print(f"candlekeep up: already running on data directory {data_dir.resolve()} (pid {holder}); "
+              f"stop it first (Ctrl-C in its terminal, or kill -INT {holder})", file=sys.stderr)
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def _stop_children(children: dict[str, subprocess.Popen]) -> None:

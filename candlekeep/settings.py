@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     venue_rest_snapshot_burst: int = Field(5, gt=0)
     venue_heartbeat_every_s: float = Field(5.0, gt=0)
 
+    # --- operations (candlekeep/logs.py) ---
+    # `json`: one JSON object per line per event (for log shippers); `text`: for people.
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
     @field_validator("instruments", "api_keys", "api_cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

@@ -497,6 +497,7 @@ def main(argv: Sequence[str] | None = None, settings: Settings | None = None) ->
     from candlekeep.storage.db import create_engine, resolve_database_url
     from candlekeep.storage.migrate import upgrade
     from candlekeep.bus import make_bus
+    from candlekeep.logs import configure as configure_logging
     from streaming.health import serve
 
     parser = argparse.ArgumentParser(prog="streaming.coordinator", description=__doc__.splitlines()[0])
@@ -505,8 +506,8 @@ def main(argv: Sequence[str] | None = None, settings: Settings | None = None) ->
     parser.add_argument("--history-hours", type=float, default=DEFAULT_HISTORY_S / 3600,
                         help="history fetched on track (1m bars), hours")  # fmt: skip
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings or Settings()
+    configure_logging(settings.log_format, settings.log_level)
     url = resolve_database_url(settings)
     upgrade(url)
     engine = create_engine(url)

@@ -262,14 +262,15 @@ def main(argv: Sequence[str] | None = None, settings: Settings | None = None) ->
     from candlekeep.storage.db import create_engine, resolve_database_url
     from candlekeep.storage.migrate import upgrade
     from candlekeep.bus import make_bus
+    from candlekeep.logs import configure as configure_logging
     from streaming.health import serve
 
     parser = argparse.ArgumentParser(prog="streaming.dynamic", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="/health and /metrics address")
     parser.add_argument("--port", type=int, default=9104, help="/health and /metrics port (0: any, -1: none)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings or Settings()
+    configure_logging(settings.log_format, settings.log_level)
     url = resolve_database_url(settings)
     upgrade(url)
     engine = create_engine(url)

@@ -47,6 +47,7 @@ from pydantic import SecretStr
 
 from candlekeep.bars import NS_PER_S
 from candlekeep.instruments import Instrument
+from candlekeep.logs import configure as configure_logging
 from candlekeep.messages import CONTROL, ControlCommand, encode_control
 from candlekeep.messages import topic as topic_name
 from candlekeep.settings import Settings
@@ -436,8 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in (*DAEMONS, "all"):
         print(usage, file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
     if name != "all":
         return run_daemon(name, settings, rest)
     parser = argparse.ArgumentParser(prog="python -m streaming.runner all", description=__doc__.splitlines()[0])

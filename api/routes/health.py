@@ -42,6 +42,8 @@ class DaemonPublic(BaseModel):
 
 class HealthDetailPublic(_HealthBase):
     kafka: str = Field(description="ok | not configured | error: ...", examples=["not configured"])
+    storage: str = Field(default="ok", description="ok | error: what the TimescaleDB license cannot serve "
+                         "(compressed chunks, continuous aggregates under the apache license)", examples=["ok"])
     daemons: dict[str, DaemonPublic] = Field(description="producer, aggregator, coordinator, dynamic")
 
 
@@ -60,8 +62,10 @@ def health(engine: EngineDep, settings: SettingsDep, response: Response) -> Heal
         redis_state = _redis_state(settings.redis_url)
         kafka_state = kafka_future.result()
         daemons = {name: future.result() for name, future in daemon_futures.items()}
+    storage = _storage_state(engine) if database == "ok" else "unknown"
     healthy = (
         database == "ok"
+        and storage in ("ok", "unknown")
         and migrations == "current"
         and redis_state in ("ok", "not configured")
         and kafka_state in ("ok", "not configured")
@@ -74,8 +78,20 @@ def health(engine: EngineDep, settings: SettingsDep, response: Response) -> Heal
         migrations=migrations,
         redis=redis_state,
         kafka=kafka_state,
+        storage=storage,
         daemons=daemons,
     )
+
+
+def _storage_state(engine: object) -> str:
+    """"ok", or the license conflicts (candlekeep.storage.db.license_conflicts) in one line."""
+    from candlekeep.storage.db import license_conflicts
+
+    try:
+        problems = license_conflicts(engine)  # type: ignore[arg-type]
+    except Exception as exc:  # health reports failures; it never raises them
+        return _error(exc)
+    return "error: " + "; ".join(problems) if problems else "ok"
 
 
 def _database_state(engine: object) -> tuple[str, str]:

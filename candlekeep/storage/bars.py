@@ -5,8 +5,9 @@ Writes (`upsert_bars`) stream in batches, one transaction each. A batch is dedup
 bucket span (per instrument and interval), it is COPY'd straight into `bars`: a fresh backfill runs
 at COPY speed (should a concurrent writer store one of its buckets meanwhile, the unique violation
 rolls the attempt back and the batch takes the general path). Otherwise the batch is COPY'd into
-a session temp table and merged with one `INSERT ... SELECT ... ON CONFLICT DO UPDATE ... WHERE
-<row differs>`. So:
+a session temp table, the rows that would not change are dropped from it (so they are never
+locked, and never decompress a TimescaleDB compressed chunk), and the rest is merged with one
+`INSERT ... SELECT ... ON CONFLICT DO UPDATE ... WHERE <row differs>`. So:
 - writing identical bars again changes nothing (no revision bump, `updated_at` kept: unchanged);
 - a bar whose values, source or finality differ is updated: `revision + 1`, `updated_at = now()`
   (numeric values compare as numbers: '1.5' over a stored '1.50' is no change and keeps '1.50');
@@ -90,6 +91,18 @@ _HELD = f"""
 SELECT b.instrument, b."interval", extract(epoch FROM b.bucket)::bigint, b.revision
 FROM {_STAGE} AS s JOIN bars AS b ON b.instrument = s.instrument AND b."interval" = s."interval" AND b.bucket = s.bucket
 WHERE s.final OR NOT b.final"""
+
+# Before the merge, the staged rows it would leave alone are dropped: unchanged ones, and provisional
+# ones a final bar refuses. ON CONFLICT DO UPDATE locks a conflicting row even when its WHERE refuses
+# the update, and under TimescaleDB reaching a row of a compressed chunk decompresses that chunk; a
+# plain read does neither. So re-writing unchanged history leaves compressed chunks compressed.
+_DROP_UNCHANGED = f"""
+DELETE FROM {_STAGE} AS s USING bars AS b
+WHERE b.instrument = s.instrument AND b."interval" = s."interval" AND b.bucket = s.bucket
+  AND (NOT (s.final OR NOT b.final)
+       OR (b.open, b.high, b.low, b.close, b.volume, b.quote_volume, b.trades, b.source, b.final)
+          IS NOT DISTINCT FROM (s.open, s.high, s.low, s.close, s.volume, s.quote_volume, s.trades, s.source,
+                                s.final))"""
 
 _START = "extract(epoch FROM bucket)::bigint AS start"
 _OUT = f"{_START}, open, high, low, close, volume, quote_volume, trades, source, final, revision"
@@ -450,9 +463,13 @@ def _copy(cur: psycopg.Cursor, statement: str, lines: _CopyText) -> None:
 
 
 def _stage_and_merge(cur: psycopg.Cursor, lines: _CopyText) -> UpsertResult:
-    """COPY into the session's temp table, then one INSERT ... ON CONFLICT DO UPDATE from it."""
+    """COPY into the session's temp table, drop what would not change, then one INSERT ... ON CONFLICT
+    DO UPDATE from the rest."""
     cur.execute(_CREATE_STAGE)
     _copy(cur, f"COPY {_STAGE} ({_KEYS_AND_VALUES}) FROM STDIN", lines)
+    cur.execute(_DROP_UNCHANGED)
+    if cur.rowcount == len(lines):  # nothing left to write
+        return UpsertResult(0, 0, len(lines))
     cur.execute(_MERGE)
     inserted, updated = cur.fetchone() or (0, 0)
     return UpsertResult(inserted, updated, len(lines) - inserted - updated)

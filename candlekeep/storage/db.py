@@ -9,6 +9,7 @@ data under `<data_dir>/postgres` and a database `candlekeep`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -87,7 +88,7 @@ def storage_features(engine: Engine) -> dict[str, Any]:
     """What the schema runs on, read from the catalogs (the migration decides; see 0001).
 
     {"timescaledb": bool, "partitioning": "native" | "timescaledb" | "none",
-     "continuous_aggregates": bool, "compression": bool}
+     "continuous_aggregates": bool, "compression": bool, "license": "timescale" | "apache" | None}
     """
     with engine.connect() as conn:
         timescale = conn.execute(text("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")).first()
@@ -96,6 +97,7 @@ def storage_features(engine: Engine) -> dict[str, Any]:
             "partitioning": "none",
             "continuous_aggregates": False,
             "compression": False,
+            "license": None,
         }
         if conn.execute(text("SELECT 1 FROM pg_partitioned_table WHERE partrelid = to_regclass('bars')")).first():
             features["partitioning"] = "native"
@@ -119,7 +121,52 @@ def storage_features(engine: Engine) -> dict[str, Any]:
                 )
             ).first()
             features["compression"] = policy is not None
+            features["license"] = conn.execute(text("SELECT current_setting('timescaledb.license', true)")).scalar()
     return features
+
+
+# --- TimescaleDB license ---------------------------------------------------------------------------
+# Built under the Timescale license (compressed chunks, continuous aggregates), then run under the
+# Apache one, a database fails at read time (`querying compressed data is not supported`) while the
+# schema is "current". `migrate` and `/health` report it through these two functions.
+
+
+def license_conflicts(engine: Engine) -> list[str]:
+    """What this database holds that its TimescaleDB license cannot serve; [] when nothing (or no
+    TimescaleDB). Reads `timescaledb.license` and the catalogs: compressed chunks, continuous aggregates."""
+    with engine.connect() as conn:
+        if conn.execute(text("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")).first() is None:
+            return []
+        license = conn.execute(text("SELECT current_setting('timescaledb.license', true)")).scalar()
+        if license != "apache":
+            return []
+        compressed = dict(conn.execute(text(
+            "SELECT hypertable_name, count(*) FROM timescaledb_information.chunks"
+            " WHERE is_compressed GROUP BY hypertable_name ORDER BY hypertable_name")).all())  # fmt: skip
+        caggs = list(conn.execute(text(
+            "SELECT view_name FROM timescaledb_information.continuous_aggregates ORDER BY view_name")).scalars())  # fmt: skip
+    return describe_license_conflicts(license, compressed, caggs)
+
+
+def describe_license_conflicts(license: str | None, compressed_chunks: Mapping[str, int],
+                               continuous_aggregates: Sequence[str]) -> list[str]:  # fmt: skip
+    """The operator's sentences for what `license` cannot serve (pure; see license_conflicts)."""
+    if license != "apache":
+        return []
+    problems = []
+    for table, count in sorted(compressed_chunks.items()):
+        if count:
+            problems.append(
+                f"{count} compressed chunk(s) of {table} cannot be read under timescaledb.license = 'apache' "
+                f"(querying compressed data is not supported): set timescaledb.license = 'timescale', or "
+                f"decompress them under that license (SELECT decompress_chunk(c) FROM show_chunks('{table}') c) "
+                f"before switching")  # fmt: skip
+    if continuous_aggregates:
+        problems.append(
+            f"continuous aggregate(s) {', '.join(continuous_aggregates)} cannot refresh under "
+            f"timescaledb.license = 'apache': set timescaledb.license = 'timescale', or drop them "
+            f"(coarse bars are then derived from 1m bars)")  # fmt: skip
+    return problems
 
 
 def _redact(url: str) -> str:

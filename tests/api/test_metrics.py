@@ -105,3 +105,16 @@ def test_each_app_has_its_own_registry(database_url: str) -> None:
     route = labels(method="GET", route="/v1/things/{name}")
     assert scrape(one)[("candlekeep_api_request_duration_seconds_count", route)] == 1
     assert ("candlekeep_api_request_duration_seconds_count", route) not in scrape(two)
+
+
+def test_the_apps_own_routes_are_labelled_by_their_template(database_url: str) -> None:
+    """The real routers (included by create_app, not added by a test) show under their templates."""
+    app = create_app(Settings(database_url=database_url, redis_url=None, api_keys=[]))
+    with TestClient(app) as client:
+        client.get("/health")
+        client.get("/udf/time")
+        client.get("/v1/ohlcv", params={"instrument": "cccagg:BTC-USD", "interval": "1m", "start": 0, "end": 60})
+        samples = scrape(client)
+    routes = {dict(label_set).get("route") for name, label_set in samples if name == "candlekeep_api_requests_total"}
+    assert {"/health", "/udf/time", "/v1/ohlcv"} <= routes, routes
+    assert "<unmatched>" not in routes

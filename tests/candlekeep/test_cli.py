@@ -115,6 +115,13 @@ def test_up_serves_dagster_and_the_api_and_ctrl_c_stops_everything(database_url:
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 4  # Dagster webserver and daemon, the API, streaming
         _wait_for_stream_bars(database_url, proc)
+        # A second `up` on the same data directory says the first is running and exits, cleanly.
+        second = subprocess.run([sys.executable, "-m", "candlekeep.cli", "up"], cwd=root, env=env,
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert second.returncode == 1, second.stderr
+        assert f"already running on data directory {tmp_path.resolve()} (pid {proc.pid})" in second.stderr
+        assert "Traceback" not in second.stderr + second.stdout
+        assert proc.poll() is None
     finally:
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=60)
@@ -150,3 +157,37 @@ def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 90) -> requests
             pass
         time.sleep(0.5)
     raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def test_up_refuses_a_data_directory_another_process_holds_and_ignores_a_stale_lock_file(tmp_path: Path) -> None:
+    """The lock is an flock on <data dir>/up.lock: held by a live process it stops a second `up`;
+    a file left by a dead one (same pid text, no lock) stops nothing."""
+    import fcntl
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANDLEKEEP_")}
+    # Past the lock, `up` fails fast on this (nothing listens there): proof it got past the lock.
+    env.update(CANDLEKEEP_DATA_DIR=str(tmp_path), CANDLEKEEP_DATABASE_URL=f"postgresql://x@127.0.0.1:{free_port()}/x")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"f = open({str(tmp_path / 'up.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.truncate(0); f.write(str(os.getpid())); f.flush(); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        refused = subprocess.run([sys.executable, "-m", "candlekeep.cli", "up"], cwd=root, env=env,
+                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+    finally:
+        holder.kill()
+        holder.wait()
+    assert refused.returncode == 1
+    assert f"already running on data directory {tmp_path.resolve()} (pid {holder.pid})" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    # The holder is dead; its pid is still in the file, but nothing holds the lock.
+    assert (tmp_path / "up.lock").read_text().strip() == str(holder.pid)
+    with (tmp_path / "up.lock").open() as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free
+    after = subprocess.run([sys.executable, "-m", "candlekeep.cli", "up"], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "already running" not in after.stderr
+    assert after.returncode != 0  # it went on, to the unreachable database

@@ -18,6 +18,7 @@ from candlekeep.storage.db import create_engine, storage_features, with_database
 from candlekeep.storage.migrate import alembic_dir, current_revision, downgrade, head_revision, is_current, upgrade
 from candlekeep.storage.partitions import ensure_partitions
 from candlekeep.storage.tables import is_managed, metadata
+from tests.utils.backend import backend, chunk_interval, chunk_of
 
 
 @pytest.fixture
@@ -81,13 +82,17 @@ def test_migrations_run_from_any_directory(tmp_path, monkeypatch, empty_database
     engine.dispose()
 
 
-def test_native_partitioning_features(session_engine: Engine) -> None:
-    assert storage_features(session_engine) == {
-        "timescaledb": False,
-        "partitioning": "native",
-        "continuous_aggregates": False,
-        "compression": False,
-    }
+def test_storage_features_name_the_backend(session_engine: Engine) -> None:
+    features = storage_features(session_engine)
+    if backend(session_engine) == "native":
+        assert features == {"timescaledb": False, "partitioning": "native", "continuous_aggregates": False,
+                            "compression": False, "license": None}  # fmt: skip
+        return
+    # TimescaleDB: hypertables under either license; the TSL features only under the Timescale one.
+    tsl = features["license"] == "timescale"
+    assert features == {"timescaledb": True, "partitioning": "timescaledb", "continuous_aggregates": tsl,
+                        "compression": tsl, "license": features["license"]}  # fmt: skip
+    assert features["license"] in ("timescale", "apache")
 
 
 def partition_names(engine: Engine, parent: str) -> set[str]:
@@ -103,6 +108,10 @@ def partition_names(engine: Engine, parent: str) -> set[str]:
 
 def test_partitions_exist_ahead(session_engine: Engine) -> None:
     now = datetime.now(UTC)
+    if backend(session_engine) == "timescaledb":  # chunks are made on insert, by their interval
+        assert chunk_interval(session_engine, "bars") == timedelta(days=7)
+        assert chunk_interval(session_engine, "ticks") == timedelta(days=1)
+        return
     bars = partition_names(session_engine, "bars")
     month = now.replace(day=1)
     for _ in range(4):  # this month and the next three
@@ -113,7 +122,18 @@ def test_partitions_exist_ahead(session_engine: Engine) -> None:
         assert f"ticks_p{now + timedelta(days=ahead):%Y%m%d}" in ticks
 
 
-def test_partition_bounds_are_utc(session_engine: Engine) -> None:
+def test_partition_bounds_are_utc(engine: Engine) -> None:
+    session_engine = engine
+    if backend(engine) == "timescaledb":  # a chunk holding a bar starts at a UTC midnight, 7 days wide
+        instant = datetime(2024, 1, 31, 23, 0, tzinfo=UTC)
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO bars (instrument, \"interval\", bucket, open, high, low, close, volume,"
+                              " source) VALUES ('cccagg:BTC-USD', '1m', :b, 1, 1, 1, 1, 0, 'test')"), {"b": instant})
+        chunk = chunk_of(engine, "bars", instant)
+        assert chunk is not None
+        _, lo, hi = chunk
+        assert lo.astimezone(UTC).time() == datetime.min.time() and hi - lo == timedelta(days=7)
+        return
     with session_engine.connect() as conn:
         bound = conn.execute(
             text("SELECT pg_get_expr(c.relpartbound, c.oid) FROM pg_class c WHERE c.relname = :name"),
@@ -125,6 +145,15 @@ def test_partition_bounds_are_utc(session_engine: Engine) -> None:
 
 def test_ensure_partitions_is_idempotent(engine: Engine) -> None:
     start, end = datetime(2091, 1, 15, tzinfo=UTC), datetime(2091, 3, 2, tzinfo=UTC)
+    if backend(engine) == "timescaledb":  # hypertables are left alone: nothing made, nothing refused
+        with engine.connect() as conn:
+            ensure_partitions(conn, "bars", start, end)
+            made = conn.execute(text("SELECT candlekeep_ensure_partitions('bars', :start, :end)"),
+                                {"start": start, "end": end}).scalar_one()  # fmt: skip
+            conn.commit()
+        assert made == 0 and partition_names(engine, "bars") == set()
+        assert chunk_of(engine, "bars", start) is None
+        return
     assert not {"bars_p209101", "bars_p209102", "bars_p209103"} & partition_names(engine, "bars")
     with engine.connect() as conn:
         ensure_partitions(conn, "bars", start, end)

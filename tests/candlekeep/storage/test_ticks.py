@@ -10,6 +10,7 @@ from sqlalchemy import Engine, text
 
 from candlekeep.bars import NS_PER_S, Trade, decimal_str
 from candlekeep.storage.ticks import TickStore
+from tests.utils.backend import backend
 from tests.utils.trades import load_tardis
 
 BTC = "coinbase:BTC-USD"
@@ -45,9 +46,12 @@ def test_round_trip_keeps_every_digit_and_truncates_to_microseconds(engine: Engi
         ("29234.50", "0.00000001"), ("0.00000001", "1.50"), ("0.1000", "1"),
     ]  # fmt: skip
     assert back[1].ts_ns == (T0 + 59) * NS_PER_S + 999_999_000
-    with engine.connect() as conn:  # the two days went to their own partitions
+    with engine.connect() as conn:  # the two days went to their own partitions (or 1-day chunks)
         parts = conn.execute(text("SELECT tableoid::regclass::text FROM ticks ORDER BY ts")).scalars().all()
-    assert parts == ["ticks_p20240310", "ticks_p20240310", "ticks_p20240311"]
+    if backend(engine) == "native":
+        assert parts == ["ticks_p20240310", "ticks_p20240310", "ticks_p20240311"]
+    else:
+        assert parts[0] == parts[1] != parts[2]
 
 
 def test_inserting_again_stores_nothing_twice(engine: Engine) -> None:
