@@ -74,6 +74,7 @@ from candlekeep.cache import BarCache
 from candlekeep.live import DEFAULT_HORIZON, DEFAULT_LATENESS_NS, DEFAULT_MAX_AHEAD_NS, BarBuilder, Gap, Outcome, Poison
 from candlekeep.messages import BARS, DEADLETTER, TICKS, MessageError, decode_tick_record, encode_bar, encode_deadletter
 from candlekeep.messages import topic as topic_name
+from candlekeep.logs import configure as configure_logs
 from candlekeep.settings import Settings
 from candlekeep.storage.bars import BarStore
 from candlekeep.storage.outages import OutageStore, from_ns, to_ns
@@ -584,8 +585,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--partitions", type=int, default=1, help="partitions of `ticks` when creating it")
     parser.add_argument("--instance-id", help="Kafka static group membership: a restart takes over at once")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
+    configure_logs(settings.log_format, settings.log_level)
     url = resolve_database_url(settings)
     upgrade(url)
     engine = create_engine(url)

@@ -64,6 +64,7 @@ from candlekeep.messages import (
     encode_tick_record,
 )
 from candlekeep.messages import topic as topic_name
+from candlekeep.logs import configure as configure_logs
 from candlekeep.settings import Settings
 from candlekeep.sources.cryptocompare_stream import BadFrame, StreamStatus, SubscriptionFailed
 from candlekeep.sources.exchanges.base import IntegrityEvent
@@ -730,11 +731,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="/health and /metrics address")
     parser.add_argument("--port", type=int, default=9101, help="/health and /metrics port (-1: none)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
     from candlekeep.bus import make_bus
 
     settings = Settings()
+    configure_logs(settings.log_format, settings.log_level)
     bus = make_bus(settings)
     producer = build(settings, bus, speed=args.speed, start_ns=args.start, end_ns=args.end,
                      partitions=args.partitions)  # fmt: skip
