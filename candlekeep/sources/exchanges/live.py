@@ -187,7 +187,10 @@ class FeedRunner:
     async def _read(self, spec: ConnectionSpec, ws: Any) -> str:
         while True:
             try:
-                raw = await asyncio.wait_for(ws.recv(), timeout=spec.silence_timeout_s)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancel that
+                # lands as a frame arrives, and the reader then outlives the runner's stop.
+                async with asyncio.timeout(spec.silence_timeout_s):
+                    raw = await ws.recv()
             except TimeoutError:
                 self.stats["silence_timeouts"] += 1
                 return f"no frame for {spec.silence_timeout_s} s"
