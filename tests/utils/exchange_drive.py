@@ -152,4 +152,3 @@ def sent_frames(events: Sequence[WsEvent]) -> list[Any]:
     return [json.loads(e.data) for e in events if e.kind == "sent" and isinstance(e.data, str)]
 
 
-__all__ = ["Heartbeat", "Mirror", "Send", "Step", "drive", "essence", "play", "published", "records_of", "sent_frames"]
