@@ -155,14 +155,19 @@ class KucoinConnector(Connector):
         raise ConnectorError(f"kucoin frame of unknown type {kind!r}: {str(msg)[:200]}")
 
     def _on_match(self, data: dict, received_ns: int) -> list[Record]:
+        instrument = self.symbols.instrument(data["symbol"])
+        if instrument not in self.states or not self.with_trades:
+            return []  # a symbol of the topic we do not follow
         side = data["side"]
         if side not in ("buy", "sell"):
             raise ConnectorError(f"kucoin match side {side!r}")
-        return [Trade(self.symbols.instrument(data["symbol"]), int(data["time"]), Decimal(data["price"]),
+        return [Trade(instrument, int(data["time"]), Decimal(data["price"]),
                       Decimal(data["size"]), side, str(data["tradeId"]), VENUE, received_ns)]  # fmt: skip
 
     def _on_diff(self, data: dict, received_ns: int) -> list[Record]:
-        state = self.states[self.symbols.instrument(data["symbol"])]
+        state = self.states.get(self.symbols.instrument(data["symbol"]))
+        if state is None or not self.with_books:
+            return []  # a symbol of the topic we do not follow
         if state.phase != "synced":
             if len(state.buffer) >= self.max_buffered:
                 state.buffer.pop(0)  # the snapshot is late; the oldest diffs are older than it will be
