@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     track = commands.add_parser("track", help="ask the coordinator to track an instrument (history + live feed)")
     track.add_argument("instrument", help="e.g. coinbase:BTC-USD (or BTC-USD for the default venue)")
     track.set_defaults(run=cmd_track)
+    _add_feeds_commands(commands)
     return parser
 
 
@@ -293,6 +294,62 @@ def _redact(url: str) -> str:
         return url
     scheme, _, userpass = head.partition("//")
     return f"{scheme}//{userpass.split(':')[0]}:***@{tail}"
+
+
+# --- feeds: exchange connectors offline (issue 10) -------------------------------------------------
+
+
+def _add_feeds_commands(commands: argparse._SubParsersAction) -> None:
+    feeds = commands.add_parser("feeds", help="exchange feeds offline: capture raw frames, normalize a recording")
+    actions = feeds.add_subparsers(required=True, metavar="ACTION")
+    capture = actions.add_parser("capture", help="record raw frames (and REST snapshots) in the cryptofeed format")
+    capture.add_argument("--venue", required=True)
+    capture.add_argument("--instruments", required=True, help="comma-separated ids, e.g. kraken:BTC-USD")
+    capture.add_argument("--out", required=True, type=Path, help="WebSocket frames; REST responses go to OUT.http")
+    capture.add_argument("--seconds", type=float, help="stop after this long (default: until Ctrl-C)")
+    capture.set_defaults(run=cmd_feeds_capture)
+    normalize = actions.add_parser("normalize", help="run the connector over a recording; one JSON line per record")
+    normalize.add_argument("--venue", required=True)
+    normalize.add_argument("--ws", required=True, type=Path, help="the recorded WebSocket session")
+    normalize.add_argument("--rest", type=Path, help="the recorded REST snapshots (e.g. BINANCE.http.0.0.txt)")
+    normalize.add_argument("--listing", type=Path,
+                           help="the venue's recorded symbol listing (default: <VENUE>.0.txt beside --ws)")
+    normalize.add_argument("--instruments", help="comma-separated ids (default: every listed instrument)")
+    normalize.add_argument("--format", choices=("jsonl",), default="jsonl")
+    normalize.set_defaults(run=cmd_feeds_normalize)
+
+
+def cmd_feeds_normalize(args: argparse.Namespace, settings: Settings) -> int:
+    from candlekeep.feeds import normalize, write_jsonl
+    from candlekeep.sources.exchanges.base import ConnectorError, listing_bodies
+    from candlekeep.sources.exchanges.recording import RecordingError, read_http, read_ws
+    from candlekeep.sources.exchanges.registry import symbols_from_listing, venue
+
+    listing = args.listing or args.ws.with_name(args.ws.name.split(".")[0] + ".0.txt")
+    try:
+        spec = venue(args.venue)
+        symbols = symbols_from_listing(args.venue, listing_bodies(listing.read_text()))
+        instruments = args.instruments.split(",") if args.instruments else sorted(symbols.to_venue)
+        connector = spec.connector(symbols, instruments)
+        records = normalize(connector, read_ws(args.ws), read_http(args.rest) if args.rest else ())
+        write_jsonl(records, sys.stdout)
+    except (OSError, ConnectorError, RecordingError) as exc:
+        print(f"candlekeep feeds normalize: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_feeds_capture(args: argparse.Namespace, settings: Settings) -> int:
+    from candlekeep.feeds import capture
+
+    http_path = args.out.with_name(args.out.name + ".http")
+    with args.out.open("a", encoding="utf-8") as ws_out, http_path.open("a", encoding="utf-8") as http_out:
+        try:
+            capture(args.venue, args.instruments.split(","), ws_out, http_out, seconds=args.seconds)
+        except KeyboardInterrupt:
+            pass
+    print(f"recorded {args.out} and {http_path}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -167,7 +167,13 @@ def run_live(
 
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True, name="feed-runner")
     thread.start()
-    finished = done.wait(timeout)
+    deadline = time.monotonic() + timeout
+    finished = False
+    while not finished and time.monotonic() < deadline:  # also polled: a state can change without a record
+        finished = done.wait(0.05)
+        if not finished:
+            with lock:
+                finished = until(records)
     while not stop_holder:
         time.sleep(0.01)
     loop.call_soon_threadsafe(stop_holder[0].set)
@@ -178,3 +184,63 @@ def run_live(
     if not finished:
         raise AssertionError(f"live feed did not reach the expected state in {timeout} s; {len(result)} records")
     return result, runner
+
+
+# --- a consumer's book, and the venues' checksums, written independently of candlekeep.orderbook ---
+
+
+class ReferenceBook:
+    """Plain dicts, sorted only when read: what a consumer of the `books` records would hold."""
+
+    def __init__(self, depth: int | None = None) -> None:
+        self.depth = depth
+        self.bids: dict[Any, Any] = {}
+        self.asks: dict[Any, Any] = {}
+
+    def apply(self, record: Any) -> None:
+        from candlekeep.books import BookSnapshot
+
+        if isinstance(record, BookSnapshot):
+            self.bids, self.asks = {}, {}
+        for side, rows in ((self.bids, record.bids), (self.asks, record.asks)):
+            for price, size in rows:
+                if size == 0:
+                    side.pop(price, None)
+                else:
+                    side[price] = size
+        if self.depth is not None and len(self.bids) > self.depth:
+            self.bids = dict(sorted(self.bids.items(), reverse=True)[: self.depth])
+        if self.depth is not None and len(self.asks) > self.depth:
+            self.asks = dict(sorted(self.asks.items())[: self.depth])
+
+    def sorted_bids(self) -> list[tuple[Any, Any]]:
+        return sorted(self.bids.items(), reverse=True)
+
+    def sorted_asks(self) -> list[tuple[Any, Any]]:
+        return sorted(self.asks.items())
+
+
+def kraken_crc(bids: list[tuple[Any, Any]], asks: list[tuple[Any, Any]]) -> int:
+    """docs.kraken.com "Book checksum (WebSocket v1)": asks low->high then bids high->low, top 10,
+    price and volume text without '.' and without leading zeros, CRC32 unsigned."""
+    import zlib
+
+    def digits(value: Any) -> str:
+        return f"{value:f}".replace(".", "").lstrip("0")
+
+    text = "".join(digits(p) + digits(s) for p, s in asks[:10]) + "".join(digits(p) + digits(s) for p, s in bids[:10])
+    return zlib.crc32(text.encode())
+
+
+def okx_crc(bids: list[tuple[Any, Any]], asks: list[tuple[Any, Any]]) -> int:
+    """OKX v5 docs: top 25, `bid:bidSz:ask:askSz:...` interleaved, CRC32 as a signed int32."""
+    import ctypes
+    import zlib
+
+    fields: list[str] = []
+    for i in range(25):
+        if i < len(bids):
+            fields += [f"{bids[i][0]:f}", f"{bids[i][1]:f}"]
+        if i < len(asks):
+            fields += [f"{asks[i][0]:f}", f"{asks[i][1]:f}"]
+    return ctypes.c_int32(zlib.crc32(":".join(fields).encode())).value

@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Literal
 
 from candlekeep.bars import NS_PER_S, Disconnect, Trade
 from candlekeep.books import BookDelta, BookSnapshot, Level
-from candlekeep.instruments import Instrument
+from candlekeep.instruments import Instrument, InstrumentError
 from candlekeep.orderbook import OrderBook
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,10 @@ class SymbolMap:
         to_venue: dict[str, str] = {}
         from_venue: dict[str, str] = {}
         for instrument, symbol in pairs:
-            Instrument.parse(instrument)
+            try:
+                Instrument.parse(instrument)
+            except InstrumentError:
+                continue  # a listing entry our ids cannot name (e.g. Kraken's "ETH2.S"): not offered
             to_venue.setdefault(instrument, symbol)
             from_venue[symbol] = instrument
         return cls(venue, to_venue, from_venue)

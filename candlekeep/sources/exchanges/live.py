@@ -180,15 +180,16 @@ class FeedRunner:
             delay = min(self.backoff_max_s, self.backoff_min_s * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
             log.info("%s connection %s: %s; reconnecting in %.1f s", self.connector.venue, spec.key, reason, delay)
             try:
-                await asyncio.wait_for(stop.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await stop.wait()
             except TimeoutError:
                 pass
 
     async def _read(self, spec: ConnectionSpec, ws: Any) -> str:
         while True:
             try:
-                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancel that
-                # lands as a frame arrives, and the reader then outlives the runner's stop.
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+                # races a completed recv (bpo-42130), and a runner must stop when told to.
                 async with asyncio.timeout(spec.silence_timeout_s):
                     raw = await ws.recv()
             except TimeoutError:
