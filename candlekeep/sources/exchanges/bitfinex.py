@@ -61,7 +61,8 @@ from candlekeep.sources.exchanges.base import (
 VENUE = "bitfinex"
 WS_URL = "wss://api-pub.bitfinex.com/ws/2"
 REST_URL = "https://api-pub.bitfinex.com/v2"
-PAIRS_URL = f"{REST_URL}/conf/pub:list:pair:exchange"
+LISTING_PATH = "/conf/pub:list:pair:exchange"
+PAIRS_URL = f"{REST_URL}{LISTING_PATH}"
 SEQ_ALL = 65536
 OB_CHECKSUM = 131072
 BOOK_LEN = "100"
@@ -129,13 +130,12 @@ def _row(row: Sequence[Any]) -> tuple[bool, Level]:
 
 class BitfinexConnector(Connector):
     venue = VENUE
+    ws_url = WS_URL
     verified = True  # SEQ_ALL gaps and (when on) checksums; see the module docstring
 
-    def __init__(self, symbols: SymbolMap, instruments: Sequence[str], *, url: str = WS_URL,
-                 flags: int = SEQ_ALL | OB_CHECKSUM, instruments_per_connection: int = 1,
-                 **kwargs: Any) -> None:  # fmt: skip
+    def __init__(self, symbols: SymbolMap, instruments: Sequence[str], *, flags: int = SEQ_ALL | OB_CHECKSUM,
+                 instruments_per_connection: int = 1, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(symbols, instruments, **kwargs)
-        self.url = url
         self.flags = flags
         self.per_connection = max(1, instruments_per_connection)
         self._specs = self._build_specs()
@@ -159,7 +159,7 @@ class BitfinexConnector(Connector):
                     frames.append(self._subscribe("book", instrument))
                 if self.with_trades:
                     frames.append(self._subscribe("trades", instrument))
-            specs.append(ConnectionSpec(f"bitfinex-{n}", self.url, group, tuple(frames), PING, silence_timeout_s=40.0))
+            specs.append(ConnectionSpec(f"bitfinex-{n}", self.ws_url, group, tuple(frames), PING, silence_timeout_s=40.0))
         return specs
 
     def connections(self) -> list[ConnectionSpec]:
@@ -208,7 +208,9 @@ class BitfinexConnector(Connector):
         event = msg.get("event")
         if event == "subscribed":
             symbol = msg.get("symbol") or f"t{msg.get('pair')}"
-            self._channels[(conn, int(msg["chanId"]))] = (msg["channel"], self.symbols.instrument(symbol))
+            instrument = self.symbols.instrument(symbol)
+            if instrument in self.states:  # a channel of a pair we do not follow stays unmapped: ignored
+                self._channels[(conn, int(msg["chanId"]))] = (msg["channel"], instrument)
         elif event == "error":
             raise ConnectorError(f"bitfinex error {msg.get('code')}: {msg.get('msg')}")
         elif event == "conf" and msg.get("status") not in (None, "OK"):
@@ -226,7 +228,9 @@ class BitfinexConnector(Connector):
         # Whose frame went missing is unknowable: every instrument on this connection is suspect.
         detail = f"connection sequence {last} -> {seq}"
         out: list[Record] = []
-        for instrument in self.spec(conn).instruments:
+        # The instruments with a channel on this socket (a recording may hold more than a spec does).
+        on_conn = dict.fromkeys(i for (c, _), (_, i) in self._channels.items() if c == conn)
+        for instrument in on_conn or self.spec(conn).instruments:
             if self.with_trades:
                 out.append(Disconnect(instrument, received_ns, VENUE, detail))
             if self.with_books and self.states[instrument].phase == "synced":

@@ -56,7 +56,7 @@ from candlekeep.sources.exchanges.base import (
 VENUE = "coinbase"
 WS_URL = "wss://ws-feed.exchange.coinbase.com"
 REST_URL = "https://api.exchange.coinbase.com"
-PRODUCTS_URL = f"{REST_URL}/products"
+LISTING_PATH = "/products"
 BOOK_CHANNEL = "level2_batch"
 TRADE_CHANNEL = "matches"
 CONN = "coinbase"
@@ -87,12 +87,12 @@ def symbol_map(products: Any) -> SymbolMap:
 
 class CoinbaseConnector(Connector):
     venue = VENUE
+    ws_url = WS_URL
     verified = False  # no sequence numbers and no checksum on the L2 channels (see above)
 
-    def __init__(self, symbols: SymbolMap, instruments: Sequence[str], *, url: str = WS_URL,
-                 book_channel: str = BOOK_CHANNEL, **kwargs: Any) -> None:  # fmt: skip
+    def __init__(self, symbols: SymbolMap, instruments: Sequence[str], *, book_channel: str = BOOK_CHANNEL,
+                 **kwargs: Any) -> None:  # fmt: skip
         super().__init__(symbols, instruments, **kwargs)
-        self.url = url
         self.book_channel = book_channel
         self._last_trade_id: dict[str, int] = {}
 
@@ -104,7 +104,7 @@ class CoinbaseConnector(Connector):
 
     def connections(self) -> list[ConnectionSpec]:
         products = [self.symbols.venue_symbol(i) for i in self.instruments]
-        return [ConnectionSpec(CONN, self.url, self.instruments, (self._frame("subscribe", products, self._channels()),))]
+        return [ConnectionSpec(CONN, self.ws_url, self.instruments, (self._frame("subscribe", products, self._channels()),))]
 
     def on_open(self, conn: str, received_ns: int) -> list[Record]:
         # The subscribe itself brings every product's snapshot: nothing to request.
@@ -135,7 +135,9 @@ class CoinbaseConnector(Connector):
         return []  # subscriptions, heartbeat, ticker: nothing to publish
 
     def _on_snapshot_frame(self, msg: dict, received_ns: int) -> list[Record]:
-        state = self.states[self.symbols.instrument(msg["product_id"])]
+        state = self.states.get(self.symbols.instrument(msg["product_id"]))
+        if state is None or not self.with_books:
+            return []  # a product we do not follow
         state.book.replace(levels(msg["bids"]), levels(msg["asks"]))
         # No exchange time on the snapshot (none in the recording): the receipt time stands in.
         ts_ns = iso_to_ns(msg["time"]) if msg.get("time") else received_ns
@@ -144,8 +146,8 @@ class CoinbaseConnector(Connector):
         return self._synced(state, ts_ns, received_ns, "snapshot frame")
 
     def _on_update(self, msg: dict, received_ns: int) -> list[Record]:
-        state = self.states[self.symbols.instrument(msg["product_id"])]
-        if state.phase != "synced":
+        state = self.states.get(self.symbols.instrument(msg["product_id"]))
+        if state is None or state.phase != "synced":
             return []  # a resync is under way: updates before its snapshot are already in it
         bids: list[Level] = []
         asks: list[Level] = []
@@ -164,6 +166,8 @@ class CoinbaseConnector(Connector):
 
     def _on_match(self, msg: dict, received_ns: int) -> list[Record]:
         instrument = self.symbols.instrument(msg["product_id"])
+        if instrument not in self.states or not self.with_trades:
+            return []  # a product we do not follow
         out: list[Record] = []
         trade_id = int(msg["trade_id"])
         last = self._last_trade_id.get(instrument)

@@ -58,8 +58,10 @@ from candlekeep.sources.exchanges.base import (
 
 VENUE = "kucoin"
 REST_URL = "https://api.kucoin.com"
+WS_URL = "wss://ws-api-spot.kucoin.com/"  # what bullet-public names today; a token must be appended
 BULLET_URL = f"{REST_URL}/api/v1/bullet-public"
-SYMBOLS_URL = f"{REST_URL}/api/v1/symbols"
+LISTING_PATH = "/api/v1/symbols"
+SYMBOLS_URL = f"{REST_URL}{LISTING_PATH}"
 SNAPSHOT_PATH = "/api/v3/market/orderbook/level2"
 PING_INTERVAL_S = 18.0
 SYMBOLS_PER_TOPIC = 100
@@ -102,14 +104,13 @@ def _changes(rows: list[list[Any]], after: int) -> list[Level]:
 
 class KucoinConnector(Connector):
     venue = VENUE
+    ws_url = WS_URL  # the token's server; the socket URL itself comes from `bullet-public`
+    rest_url = REST_URL
     verified = True
 
-    def __init__(self, symbols: SymbolMap, instruments: Sequence[str], *, url: str,
-                 rest_url: str = REST_URL, snapshot_path: str = SNAPSHOT_PATH,
+    def __init__(self, symbols: SymbolMap, instruments: Sequence[str], *, snapshot_path: str = SNAPSHOT_PATH,
                  ping_interval_s: float = PING_INTERVAL_S, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(symbols, instruments, **kwargs)
-        self.url = url  # from `ws_url_from_bullet`: the token is fetched before each connect
-        self.rest_url = rest_url.rstrip("/")
         self.snapshot_path = snapshot_path
         self.ping_interval_s = ping_interval_s
         self._ids = itertools.count(1)
@@ -128,10 +129,17 @@ class KucoinConnector(Connector):
             if self.with_books:
                 frames.append(self._subscribe("/market/level2", chunk))
         ping = PingRule(self.ping_interval_s, json.dumps({"id": "ping", "type": "ping"}))
-        return [ConnectionSpec(CONN, self.url, self.instruments, tuple(frames), ping, silence_timeout_s=self.ping_interval_s + 10)]
+        return [ConnectionSpec(CONN, self.ws_url, self.instruments, tuple(frames), ping, silence_timeout_s=self.ping_interval_s + 10)]
+
+    def token_request(self, conn: str) -> str | None:
+        # `ws_url` pointed elsewhere (a test, a proxy) is used as it is: no token.
+        return f"{str(self.rest_url).rstrip('/')}/api/v1/bullet-public" if self.ws_url == WS_URL else None
+
+    def url_from_token(self, conn: str, body: bytes) -> str:
+        return ws_url_from_bullet(decode_json(body))[0]  # its pingInterval is the documented 18 s
 
     def snapshot_url(self, instrument: str) -> str | None:
-        return f"{self.rest_url}{self.snapshot_path}?{urlencode({'symbol': self.symbols.venue_symbol(instrument)})}"
+        return f"{str(self.rest_url).rstrip('/')}{self.snapshot_path}?{urlencode({'symbol': self.symbols.venue_symbol(instrument)})}"
 
     # -- frames -----------------------------------------------------------------------------------
 

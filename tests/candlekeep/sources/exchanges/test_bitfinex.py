@@ -20,6 +20,7 @@ from candlekeep.sources.exchanges.bitfinex import (
     pair_symbol,
     symbol_map,
 )
+from candlekeep.feeds import normalize
 from tests.utils.exchange_drive import Mirror, at_least, drive, play, published, published_at_least, records_of, sent_frames
 from tests.utils.exchange_replay import ReplayServer, received_frames, recorded, recording_path, run_live
 
@@ -59,9 +60,10 @@ def test_live_replay_publishes_the_pure_path_with_an_unbroken_venue_sequence() -
     direct = drive(_recorded_connector(symbols, instruments), events)
     expected = published(records_of(direct))
     with ReplayServer([play(received_frames(events))]) as server:
-        connector = _recorded_connector(symbols, instruments, url=server.url)
+        connector = _recorded_connector(symbols, instruments, ws_url=server.url)
         live, _ = run_live(connector, until=published_at_least(len(expected)))
     assert published(live) == expected
+    assert published(normalize(_recorded_connector(symbols, instruments), events)) == expected  # feeds normalize
     # The venue numbered every frame of the connection 1, 2, 3, ...: nothing was lost or reordered,
     # and every book came from its subscribe snapshot, never crossed.
     assert not any(isinstance(r, IntegrityEvent) and r.kind != "synced" for r in live)
@@ -87,7 +89,7 @@ def test_a_lost_frame_on_a_shared_connection_resyncs_every_book_on_it() -> None:
     faulty = [f for i, f in enumerate(frames) if i != lost]
     direct = drive(_recorded_connector(symbols, instruments), events, received=lambda i, f: i != lost)
     with ReplayServer([play(faulty)]) as server:
-        connector = _recorded_connector(symbols, instruments, url=server.url)
+        connector = _recorded_connector(symbols, instruments, ws_url=server.url)
         live, _ = run_live(connector, until=published_at_least(len(published(records_of(direct)))))
         client = server.sessions[0]
         resubscribed = [json.loads(client.expect('"book"')) for _ in instruments]

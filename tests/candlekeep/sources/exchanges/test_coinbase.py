@@ -10,6 +10,7 @@ from candlekeep.bars import Disconnect, Trade
 from candlekeep.books import BookDelta, BookSnapshot
 from candlekeep.sources.exchanges.base import CROSSED, RESYNC, IntegrityEvent, listing_bodies
 from candlekeep.sources.exchanges.coinbase import CoinbaseConnector, iso_to_ns, symbol_map
+from candlekeep.feeds import normalize
 from tests.utils.exchange_drive import Mirror, at_least, drive, play, published, published_at_least, records_of, sent_frames
 from tests.utils.exchange_replay import ReplayServer, received_frames, recorded, recording_path, run_live
 
@@ -45,9 +46,11 @@ def test_live_replay_books_equal_the_recorded_tickers_and_trades_their_taker_sid
     expected = published(records_of(direct))
 
     with ReplayServer([play(received_frames(events))]) as server:
-        live, _ = run_live(CoinbaseConnector(symbols, instruments, url=server.url, snapshot_every_s=0),
+        live, _ = run_live(CoinbaseConnector(symbols, instruments, ws_url=server.url, snapshot_every_s=0),
                            until=published_at_least(len(expected)))  # fmt: skip
     assert published(live) == expected  # the live path publishes exactly what the pure path does
+    offline = normalize(CoinbaseConnector(symbols, instruments, snapshot_every_s=0), events)
+    assert published(offline) == expected  # and so does `feeds normalize`
 
     # Independent truth 1: each `ticker` frame's best bid/ask (the venue's own top of book) against
     # the book rebuilt from published records when it arrived; a ticker older than the book's
@@ -103,7 +106,7 @@ def test_a_crossed_book_resyncs_that_product_alone_and_a_lost_trade_disconnects_
 
     clean = drive(CoinbaseConnector(symbols, instruments, snapshot_every_s=0), events)
     with ReplayServer([script]) as server:
-        connector = CoinbaseConnector(symbols, instruments, url=server.url, snapshot_every_s=0)
+        connector = CoinbaseConnector(symbols, instruments, ws_url=server.url, snapshot_every_s=0)
         victim_id = symbols.instrument(victim)
         live, _ = run_live(connector, until=at_least(2, lambda r: isinstance(r, BookSnapshot) and r.instrument == victim_id))
         client_frames = server.sessions[0].received

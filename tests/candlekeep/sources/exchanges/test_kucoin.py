@@ -12,6 +12,7 @@ from candlekeep.books import BookSnapshot
 from candlekeep.sources.exchanges.base import RESYNC, SEQUENCE_GAP, IntegrityEvent, listing_bodies
 from candlekeep.sources.exchanges.kucoin import SYMBOLS_URL, KucoinConnector, symbol_map, ws_url_from_bullet
 from candlekeep.sources.exchanges.recording import read_http
+from candlekeep.feeds import normalize
 from tests.utils.exchange_drive import Mirror, at_least, drive, play, published, published_at_least, records_of, sent_frames
 from tests.utils.exchange_replay import ReplayServer, received_frames, recorded, recording_path, run_live
 from tests.utils.fixture_server import FixtureServer, Reply
@@ -56,16 +57,18 @@ def test_bullet_answer_gives_the_socket_url() -> None:
 
 def test_live_replay_books_equal_the_recorded_tickers_at_the_same_sequence() -> None:
     events, http, symbols, instruments = _setup()
-    direct = drive(KucoinConnector(symbols, instruments, url="ws://unused", snapshot_every_s=0), events, http)
+    direct = drive(KucoinConnector(symbols, instruments, snapshot_every_s=0), events, http)
 
     with FixtureServer() as rest, ReplayServer([play(received_frames(events))]) as ws:
         _serve_snapshots(rest, http)
-        connector = KucoinConnector(symbols, instruments, url=ws.url, rest_url=rest.url, snapshot_every_s=0)
+        connector = KucoinConnector(symbols, instruments, ws_url=ws.url, rest_url=rest.url, snapshot_every_s=0)
         expected = _per_instrument(records_of(direct), instruments)
         total = sum(len(books) + len(trades) for books, trades in expected.values())
         live, _ = run_live(connector, until=published_at_least(total))
     # Snapshot and frames race differently live, yet each instrument publishes exactly the same.
     assert _per_instrument(live, instruments) == expected
+    offline = normalize(KucoinConnector(symbols, instruments, snapshot_every_s=0), events, http)
+    assert _per_instrument(list(offline), instruments) == expected  # `feeds normalize` too
 
     # Independent truth: a `/market/ticker` frame carries the matching engine's sequence and its best
     # bid/ask; the book rebuilt from published records at that same sequence must show them.
@@ -97,11 +100,11 @@ def test_a_dropped_diff_resyncs_only_its_symbol() -> None:
     victim_id = symbols.instrument(victim)
     diffs = [i for i, f in enumerate(frames) if f'"topic":"/market/level2:{victim}"' in f]
     lost = diffs[-5]  # late in the session: the book is synced by then
-    clean = drive(KucoinConnector(symbols, instruments, url="ws://unused", snapshot_every_s=0), events, http)
+    clean = drive(KucoinConnector(symbols, instruments, snapshot_every_s=0), events, http)
 
     with FixtureServer() as rest, ReplayServer([play([f for i, f in enumerate(frames) if i != lost])]) as ws:
         _serve_snapshots(rest, http)
-        connector = KucoinConnector(symbols, instruments, url=ws.url, rest_url=rest.url, snapshot_every_s=0)
+        connector = KucoinConnector(symbols, instruments, ws_url=ws.url, rest_url=rest.url, snapshot_every_s=0)
         resynced = at_least(2, lambda r: isinstance(r, IntegrityEvent) and r.kind == "synced" and r.instrument == victim_id)
         live, _ = run_live(connector, until=resynced)
         fetched = [r.query["symbol"] for r in rest.requests]
@@ -131,7 +134,7 @@ def test_a_forced_disconnect_reconnects_resubscribes_and_resnapshots() -> None:
 
     with FixtureServer() as rest, ReplayServer([first, play(frames)]) as ws:
         _serve_snapshots(rest, http)
-        connector = KucoinConnector(symbols, instruments, url=ws.url, rest_url=rest.url, snapshot_every_s=0)
+        connector = KucoinConnector(symbols, instruments, ws_url=ws.url, rest_url=rest.url, snapshot_every_s=0)
         with_snapshot = {symbols.instrument(dict(parse_qsl(urlsplit(h.url).query))["symbol"]) for h in http}
         live, runner = run_live(connector, until=lambda rs: _resnapshotted(rs) >= with_snapshot)
         second = ws.sessions[1].received
