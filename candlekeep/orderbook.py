@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import zlib
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from decimal import Decimal
 
 from candlekeep.bars import decimal_str
@@ -73,10 +73,11 @@ class OrderBook:
     # -- updates ----------------------------------------------------------------------------------
 
     def replace(self, bids: Iterable[Level], asks: Iterable[Level]) -> None:
-        """A snapshot: the book becomes exactly these levels (size-0 levels are ignored)."""
-        self._bids.clear()
-        self._asks.clear()
-        self.update(bids, asks)
+        """A snapshot: the book becomes exactly these levels (size-0 levels are ignored; a price
+        given twice keeps its last size). One sort per side instead of an insert per level."""
+        for side, levels in ((self._bids, bids), (self._asks, asks)):
+            side.sizes = {price: size for price, size in levels if size != _ZERO}
+            side.prices = sorted(side.sizes)
 
     def update(self, bids: Iterable[Level], asks: Iterable[Level]) -> None:
         """A delta: absolute sizes per level, applied in order (size 0 removes the level)."""
@@ -160,6 +161,10 @@ class OrderBook:
 
 
 # --- venue checksums -----------------------------------------------------------------------------
+# Each helper formats a level the venue's way. Formatting dominates the cost of a checksum (40-100
+# Decimal -> text conversions per update, where an update changes 1-3 levels), so a checker keeps
+# each level's formatted piece and reuses it while the level's size object is the same one (a set
+# stores a new Decimal object, so identity means unchanged).
 
 
 def _kraken_digits(value: Decimal) -> str:
@@ -167,26 +172,119 @@ def _kraken_digits(value: Decimal) -> str:
     return decimal_str(value).replace(".", "").lstrip("0")
 
 
-def kraken_checksum(book: OrderBook) -> int:
+class _PieceCache:
+    __slots__ = ("pieces", "limit")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.pieces: dict[tuple[bool, Decimal], tuple[Decimal, str]] = {}
+        self.limit = limit
+
+    def side(self, is_bid: bool, levels: tuple[Level, ...], make: Callable[[Decimal, Decimal], str]) -> list[str]:
+        """The pieces of one side's levels, in order (one dict lookup per unchanged level)."""
+        pieces = self.pieces
+        if len(pieces) >= self.limit:
+            pieces.clear()
+        out = []
+        for price, size in levels:
+            hit = pieces.get((is_bid, price))
+            if hit is None or hit[0] is not size:
+                hit = (size, make(price, size))
+                pieces[(is_bid, price)] = hit
+            out.append(hit[1])
+        return out
+
+    def get(self, is_bid: bool, price: Decimal, size: Decimal, make: object) -> str:
+        key = (is_bid, price)
+        hit = self.pieces.get(key)
+        if hit is not None and hit[0] is size:
+            return hit[1]
+        if len(self.pieces) >= self.limit:
+            self.pieces.clear()
+        piece = make(price, size)  # type: ignore[operator]
+        self.pieces[key] = (size, piece)
+        return piece
+
+
+def _kraken_piece(price: Decimal, size: Decimal) -> str:
+    return _kraken_digits(price) + _kraken_digits(size)
+
+
+def _okx_piece(price: Decimal, size: Decimal) -> str:
+    return f"{decimal_str(price)}:{decimal_str(size)}"
+
+
+class _TopChecksum:
+    """A venue checksum over the top `levels` of each side, for one book.
+
+    `__call__(book, changed_bids, changed_asks)` gives the checksum after an update that set those
+    prices. When the book had at least `levels` levels on a side at the previous call and every
+    price changed on that side lies strictly beyond that side's `levels`-th price, the top levels
+    are provably the same objects as before, so the previous checksum is the answer: most updates
+    of a deep book touch only deep levels, and the check stays exact. Pass None (or nothing) to
+    recompute from the book.
+    """
+
+    levels: int = 10
+
+    def __init__(self) -> None:
+        self._cache = _PieceCache()
+        self._last: int | None = None
+        self._bid_edge: Decimal | None = None  # the `levels`-th best bid at the last computation
+        self._ask_edge: Decimal | None = None
+
+    def __call__(self, book: OrderBook, changed_bids: Iterable[Decimal] | None = None,
+                 changed_asks: Iterable[Decimal] | None = None) -> int:  # fmt: skip
+        last, bid_edge, ask_edge = self._last, self._bid_edge, self._ask_edge
+        if (last is not None and changed_bids is not None and changed_asks is not None
+                and bid_edge is not None and ask_edge is not None
+                and all(p < bid_edge for p in changed_bids) and all(p > ask_edge for p in changed_asks)):  # fmt: skip
+            return last
+        bids, asks = book.bids(self.levels), book.asks(self.levels)
+        self._last = crc = self._compute(bids, asks)
+        self._bid_edge = bids[-1][0] if len(bids) == self.levels else None
+        self._ask_edge = asks[-1][0] if len(asks) == self.levels else None
+        return crc
+
+    def reset(self) -> None:
+        self._last = self._bid_edge = self._ask_edge = None
+
+    def _compute(self, bids: tuple[Level, ...], asks: tuple[Level, ...]) -> int:
+        raise NotImplementedError
+
+
+class KrakenChecksum(_TopChecksum):
     """CRC32 (unsigned) of the top 10 asks (low to high) then the top 10 bids (high to low), each
     level as price digits + size digits (docs.kraken.com, "Book checksum (WebSocket v1)")."""
-    parts = [_kraken_digits(p) + _kraken_digits(s) for p, s in book.asks(10)]
-    parts += [_kraken_digits(p) + _kraken_digits(s) for p, s in book.bids(10)]
-    return zlib.crc32("".join(parts).encode())
+
+    levels = 10
+
+    def _compute(self, bids: tuple[Level, ...], asks: tuple[Level, ...]) -> int:
+        return zlib.crc32("".join(self._cache.side(False, asks, _kraken_piece)
+                                  + self._cache.side(True, bids, _kraken_piece)).encode())  # fmt: skip
 
 
-def okx_checksum(book: OrderBook) -> int:
+class OkxChecksum(_TopChecksum):
     """CRC32 as a signed 32-bit int of the top 25 levels interleaved
     `bid1px:bid1sz:ask1px:ask1sz:bid2px:...`; when one side runs out the other continues alone
     (OKX v5 docs, "Checksum" of the order book channel). Wire texts, digit for digit."""
-    bids, asks = book.bids(25), book.asks(25)
-    parts: list[str] = []
-    for i in range(max(len(bids), len(asks))):
-        if i < len(bids):
-            parts.append(decimal_str(bids[i][0]))
-            parts.append(decimal_str(bids[i][1]))
-        if i < len(asks):
-            parts.append(decimal_str(asks[i][0]))
-            parts.append(decimal_str(asks[i][1]))
-    crc = zlib.crc32(":".join(parts).encode())
-    return crc - (1 << 32) if crc >= 1 << 31 else crc
+
+    levels = 25
+
+    def _compute(self, bids: tuple[Level, ...], asks: tuple[Level, ...]) -> int:
+        bid_parts = self._cache.side(True, bids, _okx_piece)
+        ask_parts = self._cache.side(False, asks, _okx_piece)
+        n = min(len(bid_parts), len(ask_parts))
+        parts = [piece for pair in zip(bid_parts[:n], ask_parts[:n], strict=True) for piece in pair]
+        parts += bid_parts[n:] or ask_parts[n:]
+        crc = zlib.crc32(":".join(parts).encode())
+        return crc - (1 << 32) if crc >= 1 << 31 else crc
+
+
+def kraken_checksum(book: OrderBook) -> int:
+    """Kraken's checksum of `book`, computed afresh (see KrakenChecksum)."""
+    return KrakenChecksum()(book)
+
+
+def okx_checksum(book: OrderBook) -> int:
+    """OKX's checksum of `book`, computed afresh (see OkxChecksum)."""
+    return OkxChecksum()(book)

@@ -12,10 +12,11 @@ venue's symbol listing (retried with backoff until it answers), builds its conne
 `FeedRunner` per venue in one background event loop; records reach the caller's thread through a
 queue, so the bus producer is only ever used from one thread. Integrity events are not published:
 they are counted in Prometheus (`candlekeep_venue_integrity_total{venue,instrument,event}`) and
-logged; the runners' socket counters are `candlekeep_venue_socket_total{venue,event}`.
+logged; the runners' socket counters are `candlekeep_venue_socket_events{venue,event}`.
 
 `publish_record` maps a record to its topic: trades, heartbeats and disconnects to `ticks`
-(encode_tick_record), book snapshots and deltas to `books` (encode_book), keyed by instrument.
+(encode_tick_record), book snapshots and deltas to `books` (encode_book), keyed by instrument;
+a frame no connector could read (`BadFrame`) to `deadletter`, whole, keyed by venue.
 The book side publishes a full snapshot after each (re)sync and every `snapshot_every_s` of
 exchange time (the connectors' `snapshot_every_s`), so a consumer can start anywhere.
 
@@ -33,19 +34,22 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from candlekeep.bars import Disconnect, Heartbeat, Trade
 from candlekeep.books import BookDelta, BookSnapshot
 from candlekeep.bus import BufferFull, BusProducer
 from candlekeep.feeds import fetch_listing
 from candlekeep.instruments import Instrument
-from candlekeep.messages import BOOKS, TICKS, encode_book, encode_tick_record, topic
+from candlekeep.messages import BOOKS, DEADLETTER, TICKS, encode_book, encode_deadletter, encode_tick_record, topic
+from candlekeep.sources.cryptocompare_stream import BadFrame
 from candlekeep.sources.exchanges.base import Connector, IntegrityEvent, Record, SymbolMap
 from candlekeep.sources.exchanges.live import FeedRunner
 from candlekeep.sources.exchanges.registry import ID_VENUES, venue
 
 log = logging.getLogger(__name__)
+
+SOCKET_EVENTS = ("connects", "disconnects", "frames", "bad_frames", "snapshots", "snapshot_retries", "silence_timeouts")
 
 
 def venue_instruments(instruments: Iterable[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -62,18 +66,23 @@ def venue_instruments(instruments: Iterable[str]) -> tuple[dict[str, list[str]],
     return served, rest
 
 
-def publish_record(producer: BusProducer, prefix: str, record: Record, *, wait: float = 0.1) -> bool:
+def publish_record(producer: BusProducer, prefix: str, record: Record | BadFrame, *, wait: float = 0.1) -> bool:
     """Publish one record to its topic (waiting out backpressure); False for records that are not
-    published (integrity events)."""
+    published (integrity events). A frame no connector could read goes to `deadletter`, whole."""
     if isinstance(record, Trade | Heartbeat | Disconnect):
-        name, value = TICKS, encode_tick_record(record)
+        name, key, value = TICKS, record.instrument, encode_tick_record(record)
     elif isinstance(record, BookSnapshot | BookDelta):
-        name, value = BOOKS, encode_book(record)
+        name, key, value = BOOKS, record.instrument, encode_book(record)
+    elif isinstance(record, BadFrame):
+        source = record.error.split(" ", 1)[0]
+        name, key = DEADLETTER, source
+        value = encode_deadletter(topic_name=f"{source} websocket", partition=-1, offset=-1, error=record.error,
+                                  payload=record.payload)  # fmt: skip
     else:
         return False
     while True:
         try:
-            producer.publish(topic(prefix, name), record.instrument, value)
+            producer.publish(topic(prefix, name), key, value)
             return True
         except BufferFull:
             producer.poll(wait)
@@ -98,7 +107,7 @@ class VenueFeeds:
         self._urls = dict(urls or {})
         self.snapshot_every_s = snapshot_every_s
         self._runner_options = dict(runner_options or {})
-        self._queue: queue.Queue[Record] = queue.Queue()
+        self._queue: queue.Queue[Record | BadFrame] = queue.Queue()
         self._warn_at = warn_queued
         self._runners: dict[str, FeedRunner] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -106,6 +115,9 @@ class VenueFeeds:
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
         registry = registry if registry is not None else CollectorRegistry()
+        self._sockets = Gauge("candlekeep_venue_socket_events", "connects, disconnects, frames, bad frames, "
+                              "snapshot fetches and retries, silence timeouts, per venue",
+                              ["venue", "event"], registry=registry)  # fmt: skip
         self._integrity = Counter("candlekeep_venue_integrity", "book integrity checks and resyncs",
                                   ["venue", "instrument", "event"], registry=registry)  # fmt: skip
 
@@ -135,7 +147,7 @@ class VenueFeeds:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def events(self, poll: float = 0.2) -> Iterator[Record]:
+    def events(self, poll: float = 0.2) -> Iterator[Record | BadFrame]:
         """Records in emit order until stopped (integrity events included: the caller may count them)."""
         while not (self._closed.is_set() and self._queue.empty()):
             try:
@@ -183,9 +195,11 @@ class VenueFeeds:
                                               snapshot_every_s=self.snapshot_every_s)  # fmt: skip
         runner = FeedRunner(connector, self._emit, **self._runner_options)
         self._runners[name] = runner
+        for event in SOCKET_EVENTS:
+            self._sockets.labels(name, event).set_function(lambda r=runner, e=event: r.stats[e])
         await runner.run(self._stop)
 
-    def _emit(self, record: Record) -> None:
+    def _emit(self, record: Record | BadFrame) -> None:
         if isinstance(record, IntegrityEvent):
             self._integrity.labels(record.source, record.instrument, record.kind).inc()
         # Never dropped and never blocking the loop (a blocked loop would starve every socket's

@@ -13,8 +13,8 @@ from collections import defaultdict
 
 from prometheus_client import CollectorRegistry
 
-from candlekeep.bars import Trade
-from candlekeep.books import BookSnapshot
+from candlekeep.bars import Disconnect, Trade
+from candlekeep.books import BookDelta, BookSnapshot
 from candlekeep.bus import InProcessBus
 from candlekeep.messages import BOOKS, TICKS, decode_book, decode_tick_record
 from candlekeep.sources.exchanges.base import listing_bodies
@@ -54,11 +54,13 @@ def test_okx_recording_reaches_ticks_and_books() -> None:
                            runner_options={"heartbeat_every_s": 3600})  # fmt: skip
         assert feeds.unserved == ["cccagg:BTC-USD"]
         feeds.start()
-        published = 0
+        trades = books_out = 0
         deadline = time.monotonic() + 30
         for record in feeds.events():
-            published += publish_record(producer, "", record)
-            if published >= 290 + 74 or time.monotonic() > deadline:
+            publish_record(producer, "", record)
+            trades += isinstance(record, Trade)
+            books_out += isinstance(record, BookSnapshot | BookDelta)
+            if (trades >= 74 and books_out >= 290) or time.monotonic() > deadline:
                 break
         feeds.stop()
     producer.flush(5)
@@ -70,6 +72,7 @@ def test_okx_recording_reaches_ticks_and_books() -> None:
     ticks = [decode_tick_record(r.value) for r in got if r.topic == TICKS]
     assert all(r.key == (b.instrument) for r, b in zip([r for r in got if r.topic == BOOKS], books, strict=True))
     assert sum(isinstance(t, Trade) for t in ticks) == 74
+    assert sorted(t.instrument for t in ticks if isinstance(t, Disconnect)) == sorted(IDS.values())  # at start
     seen: dict[str, list[int]] = defaultdict(list)
     rebuilt: dict[str, ReferenceBook] = {}
     for b in books:
@@ -81,3 +84,41 @@ def test_okx_recording_reaches_ticks_and_books() -> None:
     ok = registry.get_sample_value("candlekeep_venue_integrity_total",
                                    {"venue": "okx", "instrument": "okx:BTC-USDT", "event": "checksum_ok"})  # fmt: skip
     assert ok == len(expected["okx:BTC-USDT"])
+
+
+def test_a_frame_no_connector_can_read_goes_to_deadletter_and_the_socket_reads_on() -> None:
+    from candlekeep.messages import DEADLETTER
+    import base64
+
+    frames = received_frames(recorded("OKX.ws.1.0.txt"))
+    broken = '{"arg":{"channel":"books","instId":"BTC-USDT"},"action":"update","data":[{"asks":[["x","1","0","1"]]}]}'
+    books_at = next(i for i, f in enumerate(frames) if '"instId":"UNI-USD-SWAP"},"action":"update"' in str(f))
+
+    def script(session: ReplaySession) -> None:
+        session.expect('"subscribe"')
+        session.send_all(frames[:books_at] + [broken] + frames[books_at:])
+
+    symbols = symbols_from_listing("okx", listing_bodies(recording_path("OKX.0.txt").read_text()))
+    bus = InProcessBus()
+    bus.ensure_topics([TICKS, BOOKS, DEADLETTER])
+    producer = bus.producer(name="venues-test")
+    registry = CollectorRegistry()
+    with ReplayServer([script]) as server:
+        feeds = VenueFeeds(list(IDS.values()), registry=registry, symbols={"okx": symbols},
+                           urls={"okx": (server.url, None)}, snapshot_every_s=0)  # fmt: skip
+        feeds.start()
+        deadline = time.monotonic() + 30
+        trades = 0
+        for record in feeds.events():
+            publish_record(producer, "", record)
+            trades += isinstance(record, Trade)
+            if trades >= 74 or time.monotonic() > deadline:
+                break
+        feeds.stop()
+    producer.flush(5)
+    consumer = bus.consumer(group="check", topics=[DEADLETTER])
+    [dead] = consumer.poll_batch(max_records=10, timeout=1.0)
+    body = json.loads(dead.value)
+    assert base64.b64decode(body["payload"]).decode() == broken and "okx" in body["error"]
+    assert trades == 74  # everything after the bad frame still arrived
+    assert registry.get_sample_value("candlekeep_venue_socket_events", {"venue": "okx", "event": "bad_frames"}) == 1

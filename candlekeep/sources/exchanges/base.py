@@ -371,10 +371,13 @@ class Connector:
         return out
 
 
+_DECODER = json.JSONDecoder(parse_float=Decimal)  # built once: json.loads(parse_float=...) builds one per call
+
+
 def decode_json(raw: str | bytes) -> Any:
     """Venue JSON with every number's digits kept: floats become `Decimal`."""
     try:
-        return json.loads(raw, parse_float=Decimal)
+        return _DECODER.decode(raw if isinstance(raw, str) else raw.decode())
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConnectorError(f"not JSON: {exc}") from None
 

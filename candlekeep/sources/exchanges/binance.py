@@ -18,9 +18,12 @@ snapshots BINANCE.http.0.0.txt, listing BINANCE.0.txt):
   the first applied diff must have `U <= L+1 <= u`, and each next one `U == previous u + 1` (and
   `pu == previous u` where the stream sends `pu`, as the futures streams do). Anything else is a
   gap: that symbol alone re-fetches its snapshot and re-buffers. A crossed book is a break too.
-- Trades: `<sym>@aggTrade` `{"e":"aggTrade","a":aggId,"p":px,"q":qty,"f":firstId,"l":lastId,"T":ms,
-  "m":buyerIsMaker}`; the taker sold when the buyer is the maker. The venue trade id is the
-  aggregate id `a` (one aggregate is one taker order's fills at one price).
+- Trades: we subscribe `<sym>@trade`, raw trades with the venue's own trade id, documented
+  (developers.binance.com, spot "Trade Streams") as `{"e":"trade","E":1672515782136,"s":"BNBBTC",
+  "t":12345,"p":"0.001","q":"100","T":1672515782136,"m":true,"M":true}`; the taker sold when the
+  buyer is the maker (`m`). `<sym>@aggTrade` frames (`"a"` aggregate id, `f`..`l` the trades it
+  aggregates; what the 2021 recording holds) are parsed too, with `a` as the id: one feed
+  subscribes one of the two, so the two id spaces never mix.
 
 A real depth frame from the recording:
 
@@ -66,9 +69,13 @@ class BinanceConnector(Connector):
     ws_url = WS_URL
     rest_url = REST_URL
     verified = True
+    trade_stream = "trade"  # or "aggTrade"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, trade_stream: str = "trade", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if trade_stream not in ("trade", "aggTrade"):
+            raise ConnectorError(f"binance trade stream must be trade or aggTrade, not {trade_stream!r}")
+        self.trade_stream = trade_stream
         self._first_after_snapshot: set[str] = set()
 
     def connections(self) -> list[ConnectionSpec]:
@@ -81,7 +88,7 @@ class BinanceConnector(Connector):
                 if self.with_books:
                     streams.append(f"{symbol}@depth@100ms")
                 if self.with_trades:
-                    streams.append(f"{symbol}@aggTrade")
+                    streams.append(f"{symbol}@{self.trade_stream}")
             url = f"{self.ws_url}/stream?streams={'/'.join(streams)}"
             specs.append(ConnectionSpec(f"binance-{n}", url, chunk, (), None, silence_timeout_s=30.0))
         return specs
@@ -99,17 +106,18 @@ class BinanceConnector(Connector):
                 return []  # the answer to a SUBSCRIBE request
             raise ConnectorError(f"unexpected frame shape: {str(msg)[:80]}")
         event = data.get("e")
-        if event not in ("depthUpdate", "aggTrade"):
+        if event not in ("depthUpdate", "trade", "aggTrade"):
             return []  # bookTicker, kline, ...: not normalized here
         instrument = self.symbols.instrument(data["s"])
         if instrument not in self.states:
             return []
-        if event == "aggTrade":
+        if event != "depthUpdate":
             if not self.with_trades:
                 return []
             price, size = levels([(data["p"], data["q"])])[0]
+            trade_id = data["t"] if event == "trade" else data["a"]
             return [Trade(instrument, ms_to_ns(data["T"]), price, size, "sell" if data["m"] else "buy",
-                          str(data["a"]), self.venue, received_ns)]  # fmt: skip
+                          str(trade_id), self.venue, received_ns)]  # fmt: skip
         if not self.with_books:
             return []
         state = self.states[instrument]

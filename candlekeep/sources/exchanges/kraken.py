@@ -36,7 +36,7 @@ from typing import Any
 
 from candlekeep.bars import Trade
 from candlekeep.books import Level
-from candlekeep.orderbook import kraken_checksum
+from candlekeep.orderbook import KrakenChecksum
 from candlekeep.sources.exchanges.base import (
     CHECKSUM_MISMATCH,
     CHECKSUM_OK,
@@ -78,6 +78,10 @@ class KrakenConnector(Connector):
     ws_url = WS_URL
     book_depth = DEPTH
     verified = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._checksums = {i: KrakenChecksum() for i in self.instruments}
 
     def connections(self) -> list[ConnectionSpec]:
         pairs = [self.symbols.venue_symbol(i) for i in self.instruments]
@@ -141,6 +145,7 @@ class KrakenConnector(Connector):
             bids = levels(parts[0].get("bs", ()))
             book.replace(bids, asks)
             book.truncate()
+            self._checksums[instrument].reset()
             ts_ns = _latest(parts[0].get("as", ()), parts[0].get("bs", ()))
             if crossed := self._check_crossed(state, received_ns):
                 return crossed
@@ -168,7 +173,7 @@ class KrakenConnector(Connector):
         ts_ns = _latest(raw_asks, raw_bids)
         if checksum is None:
             raise ConnectorError(f"{instrument}: book update without a checksum")
-        computed = kraken_checksum(book)
+        computed = self._checksums[instrument](book, [p for p, _ in bids], [p for p, _ in asks])
         if computed != int(checksum):
             return self.resync(instrument, received_ns, CHECKSUM_MISMATCH,
                                f"venue crc32 {checksum}, book gives {computed}")  # fmt: skip

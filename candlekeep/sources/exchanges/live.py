@@ -15,9 +15,11 @@ a frame: `on_close` (a `Disconnect` per instrument on it), jittered exponential 
 resubscribe. REST snapshots (`FetchSnapshot`) go through one queue per runner with a token bucket
 (`snapshot_rate_per_s`, `snapshot_burst`) and a 429/418 answer is retried after `Retry-After`
 instead of dropped: 125 symbols re-snapshotting at once must not lock a venue out (cryptofeed #613).
-While a connection is live and an instrument has no trade, a `Heartbeat` is emitted every
+Each connection's instruments get a `Disconnect` when the runner starts (nothing before it is
+known). While a connection is live and an instrument has no trade, a `Heartbeat` is emitted every
 `heartbeat_every_s` at the connection's exchange clock (the largest exchange time it has seen), so
-quiet minutes close as flat bars on the log's clock.
+quiet minutes close as flat bars on the log's clock. A frame the connector cannot read is emitted
+as a `BadFrame` (the producer's dead-letter record) and the socket reads on.
 
 State, per runner: `_sockets` conn key -> the open socket; `_clock` conn key -> its exchange clock;
 `_last_trade` instrument -> exchange time of its last trade; `_pending` instruments with a
@@ -39,7 +41,7 @@ import requests
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from candlekeep.bars import Heartbeat, Trade
+from candlekeep.bars import Disconnect, Heartbeat, Trade
 from candlekeep.sources.exchanges.base import (
     Action,
     ConnectionSpec,
@@ -49,11 +51,13 @@ from candlekeep.sources.exchanges.base import (
     Record,
     Send,
 )
+from candlekeep.sources.cryptocompare_stream import BadFrame  # the producer's dead-letter record
 from candlekeep.sources.exchanges.recording import RecordingWriter
 
 log = logging.getLogger(__name__)
 
-Emit = Callable[[Record], None]
+Emit = Callable[[Record | BadFrame], None]
+STARTED = "feed started: nothing is known before this"
 
 
 class FeedRunner:
@@ -111,7 +115,8 @@ class FeedRunner:
     def _deliver(self, conn: str | None, records: list[Record]) -> None:
         for record in records:
             ts = getattr(record, "ts_ns", None)
-            if conn is not None and isinstance(ts, int) and not isinstance(record, Heartbeat):
+            # the exchange clock: venue times only (a disconnect carries our own wall time)
+            if conn is not None and isinstance(ts, int) and not isinstance(record, Heartbeat | Disconnect):
                 if ts > self._clock.get(conn, 0):
                     self._clock[conn] = ts
             if isinstance(record, Trade):
@@ -141,6 +146,10 @@ class FeedRunner:
     # -- one connection ---------------------------------------------------------------------------
 
     async def _connection(self, spec: ConnectionSpec, stop: asyncio.Event) -> None:
+        # A runner that starts knows nothing of what came before it (a previous run, a crash): the
+        # log gets a disconnect first, so the span up to our first record is a gap (DESIGN.md).
+        started = self.now_ns()
+        self._deliver(spec.key, [Disconnect(i, started, self.connector.venue, STARTED) for i in spec.instruments])
         failures = 0
         while not stop.is_set():
             opened = False
@@ -221,9 +230,18 @@ class FeedRunner:
                 self.recorder.received(now, raw)
             try:
                 records = self.connector.on_frame(spec.key, raw, now)
-            except ConnectorError as exc:
+            except Exception as exc:  # noqa: BLE001 - one bad frame never ends the connection
+                # A ConnectorError is a frame the venue should not have sent; anything else is a
+                # frame our parser did not expect (logged with its traceback). Either way the frame
+                # is kept whole for the dead-letter topic and the socket reads on; a book it left
+                # half-applied fails its next check and resyncs.
                 self.stats["bad_frames"] += 1
-                log.warning("%s %s: unreadable frame (%s): %.200r", self.connector.venue, spec.key, exc, raw)
+                if isinstance(exc, ConnectorError):
+                    log.warning("%s %s: unreadable frame (%s): %.200r", self.connector.venue, spec.key, exc, raw)
+                else:
+                    log.exception("%s %s: frame broke the parser: %.200r", self.connector.venue, spec.key, raw)
+                payload = raw if isinstance(raw, bytes) else raw.encode()
+                self.emit(BadFrame(payload, f"{self.connector.venue} {spec.key}: {type(exc).__name__}: {exc}"))
                 continue
             self._deliver(spec.key, records)
 

@@ -18,7 +18,9 @@ Facts (OKX v5 docs "WebSocket: Order book channel", "Trades channel", "Connect";
   recording predates them) an update's `prevSeqId` must equal the previous `seqId` (equal `seqId`
   and `prevSeqId` is a heartbeat-like no-change update); (2) `checksum` is the signed CRC32 of the
   top 25 levels interleaved `bid:bidsz:ask:asksz:...` (`candlekeep.orderbook.okx_checksum`),
-  snapshots included. A break, a mismatch or a crossed book resyncs that instrument only:
+  snapshots included. Since 2025 OKX sends `checksum: 0` on the `books` channel (observed by
+  third-party recorders, e.g. the tickvault crate's notes): 0 means "no checksum" and the seqId
+  chain alone proves the book (a real CRC32 of 0 is a 1 in 2^32 case). A break, a mismatch or a crossed book resyncs that instrument only:
   unsubscribe + subscribe its `books` channel, which pushes a fresh snapshot.
 - Trades: `{"instId","tradeId","px","sz","side","ts"}`; `side` is the taker's.
 
@@ -36,11 +38,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from candlekeep.bars import Trade
-from candlekeep.orderbook import okx_checksum
+from candlekeep.orderbook import OkxChecksum
 from candlekeep.sources.exchanges.base import (
     CHECKSUM_MISMATCH,
     CHECKSUM_OK,
     SEQUENCE_GAP,
+    SEQUENCE_OK,
     ConnectionSpec,
     Connector,
     ConnectorError,
@@ -82,6 +85,10 @@ class OkxConnector(Connector):
     venue = "okx"
     ws_url = WS_URL
     verified = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._checksums = {i: OkxChecksum() for i in self.instruments}
 
     def connections(self) -> list[ConnectionSpec]:
         frames = []
@@ -155,13 +162,23 @@ class OkxConnector(Connector):
                                    f"prevSeqId {prev} after seqId {state.sequence}", seq)  # fmt: skip
             book.update(bids, asks)
             prev_seq, state.sequence = state.sequence, seq
-        computed = okx_checksum(book)
-        if "checksum" in data and computed != int(data["checksum"]):
-            return self.resync(instrument, received_ns, CHECKSUM_MISMATCH,
-                               f"venue crc32 {data['checksum']}, book gives {computed}", seq)  # fmt: skip
+        checksum = self._checksums[instrument]
+        if action == "snapshot":
+            checksum.reset()
+        venue_sum = int(data.get("checksum") or 0)
+        out: list[Record] = []
+        if venue_sum:
+            computed = checksum(book, [p for p, _ in bids], [p for p, _ in asks])
+            if computed != venue_sum:
+                return self.resync(instrument, received_ns, CHECKSUM_MISMATCH,
+                                   f"venue crc32 {venue_sum}, book gives {computed}", seq)  # fmt: skip
+            out.append(self._event(instrument, CHECKSUM_OK, received_ns, seq, str(venue_sum)))
+        elif seq is None:
+            raise ConnectorError(f"{instrument}: a book frame with neither checksum nor seqId cannot be verified")
+        if seq is not None and action != "snapshot":
+            out.append(self._event(instrument, SEQUENCE_OK, received_ns, seq, f"prevSeqId {prev}"))
         if crossed := self._check_crossed(state, received_ns):
             return crossed
-        out: list[Record] = [self._event(instrument, CHECKSUM_OK, received_ns, seq, str(data.get("checksum")))]
         if action == "snapshot":
             return out + self._synced(state, ts_ns, received_ns, "snapshot")
         return out + self._delta_record(state, ts_ns, received_ns, prev_seq, bids, asks)

@@ -68,7 +68,7 @@ def test_rebuilt_books_equal_binances_book_ticker_at_the_same_update_ids() -> No
         records, runner = run_live(connector(ws.url, http.url, snapshot_every_s=0),
                                    lambda rs: sum(isinstance(r, BookDelta | BookSnapshot) for r in rs) >= 4 + 168)  # fmt: skip
         path = ws.sessions[0].path
-    assert path.startswith("/stream?streams=nknusdt@depth@100ms/nknusdt@aggTrade/")
+    assert path.startswith("/stream?streams=nknusdt@depth@100ms/nknusdt@trade/blzeth@depth@100ms/")
     books: dict[str, ReferenceBook] = {}
     compared = 0
     for r in records:
@@ -179,3 +179,17 @@ def test_feeds_normalize_equals_the_live_path() -> None:
         return sorted(out, key=lambda b: (b["instrument"], b["type"], b.get("sequence") or 0, b.get("trade_id", "")))
 
     assert published(live) == published(offline)
+
+
+def test_a_raw_trade_frame_as_documented() -> None:
+    """No recording holds the `@trade` stream: the payload of Binance's spot docs ("Trade Streams",
+    developers.binance.com/docs/binance-spot-api-docs/web-socket-streams), symbol set to one of ours."""
+    from candlekeep.bars import decimal_str
+
+    c = connector("wss://unused", "https://unused")
+    frame = ('{"stream":"nknusdt@trade","data":{"e":"trade","E":1672515782136,"s":"NKNUSDT","t":12345,'
+             '"p":"0.001","q":"100","T":1672515782136,"m":true,"M":true}}')  # fmt: skip
+    [trade] = c.on_frame("binance-0", frame, 7)
+    assert (trade.instrument, trade.trade_id, decimal_str(trade.price), decimal_str(trade.size), trade.side,
+            trade.ts_ns, trade.received_ns) == ("binance:NKN-USDT", "12345", "0.001", "100", "sell",
+                                                1672515782136_000_000, 7)  # fmt: skip

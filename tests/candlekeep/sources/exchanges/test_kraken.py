@@ -18,6 +18,7 @@ from candlekeep.books import BookDelta, BookSnapshot
 from candlekeep.feeds import connector_from_listing, normalize, record_json
 from candlekeep.sources.exchanges.base import IntegrityEvent
 from candlekeep.sources.exchanges.kraken import KrakenConnector
+from candlekeep.sources.exchanges.live import STARTED
 from tests.utils.exchange_replay import (
     ReferenceBook,
     ReplayServer,
@@ -199,6 +200,10 @@ def test_a_corrupted_checksum_resyncs_only_that_pair() -> None:
     assert [e.kind for e in events] == ["checksum_mismatch", "resync"]
 
 
+def lost(record: Any) -> bool:
+    return isinstance(record, Disconnect) and record.reason != STARTED
+
+
 def test_a_forced_disconnect_reconnects_resubscribes_and_resnapshots() -> None:
     frames = received_frames(recorded(BOOK))
     total = sum(len(v) for v in recorded_checksums(frames).values())
@@ -212,14 +217,15 @@ def test_a_forced_disconnect_reconnects_resubscribes_and_resnapshots() -> None:
         records, runner = run_live(
             connector(server.url, trades=False),
             lambda rs: sum(isinstance(r, BookDelta) for r in rs[next((i for i, r in enumerate(rs)
-                                                                       if isinstance(r, Disconnect)), len(rs)):])
-            >= total,
+                                                                       if lost(r)), len(rs)):]) >= total,
         )  # fmt: skip
         assert len(server.sessions) == 2
         resubscribed = json.loads(server.sessions[1].received[0])
     assert resubscribed["event"] == "subscribe" and resubscribed["pair"] == PAIRS
-    cut = next(i for i, r in enumerate(records) if isinstance(r, Disconnect))
-    gone = [r for r in records if isinstance(r, Disconnect)]
+    cut = next(i for i, r in enumerate(records) if lost(r))
+    gone = [r for r in records if lost(r)]
+    started = [r for r in records[:cut] if isinstance(r, Disconnect)]
+    assert sorted(d.instrument for d in started) == sorted(INSTRUMENTS) and records[: len(started)] == started
     assert sorted(d.instrument for d in gone) == sorted(INSTRUMENTS)
     after = records[cut:]
     assert {r.instrument for r in after if isinstance(r, BookSnapshot)} == set(INSTRUMENTS)

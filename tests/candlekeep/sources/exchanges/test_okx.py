@@ -155,3 +155,43 @@ def test_feeds_normalize_equals_the_live_path() -> None:
         return out
 
     assert published(live) == published(offline) and len(published(live)) >= 287 + 74 + 3
+
+
+def with_sequence_ids(frames: list[str | bytes], *, zero_checksums: bool) -> list[str]:
+    """The recorded frames with `seqId`/`prevSeqId` added as the OKX v5 docs define them ("Order
+    book channel": a snapshot's prevSeqId is -1; an update's prevSeqId is the previous seqId;
+    seqIds jump by varying steps), optionally with `checksum: 0` as OKX now sends on `books`."""
+    out = []
+    last: dict[str, int] = {}
+    for n, frame in enumerate(frames):
+        msg = json.loads(frame)
+        if msg.get("arg", {}).get("channel") == "books" and "data" in msg:
+            inst = msg["arg"]["instId"]
+            for d in msg["data"]:
+                seq = 1000 + 7 * n
+                d["prevSeqId"] = -1 if msg["action"] == "snapshot" else last[inst]
+                d["seqId"] = last[inst] = seq
+                if zero_checksums:
+                    d["checksum"] = 0
+        out.append(json.dumps(msg, separators=(",", ":")))
+    return out
+
+
+def test_the_seq_id_chain_alone_catches_a_dropped_update_when_checksums_are_zero() -> None:
+    from candlekeep.feeds import normalize as run
+    from candlekeep.sources.exchanges.recording import WsEvent
+
+    frames = with_sequence_ids(received_frames(recorded(RECORDING)), zero_checksums=True)
+    books = [i for i, f in enumerate(frames) if '"instId":"UNI-USD-SWAP"},"action":"update"' in f]
+    dropped = frames[: books[5]] + frames[books[5] + 1 :]
+    c = connector("wss://unused")
+    events = [WsEvent("open", 1, "wss://unused", None)] + [WsEvent("received", 2 + i, None, f) for i, f in enumerate(dropped)]
+    records = list(run(c, events))
+    m = c.metrics()
+    assert m["okx_swap:UNI-USD"]["sequence_gap"] == 1 and m["okx_swap:UNI-USD"]["resync"] == 1
+    assert "checksum_ok" not in m["okx_swap:UNI-USD"] and m["okx_swap:UNI-USD"]["sequence_ok"] == 5
+    for other in ("okx:BTC-USDT", "okx_futures:BTC-USD220527"):
+        assert m[other].get("resync", 0) == 0 and m[other]["sequence_ok"] == len(recorded_checksums(frames)[other]) - 1
+    # after the gap, that instrument's later updates are held back until a new snapshot arrives
+    late = [r for r in records if isinstance(r, BookDelta) and r.instrument == "okx_swap:UNI-USD"]
+    assert len(late) == 5 and [r.prev_sequence for r in late[1:]] == [r.sequence for r in late[:-1]]
