@@ -34,6 +34,7 @@ and a real `match`:
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -69,11 +70,16 @@ def iso_to_ns(text: str) -> int:
     head, dot, tail = text.rstrip("Z").partition(".")
     if dot and not (tail.isdigit() and len(tail) <= 9):
         raise ConnectorError(f"bad timestamp {text!r}")
+    return _whole_seconds(head) * 1_000_000_000 + (int(tail.ljust(9, "0")) if dot else 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _whole_seconds(head: str) -> int:
+    """`2021-04-17T16:43:37` -> unix seconds (cached: a busy feed repeats each second many times)."""
     try:
-        whole = datetime.fromisoformat(head).replace(tzinfo=UTC)
+        return int(datetime.fromisoformat(head).replace(tzinfo=UTC).timestamp())
     except ValueError:
-        raise ConnectorError(f"bad timestamp {text!r}") from None
-    return int(whole.timestamp()) * 1_000_000_000 + (int(tail.ljust(9, "0")) if dot else 0)
+        raise ConnectorError(f"bad timestamp {head!r}") from None
 
 
 def symbol_map(products: Any) -> SymbolMap:
