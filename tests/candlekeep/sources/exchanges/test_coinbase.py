@@ -126,3 +126,35 @@ def test_a_crossed_book_resyncs_that_product_alone_and_a_lost_trade_disconnects_
         return [e for e in published(records) if isinstance(e, tuple) and e[1] == instrument]
     for instrument in others:
         assert book_of(live, instrument) == book_of(records_of(clean), instrument)
+
+
+def test_a_forced_disconnect_reconnects_resubscribes_and_starts_each_book_from_a_new_snapshot() -> None:
+    events, symbols, instruments = _setup()
+    frames = received_frames(events)
+    half = len(frames) // 2
+
+    def first(session) -> None:
+        session.expect("subscribe")
+        session.send_all(frames[:half])
+        session.drop()
+
+    snapshots_after = at_least(2 * len(instruments), lambda r: isinstance(r, BookSnapshot))
+    with ReplayServer([first, play(frames)]) as server:
+        live, runner = run_live(CoinbaseConnector(symbols, instruments, ws_url=server.url, snapshot_every_s=0),
+                                until=snapshots_after)  # fmt: skip
+        resubscribed = json.loads(server.sessions[1].received[0])
+    assert runner.stats["connects"] == 2
+    assert resubscribed["type"] == "subscribe" and sorted(resubscribed["product_ids"]) == sorted(
+        symbols.venue_symbol(i) for i in instruments)  # fmt: skip
+    # The runner's disconnects: one per product at the start, and one per product when the socket dropped.
+    dropped = [i for i, r in enumerate(live) if isinstance(r, Disconnect) and "trade ids" not in r.reason]
+    assert len(dropped) == 2 * len(instruments)
+    assert {live[i].instrument for i in dropped[len(instruments):]} == set(instruments)
+    cut = dropped[-1]
+    fresh: set[str] = set()
+    for record in live[cut:]:
+        if isinstance(record, BookSnapshot):
+            fresh.add(record.instrument)
+        elif isinstance(record, BookDelta):
+            assert record.instrument in fresh  # no update before the product's new snapshot
+    assert fresh == set(instruments)
