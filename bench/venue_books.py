@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from candlekeep.feeds import connector_from_listing  # noqa: E402
 from candlekeep.sources.exchanges.base import FetchSnapshot  # noqa: E402
+from candlekeep.sources.exchanges.kucoin import FULL_SNAPSHOT_PATH  # noqa: E402
 from candlekeep.sources.exchanges.recording import read_http, read_ws  # noqa: E402
 
 FIXTURES = Path(__import__("os").environ.get("CANDLEKEEP_FIXTURES_DIR", ROOT.parent / "shared" / "fixtures"))
@@ -65,8 +66,10 @@ def run(venue: str, recording: str, http_name: str | None, marker: str, rounds: 
         floor_s = time.perf_counter() - start
         best_floor = min(best_floor, floor_s)
 
+        # KuCoin as the recording's client ran it: the full-book snapshots of KUCOIN.http.0.0.
+        options = {"snapshot_path": FULL_SNAPSHOT_PATH} if venue == "kucoin" else {}
         connector = connector_from_listing(venue, listing, _instruments(venue, listing, events), trades=False,
-                                           snapshot_every_s=0)  # fmt: skip
+                                           snapshot_every_s=0, **options)  # fmt: skip
         conn = connector.connections()[0].key
         connector.on_open(conn, 0)
         # Sync every book first (snapshots applied before the diffs), outside the timing.
@@ -90,6 +93,8 @@ def run(venue: str, recording: str, http_name: str | None, marker: str, rounds: 
             best_pipe, latencies = elapsed, lat
         problems = {k: v for k, v in connector.counters.items() if k[1] in ("sequence_gap", "crossed", "resync")}
         assert not problems, problems
+        assert all(s.phase == "synced" for s in connector.states.values() if s.sequence is not None or venue == "coinbase")
+        assert sum(s.phase == "synced" for s in connector.states.values()) >= len(connector.states) - 1
     latencies.sort()
     ratio = sorted(ratios)[len(ratios) // 2]
     p99 = latencies[int(len(latencies) * 0.99) - 1] / 1000

@@ -13,9 +13,11 @@ KUCOIN.http.0.0, 2021):
   Topics: `/market/level2` (book diffs), `/market/match` (trades), `/market/ticker`.
 - Book diffs: `{"sequenceStart":S,"sequenceEnd":E,"symbol":..,"changes":{"asks":[[price,size,seq]],
   "bids":[...]}}` (absolute sizes; 0 removes; a change with price "0" only advances the sequence).
-  The snapshot is `GET /api/v3/market/orderbook/level2?symbol=...` (full depth, with `sequence`;
-  the current docs ask an API key for it: `snapshot_path` can point at the public
-  `/api/v1/market/orderbook/level2_100` instead, whose top-100 book the diffs keep correct at the top).
+  The snapshot: `GET /api/v1/market/orderbook/level2_100?symbol=...` (public, top 100 per side, with
+  `sequence`) by default. The full book `GET /api/v3/market/orderbook/level2` (what the recording's
+  client fetched, on an authenticated `push-private` session) needs an API key in the current docs;
+  `snapshot_path=FULL_SNAPSHOT_PATH` selects it. With the top-100 snapshot the diffs keep the book
+  exact inside the snapshot's price range; a level beyond it is known once a diff touches it.
 - Integrity, per symbol: diffs are buffered until the snapshot (sequence N) arrives; those with
   E <= N are dropped, and of the first applied one only the changes with seq > N count; from then on
   every diff must start where the last ended (S == last E + 1), else that symbol alone re-fetches
@@ -62,7 +64,8 @@ WS_URL = "wss://ws-api-spot.kucoin.com/"  # what bullet-public names today; a to
 BULLET_URL = f"{REST_URL}/api/v1/bullet-public"
 LISTING_PATH = "/api/v1/symbols"
 SYMBOLS_URL = f"{REST_URL}{LISTING_PATH}"
-SNAPSHOT_PATH = "/api/v3/market/orderbook/level2"
+SNAPSHOT_PATH = "/api/v1/market/orderbook/level2_100"
+FULL_SNAPSHOT_PATH = "/api/v3/market/orderbook/level2"
 PING_INTERVAL_S = 18.0
 SYMBOLS_PER_TOPIC = 100
 CONN = "kucoin"

@@ -10,7 +10,8 @@ from urllib.parse import parse_qsl, urlsplit
 from candlekeep.bars import Disconnect, Trade
 from candlekeep.books import BookSnapshot
 from candlekeep.sources.exchanges.base import RESYNC, SEQUENCE_GAP, IntegrityEvent, listing_bodies
-from candlekeep.sources.exchanges.kucoin import SYMBOLS_URL, KucoinConnector, symbol_map, ws_url_from_bullet
+from candlekeep.sources.exchanges.kucoin import FULL_SNAPSHOT_PATH, SYMBOLS_URL, symbol_map, ws_url_from_bullet
+from candlekeep.sources.exchanges.kucoin import KucoinConnector as _Kucoin
 from candlekeep.sources.exchanges.recording import read_http
 from candlekeep.feeds import normalize
 from tests.utils.exchange_drive import Mirror, at_least, drive, play, published, published_at_least, records_of, sent_frames
@@ -18,6 +19,11 @@ from tests.utils.exchange_replay import ReplayServer, received_frames, recorded,
 from tests.utils.fixture_server import FixtureServer, Reply
 
 RECORDING = "KUCOIN.ws.1.0.txt"
+
+
+def KucoinConnector(*args, **kwargs):  # noqa: N802 - the connector as the recording's client ran it
+    """The recording's client fetched the full book (`/api/v3/...`, an authenticated session)."""
+    return _Kucoin(*args, snapshot_path=FULL_SNAPSHOT_PATH, **kwargs)
 
 
 def _setup():
