@@ -10,7 +10,7 @@ from candlekeep.bars import Trade, decimal_str
 from candlekeep.books import BookDelta, BookSnapshot
 from candlekeep.feeds import normalize
 from candlekeep.sources.exchanges.base import IntegrityEvent, listing_bodies
-from candlekeep.sources.exchanges.htx import LISTING_PATH, REST_URL, STALE, HtxConnector, symbol_map
+from candlekeep.sources.exchanges.htx import BOOK_TOPIC, LISTING_PATH, REST_URL, STALE, HtxConnector, symbol_map
 from tests.utils.exchange_drive import at_least, play, published, published_at_least, sent_frames
 from tests.utils.exchange_replay import ReplayServer, received_frames, recorded, recording_path, run_live
 
@@ -42,12 +42,19 @@ def test_live_replay_answers_each_ping_as_recorded_and_publishes_unverified_snap
     events, symbols, instruments = _setup()
     frames = received_frames(events)
     assert all(isinstance(f, bytes) for f in frames)  # gzip, sent as binary frames
-    expected = _books_and_trades(normalize(HtxConnector(symbols, instruments, snapshot_every_s=0), events))
+    expected = _books_and_trades(normalize(HtxConnector(symbols, instruments, book_channel=BOOK_TOPIC, snapshot_every_s=0), events))
     recorded_pongs = [json.dumps(f, separators=(",", ":")) for f in sent_frames(events) if "pong" in f]
     with ReplayServer([play(frames, expect="sub")]) as server:
-        connector = HtxConnector(symbols, instruments, ws_url=server.url, snapshot_every_s=0)
-        live, _ = run_live(connector, until=published_at_least(sum(len(b) + len(t) for b, t in expected.values())))
-        pongs = [f for f in server.sessions[0].received if '"pong"' in f]
+        connector = HtxConnector(symbols, instruments, book_channel=BOOK_TOPIC, ws_url=server.url, snapshot_every_s=0)
+        published_all = published_at_least(sum(len(b) + len(t) for b, t in expected.values()))
+
+        def answered(session) -> list[str]:
+            return [f for f in session.received if '"pong"' in f]
+
+        # Done when every record is out and every recorded ping has been answered.
+        live, _ = run_live(connector, until=lambda rs: published_all(rs) and bool(server.sessions)
+                           and len(answered(server.sessions[0])) >= len(recorded_pongs))  # fmt: skip
+        pongs = answered(server.sessions[0])
     assert _books_and_trades(live) == expected
     # Independent truth: the recording holds the pongs the recording client sent to the venue's pings.
     assert [json.dumps(json.loads(p), separators=(",", ":")) for p in pongs] == recorded_pongs
@@ -79,9 +86,9 @@ def test_an_out_of_order_push_is_dropped_for_that_symbol_only() -> None:
     a, b = pushes[2], pushes[3]
     swapped = list(frames)
     swapped[a], swapped[b] = frames[b], frames[a]
-    clean = _books_and_trades(normalize(HtxConnector(symbols, instruments, snapshot_every_s=0), events))
+    clean = _books_and_trades(normalize(HtxConnector(symbols, instruments, book_channel=BOOK_TOPIC, snapshot_every_s=0), events))
     with ReplayServer([play(swapped, expect="sub")]) as server:
-        connector = HtxConnector(symbols, instruments, ws_url=server.url, snapshot_every_s=0)
+        connector = HtxConnector(symbols, instruments, book_channel=BOOK_TOPIC, ws_url=server.url, snapshot_every_s=0)
         live, _ = run_live(connector, until=at_least(1, lambda r: isinstance(r, IntegrityEvent) and r.kind == STALE))
     stale = [r for r in live if isinstance(r, IntegrityEvent) and r.kind == STALE]
     assert [r.instrument for r in stale] == [symbols.instrument(victim)]
@@ -90,3 +97,72 @@ def test_an_out_of_order_push_is_dropped_for_that_symbol_only() -> None:
     for instrument in instruments:
         if instrument != symbols.instrument(victim) and instrument in got:
             assert got[instrument][0] == clean[instrument][0][: len(got[instrument][0])]
+
+
+# --- mbp.150 (the verified book protocol; no recording: HTX's documented frames) -------------------
+# HTX support notice 900000047626 ("new MBP feed", www.huobi.com/support/en-us/detail/900000047626/):
+# the `req` refresh sample (seqNum 100020142010, bids [[618.37, 71.594], [423.33, 77.726], ...]) and
+# the incremental sample's shape (`ch`, `ts`, `tick.seqNum`, `tick.prevSeqNum`, `bids`, `asks`). The
+# refresh's asks and the increments' levels and numbers after it are ours (the notice elides them),
+# in that shape: fault injection.
+
+def _gz(frame: dict) -> bytes:
+    return gzip.compress(json.dumps(frame).encode())
+
+
+def _refresh(symbol: str, req_id: str) -> bytes:
+    return _gz({"id": req_id, "rep": f"market.{symbol}.mbp.150", "status": "ok", "ts": 1573199608679,
+                "data": {"seqNum": 100020142010, "bids": [[618.37, 71.594], [423.33, 77.726], [223.18, 47.997]],
+                         "asks": [[619.5, 1.25]]}})  # fmt: skip
+
+
+def _increment(symbol: str, seq: int, prev: int, bids=(), asks=()) -> bytes:
+    return _gz({"ch": f"market.{symbol}.mbp.150", "ts": 1573199608679,
+                "tick": {"seqNum": seq, "prevSeqNum": prev, "bids": list(bids), "asks": list(asks)}})  # fmt: skip
+
+
+def test_mbp_increments_chain_to_the_req_refresh_and_a_gap_asks_again_for_that_symbol_alone() -> None:
+    from decimal import Decimal
+
+    from candlekeep.books import BookSnapshot
+    from candlekeep.sources.exchanges.base import RESYNC, SEQUENCE_GAP, SymbolMap
+    from tests.utils.exchange_drive import Mirror, at_least
+
+    symbols = SymbolMap.of("htx", [("htx:BTC-USDT", "btcusdt"), ("htx:ETH-USDT", "ethusdt")])
+    btc, eth = "htx:BTC-USDT", "htx:ETH-USDT"
+    base = 100020142010
+
+    def script(session) -> None:
+        first = session.expect('"sub"')
+        if "trade.detail" in first:  # the /ws socket: trades only
+            session.send(_gz({"ch": "market.btcusdt.trade.detail", "ts": 1618678027942, "tick": {"id": 1, "ts": 1,
+                              "data": [{"id": 7, "ts": 1618678027940, "tradeId": 100045088885, "amount": 0.5,
+                                        "price": 618.4, "direction": "buy"}]}}))  # fmt: skip
+            return
+        reqs = [json.loads(session.expect('"req"')) for _ in range(2)]
+        session.send_all([_increment("btcusdt", base + 1, base, bids=[[618.37, 0]]),  # buffered until the refresh
+                          *[_refresh(r["req"].split(".")[1], r["id"]) for r in reqs],
+                          _increment("ethusdt", base + 1, base, asks=[[619.5, 2]]),
+                          _increment("btcusdt", base + 4, base + 3, bids=[[618.0, 1]]),  # base+2, base+3 lost
+                          _increment("ethusdt", base + 2, base + 1, bids=[[423.33, 0]])])  # fmt: skip
+        again = json.loads(session.expect('"req"'))
+        assert again["req"] == "market.btcusdt.mbp.150"
+        session.send(_refresh("btcusdt", again["id"]))
+
+    with ReplayServer([script]) as server:
+        connector = HtxConnector(symbols, [btc, eth], ws_url=server.url, snapshot_every_s=0)
+        live, _ = run_live(connector, until=at_least(3, lambda r: isinstance(r, BookSnapshot)))
+        assert [s.url for s in connector.connections()] == [server.url, server.url]  # /feed and /ws, pointed here
+    broken = [(r.instrument, r.kind) for r in live if isinstance(r, IntegrityEvent) and r.kind in (SEQUENCE_GAP, RESYNC)]
+    assert broken == [(btc, SEQUENCE_GAP), (btc, RESYNC)]
+    deltas = [(r.instrument, r.prev_sequence, r.sequence) for r in live if type(r).__name__ == "BookDelta"]
+    assert (eth, base, base + 1) in deltas and (eth, base + 1, base + 2) in deltas
+    assert (btc, base, base + 1) in deltas and not any(d[0] == btc and d[2] == base + 4 for d in deltas)
+    assert all(r.verified for r in live if isinstance(r, BookSnapshot))
+    mirror = Mirror()
+    for record in live:
+        mirror.apply(record)
+    assert mirror.asks[eth] == {Decimal("619.5"): Decimal("2")}
+    assert Decimal("423.33") not in mirror.bids[eth]
+    assert mirror.best(btc) == (Decimal("618.37"), Decimal("619.5"))  # the refreshed book
+    assert [t.trade_id for t in live if isinstance(t, Trade)] == ["100045088885"]
