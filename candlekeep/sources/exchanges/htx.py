@@ -122,7 +122,9 @@ class HtxConnector(Connector):
             return [ConnectionSpec(CONN, self.ws_url, self.instruments, tuple(books + trades), silence_timeout_s=15.0)]
         specs = []
         if books:
-            specs.append(ConnectionSpec(FEED_CONN, self.feed_url, self.instruments, tuple(books), silence_timeout_s=15.0))
+            # No instruments on the book socket: it carries no trades, so it must never vouch for them
+            # (the runner's heartbeats and disconnects go by a spec's instruments).
+            specs.append(ConnectionSpec(FEED_CONN, self.feed_url, (), tuple(books), silence_timeout_s=15.0))
         if trades:
             specs.append(ConnectionSpec(CONN, self.ws_url, self.instruments, tuple(trades), silence_timeout_s=15.0))
         return specs

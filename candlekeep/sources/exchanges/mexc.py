@@ -153,19 +153,22 @@ class MexcConnector(Connector):
         self._applied_since_snapshot: set[str] = set()
 
     def connections(self) -> list[ConnectionSpec]:
-        channels = []
-        for instrument in self.instruments:
-            symbol = self.symbols.venue_symbol(instrument)
-            if self.with_books:
-                channels.append((instrument, DEPTH_CHANNEL.format(symbol=symbol)))
-            if self.with_trades:
-                channels.append((instrument, DEALS_CHANNEL.format(symbol=symbol)))
+        # An instrument's channels share one socket (so a socket vouches for the trades it carries),
+        # at most 30 channels to a socket.
+        per_instrument = int(self.with_books) + int(self.with_trades)
+        step = max(1, SUBSCRIPTIONS_PER_CONNECTION // max(1, per_instrument))
         specs = []
-        for n, start in enumerate(range(0, len(channels), SUBSCRIPTIONS_PER_CONNECTION)):
-            chunk = channels[start : start + SUBSCRIPTIONS_PER_CONNECTION]
-            frame = json.dumps({"method": "SUBSCRIPTION", "params": [c for _, c in chunk]})
-            instruments = tuple(dict.fromkeys(i for i, _ in chunk))
-            specs.append(ConnectionSpec(f"mexc-{n}", self.ws_url, instruments, (frame,), PING))
+        for n, start in enumerate(range(0, len(self.instruments), step)):
+            group = self.instruments[start : start + step]
+            channels = []
+            for instrument in group:
+                symbol = self.symbols.venue_symbol(instrument)
+                if self.with_books:
+                    channels.append(DEPTH_CHANNEL.format(symbol=symbol))
+                if self.with_trades:
+                    channels.append(DEALS_CHANNEL.format(symbol=symbol))
+            frame = json.dumps({"method": "SUBSCRIPTION", "params": channels})
+            specs.append(ConnectionSpec(f"mexc-{n}", self.ws_url, group, (frame,), PING))
         return specs
 
     def snapshot_url(self, instrument: str) -> str | None:
