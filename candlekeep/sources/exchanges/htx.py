@@ -44,7 +44,7 @@ from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
-from candlekeep.bars import Trade
+from candlekeep.bars import Disconnect, Trade
 from candlekeep.sources.exchanges.base import (
     CROSSED,
     SEQUENCE_GAP,
@@ -142,6 +142,8 @@ class HtxConnector(Connector):
             for instrument in self.instruments:
                 self._reset(self.states[instrument])
             return []
+        if self.book_channel == MBP_CHANNEL:  # the trade socket only: its trades break, the books do not
+            return [Disconnect(i, received_ns, VENUE, reason) for i in self.spec(conn).instruments]
         return super().on_close(conn, received_ns, reason)
 
     def _request_snapshot(self, instrument: str) -> None:

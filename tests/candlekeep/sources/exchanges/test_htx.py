@@ -166,3 +166,22 @@ def test_mbp_increments_chain_to_the_req_refresh_and_a_gap_asks_again_for_that_s
     assert Decimal("423.33") not in mirror.bids[eth]
     assert mirror.best(btc) == (Decimal("618.37"), Decimal("619.5"))  # the refreshed book
     assert [t.trade_id for t in live if isinstance(t, Trade)] == ["100045088885"]
+
+
+def test_mbp_losing_one_socket_breaks_only_what_it_carried() -> None:
+    from candlekeep.bars import Disconnect
+    from candlekeep.sources.exchanges.base import SymbolMap
+    from candlekeep.sources.exchanges.htx import CONN, FEED_CONN
+
+    connector = HtxConnector(SymbolMap.of("htx", [("htx:BTC-USDT", "btcusdt")]), ["htx:BTC-USDT"], snapshot_every_s=0)
+    assert {s.key: s.instruments for s in connector.connections()} == {FEED_CONN: (), CONN: ("htx:BTC-USDT",)}
+    connector.on_open(FEED_CONN, 0)
+    (req,) = connector.take_actions()
+    connector.on_frame(FEED_CONN, _refresh("btcusdt", json.loads(req.frame)["id"]), 1)
+    assert connector.states["htx:BTC-USDT"].phase == "synced"
+    # The trade socket drops: a Disconnect for the trades; the book (on /feed) carries on.
+    assert [type(r) for r in connector.on_close(CONN, 2, "closed")] == [Disconnect]
+    assert connector.states["htx:BTC-USDT"].phase == "synced"
+    # The book socket drops: no Disconnect on ticks (no trade was lost); the book starts over.
+    assert connector.on_close(FEED_CONN, 3, "closed") == []
+    assert connector.states["htx:BTC-USDT"].phase == "awaiting"
