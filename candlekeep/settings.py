@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     # Streaming daemons' /health and /metrics: base, base+1, ... (0: any free port).
     stream_port_base: int = Field(9101, ge=0, lt=65533)
 
+    # Exchange connectors (issue 10): a full book snapshot on `books` every N s of exchange time
+    # (besides the one after each (re)sync); REST snapshot token bucket per venue (cryptofeed #613);
+    # heartbeats on `ticks` while an instrument is quiet.
+    venue_snapshot_every_s: float = Field(60.0, ge=0)
+    venue_rest_snapshots_per_second: float = Field(2.0, gt=0)
+    venue_rest_snapshot_burst: int = Field(5, gt=0)
+    venue_heartbeat_every_s: float = Field(5.0, gt=0)
+
     @field_validator("instruments", "api_keys", "api_cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

@@ -42,6 +42,7 @@ from candlekeep.bus import BufferFull, BusProducer
 from candlekeep.feeds import fetch_listing
 from candlekeep.instruments import Instrument
 from candlekeep.messages import BOOKS, DEADLETTER, TICKS, encode_book, encode_deadletter, encode_tick_record, topic
+from candlekeep.settings import Settings
 from candlekeep.sources.cryptocompare_stream import BadFrame
 from candlekeep.sources.exchanges.base import Connector, IntegrityEvent, Record, SymbolMap
 from candlekeep.sources.exchanges.live import FeedRunner
@@ -106,7 +107,7 @@ class VenueFeeds:
         self._symbols = dict(symbols or {})
         self._urls = dict(urls or {})
         self.snapshot_every_s = snapshot_every_s
-        self._runner_options = dict(runner_options or {})
+        self.runner_options = dict(runner_options or {})
         self._queue: queue.Queue[Record | BadFrame] = queue.Queue()
         self._warn_at = warn_queued
         self._runners: dict[str, FeedRunner] = {}
@@ -120,6 +121,14 @@ class VenueFeeds:
                               ["venue", "event"], registry=registry)  # fmt: skip
         self._integrity = Counter("candlekeep_venue_integrity", "book integrity checks and resyncs",
                                   ["venue", "instrument", "event"], registry=registry)  # fmt: skip
+
+    @classmethod
+    def from_settings(cls, settings: Settings, instruments: Iterable[str], *,
+                      registry: CollectorRegistry | None = None) -> VenueFeeds:  # fmt: skip
+        return cls(instruments, registry=registry, snapshot_every_s=settings.venue_snapshot_every_s,
+                   runner_options={"snapshot_rate_per_s": settings.venue_rest_snapshots_per_second,
+                                   "snapshot_burst": settings.venue_rest_snapshot_burst,
+                                   "heartbeat_every_s": settings.venue_heartbeat_every_s})  # fmt: skip
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -156,7 +165,8 @@ class VenueFeeds:
                 continue
 
     def metrics(self) -> dict[str, Any]:
-        return {name: {"sockets": dict(r.stats), "integrity": r.connector.metrics()} for name, r in self._runners.items()}
+        return {name: {"sockets": dict(runner.stats), "integrity": runner.connector.metrics()}
+                for name, runner in self._runners.items()}  # fmt: skip
 
     # -- the loop thread --------------------------------------------------------------------------
 
@@ -193,7 +203,7 @@ class VenueFeeds:
             return
         connector: Connector = spec.connector(symbols, listed, ws_url=ws_url, rest_url=rest_url,
                                               snapshot_every_s=self.snapshot_every_s)  # fmt: skip
-        runner = FeedRunner(connector, self._emit, **self._runner_options)
+        runner = FeedRunner(connector, self._emit, **self.runner_options)
         self._runners[name] = runner
         for event in SOCKET_EVENTS:
             self._sockets.labels(name, event).set_function(lambda r=runner, e=event: r.stats[e])

@@ -45,3 +45,4 @@ def test_replace_drops_the_old_book_and_keeps_wire_digits() -> None:
     assert book.bids() == ((Decimal("0.000022900"), Decimal("13355.87450757")),)
     assert str(book.bids()[0][0]) == "0.000022900"
     assert book.asks() == ()
+

@@ -20,7 +20,15 @@ from candlekeep.messages import BOOKS, TICKS, decode_book, decode_tick_record
 from candlekeep.sources.exchanges.base import listing_bodies
 from candlekeep.sources.exchanges.registry import symbols_from_listing
 from streaming.venues import VenueFeeds, publish_record, venue_instruments
-from tests.utils.exchange_replay import ReferenceBook, ReplayServer, ReplaySession, okx_crc, received_frames, recorded, recording_path
+from tests.utils.exchange_replay import (
+    ReferenceBook,
+    ReplayServer,
+    ReplaySession,
+    okx_crc,
+    received_frames,
+    recorded,
+    recording_path,
+)
 
 IDS = {"BTC-USDT": "okx:BTC-USDT", "BTC-USD-220527": "okx_futures:BTC-USD220527", "UNI-USD-SWAP": "okx_swap:UNI-USD"}
 
@@ -122,3 +130,13 @@ def test_a_frame_no_connector_can_read_goes_to_deadletter_and_the_socket_reads_o
     assert base64.b64decode(body["payload"]).decode() == broken and "okx" in body["error"]
     assert trades == 74  # everything after the bad frame still arrived
     assert registry.get_sample_value("candlekeep_venue_socket_events", {"venue": "okx", "event": "bad_frames"}) == 1
+
+
+def test_settings_reach_the_runners() -> None:
+    from candlekeep.settings import Settings
+
+    settings = Settings(venue_snapshot_every_s=5, venue_rest_snapshots_per_second=1.5, venue_rest_snapshot_burst=3,
+                        venue_heartbeat_every_s=2)  # fmt: skip
+    feeds = VenueFeeds.from_settings(settings, ["okx:BTC-USDT"])
+    assert feeds.snapshot_every_s == 5
+    assert feeds.runner_options == {"snapshot_rate_per_s": 1.5, "snapshot_burst": 3, "heartbeat_every_s": 2}

@@ -49,6 +49,7 @@ class ReplaySession:
         self.conn = conn
         self.path = conn.request.path if conn.request is not None else ""
         self.received: list[str] = []
+        self.received_at: list[float] = []  # time.monotonic() of each received frame
         self._inbox: queue.Queue[str | None] = queue.Queue()
         self.closed = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True, name=f"replay-{index}")
@@ -59,6 +60,7 @@ class ReplaySession:
             for message in self.conn:
                 text = message if isinstance(message, str) else message.decode()
                 self.received.append(text)
+                self.received_at.append(time.monotonic())
                 self._inbox.put(text)
         except ConnectionClosed:
             pass

@@ -112,6 +112,10 @@ class ConnectionSpec:
     ping: PingRule | None = None
     # No frame at all for this long means the socket is dead (venues heartbeat or push often).
     silence_timeout_s: float = 30.0
+    # The venue's cap on frames we send (subscribe/unsubscribe; pings excepted): a token bucket,
+    # so a burst of resyncs queues its resubscribes instead of getting the socket closed.
+    sends_per_s: float | None = None
+    send_burst: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +173,12 @@ def ms_to_ns(ms: int | str) -> int:
 
 
 def seconds_text_to_ns(text: str | Decimal) -> int:
-    """'1618678142.557535' (seconds, exact decimal text) -> ns, without a float."""
+    """'1618678142.557535' (seconds, exact decimal text) -> ns, without a float (digits beyond
+    the nanosecond are cut, as int() of the exact product would)."""
+    if isinstance(text, str):
+        whole, dot, frac = text.partition(".")
+        if whole.isdigit() and (not dot or frac.isdigit()):  # the venues' plain form, 4x faster
+            return int(whole) * NS_PER_S + int((frac + "000000000")[:9])
     return int(Decimal(text) * NS_PER_S)
 
 

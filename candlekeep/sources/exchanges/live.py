@@ -12,7 +12,8 @@ module is the only place that knows about sockets and time.
 Per connection (one task each): connect -> `on_open` -> send the subscribe frames -> read frames
 (`on_frame`), sending app-level pings (`PingRule`) -> on any error or `silence_timeout_s` without
 a frame: `on_close` (a `Disconnect` per instrument on it), jittered exponential backoff, reconnect,
-resubscribe. REST snapshots (`FetchSnapshot`) go through one queue per runner with a token bucket
+resubscribe; the frames we send go through the venue's send cap (`ConnectionSpec.sends_per_s`,
+pings excepted). REST snapshots (`FetchSnapshot`) go through one queue per runner with a token bucket
 (`snapshot_rate_per_s`, `snapshot_burst`) and a 429/418 answer is retried after `Retry-After`
 instead of dropped: 125 symbols re-snapshotting at once must not lock a venue out (cryptofeed #613).
 Each connection's instruments get a `Disconnect` when the runner starts (nothing before it is
@@ -60,6 +61,28 @@ Emit = Callable[[Record | BadFrame], None]
 STARTED = "feed started: nothing is known before this"
 
 
+class _Bucket:
+    """A token bucket for one loop: `take()` waits until a token is there."""
+
+    def __init__(self, rate_per_s: float, burst: int) -> None:
+        self.rate = rate_per_s
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.last = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def take(self) -> None:
+        async with self._lock:  # waiters are served in order
+            while True:
+                now = time.monotonic()
+                self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+                self.last = now
+                if self.tokens >= 1:
+                    self.tokens -= 1
+                    return
+                await asyncio.sleep((1 - self.tokens) / self.rate)
+
+
 class FeedRunner:
     def __init__(
         self,
@@ -91,6 +114,8 @@ class FeedRunner:
         self._clock: dict[str, int] = {}
         self._last_trade: dict[str, int] = {}
         self._pending: set[str] = set()
+        self._specs: dict[str, ConnectionSpec] = {}
+        self._send_buckets: dict[str, _Bucket] = {}
         self._snapshots: asyncio.Queue[FetchSnapshot] | None = None
         self._session = requests.Session()
 
@@ -99,6 +124,7 @@ class FeedRunner:
     async def run(self, stop: asyncio.Event) -> None:
         self._snapshots = asyncio.Queue()
         specs = self.connector.connections()
+        self._specs = {spec.key: spec for spec in specs}
         tasks = [asyncio.create_task(self._connection(spec, stop), name=f"ws-{spec.key}") for spec in specs]
         tasks.append(asyncio.create_task(self._snapshot_worker(stop), name="rest-snapshots"))
         tasks.append(asyncio.create_task(self._heartbeats(specs, stop), name="heartbeats"))
@@ -135,7 +161,11 @@ class FeedRunner:
                 assert self._snapshots is not None
                 self._snapshots.put_nowait(action)
 
-    async def _send(self, conn: str, ws: Any, frame: str) -> None:
+    async def _send(self, conn: str, ws: Any, frame: str, *, limited: bool = True) -> None:
+        spec = self._specs.get(conn)
+        if limited and spec is not None and spec.sends_per_s:
+            bucket = self._send_buckets.setdefault(conn, _Bucket(spec.sends_per_s, spec.send_burst))
+            await bucket.take()
         try:
             await ws.send(frame)
             if self.recorder is not None:
@@ -163,6 +193,9 @@ class FeedRunner:
                     self.stats["connects"] += 1
                     self._sockets[spec.key] = ws
                     self.live[spec.key] = True
+                    # heartbeats wait for this socket's own frames: the clock of the lost one is
+                    # from before the disconnect and must not be vouched for after it
+                    self._clock.pop(spec.key, None)
                     now = self.now_ns()
                     if self.recorder is not None:
                         self.recorder.opened(spec.url, now)
@@ -249,24 +282,16 @@ class FeedRunner:
         assert spec.ping is not None
         while True:
             await asyncio.sleep(spec.ping.interval_s)
-            await self._send(spec.key, ws, spec.ping.frame)
+            await self._send(spec.key, ws, spec.ping.frame, limited=False)
 
     # -- REST snapshots ---------------------------------------------------------------------------
 
     async def _snapshot_worker(self, stop: asyncio.Event) -> None:
         assert self._snapshots is not None
-        tokens = float(self.snapshot_burst)
-        last = time.monotonic()
+        bucket = _Bucket(self.snapshot_rate_per_s, self.snapshot_burst)  # a burst, then the rate
         while not stop.is_set():
             request = await self._snapshots.get()
-            while True:  # the token bucket: a burst of `snapshot_burst`, then `snapshot_rate_per_s`
-                now = time.monotonic()
-                tokens = min(float(self.snapshot_burst), tokens + (now - last) * self.snapshot_rate_per_s)
-                last = now
-                if tokens >= 1:
-                    tokens -= 1
-                    break
-                await asyncio.sleep((1 - tokens) / self.snapshot_rate_per_s)
+            await bucket.take()
             retry_after = await self._fetch(request)
             if retry_after is not None:
                 self.stats["snapshot_retries"] += 1

@@ -18,9 +18,10 @@ Facts (OKX v5 docs "WebSocket: Order book channel", "Trades channel", "Connect";
   recording predates them) an update's `prevSeqId` must equal the previous `seqId` (equal `seqId`
   and `prevSeqId` is a heartbeat-like no-change update); (2) `checksum` is the signed CRC32 of the
   top 25 levels interleaved `bid:bidsz:ask:asksz:...` (`candlekeep.orderbook.okx_checksum`),
-  snapshots included. Since 2025 OKX sends `checksum: 0` on the `books` channel (observed by
+  snapshots included. OKX has since been seen sending `checksum: 0` on `books` (observed by
   third-party recorders, e.g. the tickvault crate's notes): 0 means "no checksum" and the seqId
-  chain alone proves the book (a real CRC32 of 0 is a 1 in 2^32 case). A break, a mismatch or a crossed book resyncs that instrument only:
+  chain alone proves the book (a real CRC32 of 0 is a 1 in 2^32 case). A break, a mismatch or a
+  crossed book resyncs that instrument only:
   unsubscribe + subscribe its `books` channel, which pushes a fresh snapshot.
 - Trades: `{"instId","tradeId","px","sz","side","ts"}`; `side` is the taker's.
 
@@ -96,8 +97,9 @@ class OkxConnector(Connector):
             frames.append(self._op("subscribe", BOOK_CHANNEL, self.instruments))
         if self.with_trades:
             frames.append(self._op("subscribe", "trades", self.instruments))
+        # 480 subscribe/unsubscribe requests per hour per connection: a resync costs two.
         return [ConnectionSpec(CONN, self.ws_url, self.instruments, tuple(frames), PingRule(20.0, "ping"),
-                               silence_timeout_s=30.0)]  # fmt: skip
+                               silence_timeout_s=30.0, sends_per_s=480 / 3600, send_burst=20)]  # fmt: skip
 
     def _op(self, op: str, channel: str, instruments: Iterable[str]) -> str:
         args = [{"channel": channel, "instId": self.symbols.venue_symbol(i)} for i in instruments]

@@ -19,7 +19,15 @@ from candlekeep.bars import Interval, Trade, aggregate_trades
 from candlekeep.books import BookDelta, BookSnapshot
 from candlekeep.feeds import connector_from_listing, normalize, record_json
 from candlekeep.sources.exchanges.recording import read_http
-from tests.utils.exchange_replay import ReferenceBook, ReplayServer, ReplaySession, received_frames, recorded, recording_path, run_live
+from tests.utils.exchange_replay import (
+    ReferenceBook,
+    ReplayServer,
+    ReplaySession,
+    received_frames,
+    recorded,
+    recording_path,
+    run_live,
+)
 from tests.utils.fixture_server import FixtureServer, Received, Reply
 
 IDS = {"NKNUSDT": "binance:NKN-USDT", "BLZETH": "binance:BLZ-ETH", "LRCBTC": "binance:LRC-BTC", "RUNEEUR": "binance:RUNE-EUR"}

@@ -90,7 +90,7 @@ def test_every_replayed_book_update_passes_krakens_checksum() -> None:
     assert total > 4000 and len(checksums) == 10
     with ReplayServer([subscribe_then_replay(frames)]) as server:
         records, runner = run_live(connector(server.url, trades=False),
-                                   lambda rs: sum(isinstance(r, BookDelta) for r in rs) >= total)  # fmt: skip
+                                   lambda rs: sum(isinstance(r, BookDelta) for r in rs) >= total, timeout=120)  # fmt: skip
         subscribe = json.loads(server.sessions[0].received[0])
     assert subscribe == {"event": "subscribe", "pair": PAIRS, "subscription": {"name": "book", "depth": 1000}}
     assert_books_match_venue_checksums(records, checksums)
@@ -179,7 +179,7 @@ def test_a_corrupted_checksum_resyncs_only_that_pair() -> None:
     total = sum(len(v) for v in checksums.values())
     with ReplayServer([script]) as server:
         records, runner = run_live(connector(server.url, trades=False),
-                                   lambda rs: sum(isinstance(r, BookDelta) for r in rs) >= total - 1)  # fmt: skip
+                                   lambda rs: sum(isinstance(r, BookDelta) for r in rs) >= total - 1, timeout=120)  # fmt: skip
         sent = [json.loads(f) for f in server.sessions[0].received]
     assert [f["event"] for f in sent if f["event"] != "ping"] == ["subscribe", "unsubscribe", "subscribe"]
     assert sent[1]["pair"] == ["SC/EUR"]
@@ -218,6 +218,7 @@ def test_a_forced_disconnect_reconnects_resubscribes_and_resnapshots() -> None:
             connector(server.url, trades=False),
             lambda rs: sum(isinstance(r, BookDelta) for r in rs[next((i for i, r in enumerate(rs)
                                                                        if lost(r)), len(rs)):]) >= total,
+            timeout=120,
         )  # fmt: skip
         assert len(server.sessions) == 2
         resubscribed = json.loads(server.sessions[1].received[0])
@@ -239,7 +240,7 @@ def test_feeds_normalize_equals_the_live_path() -> None:
     total = sum(len(v) for v in recorded_checksums(frames).values())
     with ReplayServer([subscribe_then_replay(frames)]) as server:
         live, _ = run_live(connector(server.url, trades=False),
-                           lambda rs: sum(isinstance(r, BookDelta) for r in rs) >= total)  # fmt: skip
+                           lambda rs: sum(isinstance(r, BookDelta) for r in rs) >= total, timeout=120)  # fmt: skip
     offline = list(normalize(connector("wss://unused"), events))
 
     def published(records: list[Any]) -> list[dict[str, Any]]:

@@ -90,7 +90,9 @@ def test_many_connections_in_one_loop_do_not_wait_for_each_other() -> None:
     def script(session: ReplaySession) -> None:
         if "nknusdt" in session.path:
             release.wait(20)  # this venue socket stalls
-        session.send_all(frames)
+        # a socket carries only the streams it subscribed (by symbol: the recording's are aggTrade)
+        mine = [f for f in frames if json.loads(f)["stream"].split("@")[0] + "@" in session.path]
+        session.send_all(mine)
 
     bodies = {r.url.split("symbol=")[1].split("&")[0]: r.body for r in read_http(recording_path("BINANCE.http.0.0.txt"))}
     old = binance.INSTRUMENTS_PER_CONNECTION
@@ -111,3 +113,39 @@ def test_many_connections_in_one_loop_do_not_wait_for_each_other() -> None:
     finally:
         binance.INSTRUMENTS_PER_CONNECTION = old
     assert not any(getattr(r, "kind", "") == "synced" and r.instrument == "binance:NKN-USDT" for r in records)
+
+
+def test_resubscribes_of_a_resync_burst_respect_the_venues_send_cap() -> None:
+    """Two Kraken pairs fail their checksum at once: their unsubscribe/subscribe frames go out through
+    the connection's token bucket (2/s here after the initial subscribe), not all at once."""
+    import dataclasses
+
+    from candlekeep.sources.exchanges.kraken import KrakenConnector
+    from tests.candlekeep.sources.exchanges.test_kraken import BOOK, INSTRUMENTS, corrupt_checksum
+
+    frames = received_frames(recorded(BOOK))
+    faulty, at_sc = corrupt_checksum(frames, "SC/EUR", 3)
+    faulty, at_xmr = corrupt_checksum(faulty, "XMR/USD", 3)
+    last = max(at_sc, at_xmr)
+
+    class Capped(KrakenConnector):
+        def connections(self) -> list[Any]:
+            return [dataclasses.replace(spec, sends_per_s=2.0, send_burst=1) for spec in super().connections()]
+
+    def script(session: ReplaySession) -> None:
+        session.expect('"subscribe"')
+        session.send_all(faulty[: last + 1])
+
+    with ReplayServer([script]) as ws:
+        listing = recording_path("KRAKEN.0.txt").read_text()
+        base = connector_from_listing("kraken", listing, INSTRUMENTS)
+        c = Capped(base.symbols, INSTRUMENTS, ws_url=ws.url, trades=False)
+        run_live(c, lambda rs: len([f for f in ws.sessions[0].received if '"ping"' not in f]) >= 5 if ws.sessions else False,
+                 timeout=30)  # fmt: skip
+        session = ws.sessions[0]
+        sent = [(t, json.loads(f)) for t, f in zip(session.received_at, session.received, strict=True)
+                if '"ping"' not in f]  # fmt: skip
+    assert [f["event"] for _, f in sent] == ["subscribe", "unsubscribe", "subscribe", "unsubscribe", "subscribe"]
+    assert sorted(p for _, f in sent[1:] for p in f["pair"]) == ["SC/EUR", "SC/EUR", "XMR/USD", "XMR/USD"]
+    gaps = [b[0] - a[0] for a, b in zip(sent[1:], sent[2:])]
+    assert all(g >= 0.4 for g in gaps), gaps  # 2 per second
