@@ -7,7 +7,7 @@ KUCOIN.http.0.0, 2021):
   the socket URL is `{endpoint}?token={token}&connectId={any id}` (`ws_url_from_bullet`). The
   recording's URL has the token replaced by `TOKEN`. The server says `{"type":"welcome"}` first.
 - App ping `{"id":"...","type":"ping"}` every `pingInterval` (18 s); no frame for `pingTimeout`
-  (10 s) after that means the socket is dead.
+  (10 s) after that means the socket is dead. At most 100 client messages per 10 s.
 - Subscribe `{"id":N,"type":"subscribe","topic":"/market/level2:BTC-USDT,ETH-USDT",
   "privateChannel":false,"response":true}` (up to 100 symbols per topic), answered by `ack`.
   Topics: `/market/level2` (book diffs), `/market/match` (trades), `/market/ticker`.
@@ -68,6 +68,7 @@ SNAPSHOT_PATH = "/api/v1/market/orderbook/level2_100"
 FULL_SNAPSHOT_PATH = "/api/v3/market/orderbook/level2"
 PING_INTERVAL_S = 18.0
 SYMBOLS_PER_TOPIC = 100
+SENDS_PER_S = 10.0  # the docs' uplink limit: 100 client messages per 10 seconds
 CONN = "kucoin"
 
 _ZERO = Decimal(0)
@@ -132,7 +133,8 @@ class KucoinConnector(Connector):
             if self.with_books:
                 frames.append(self._subscribe("/market/level2", chunk))
         ping = PingRule(self.ping_interval_s, json.dumps({"id": "ping", "type": "ping"}))
-        return [ConnectionSpec(CONN, self.ws_url, self.instruments, tuple(frames), ping, silence_timeout_s=self.ping_interval_s + 10)]
+        return [ConnectionSpec(CONN, self.ws_url, self.instruments, tuple(frames), ping,
+                               silence_timeout_s=self.ping_interval_s + 10, sends_per_s=SENDS_PER_S)]  # fmt: skip
 
     def token_request(self, conn: str) -> str | None:
         # `ws_url` pointed elsewhere (a test, a proxy) is used as it is: no token.
