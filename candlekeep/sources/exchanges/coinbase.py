@@ -14,7 +14,10 @@ Facts (Coinbase Exchange WebSocket docs, docs.cdp.coinbase.com/exchange/websocke
   `base_currency`, `quote_currency` (COINBASE.0.txt).
 - Sides: a match's `side` is the MAKER order's side; the taker (aggressor) is the other one.
   `trade_id` is an integer per product, one higher for each trade, so a skipped id is a lost trade
-  (a `Disconnect` of that instrument's trades).
+  (a `Disconnect` of that instrument's trades). The `heartbeat` channel sends, every second per
+  product, `{"type":"heartbeat","sequence":..,"last_trade_id":..,"product_id":..,"time":..}`: a
+  `last_trade_id` above the last trade we saw means trades were lost even while the feed is quiet,
+  and the heartbeats keep a quiet socket from being taken for a dead one.
 - Integrity: **the level2 channels carry no sequence number and no checksum** (only `ticker` and
   `match` frames are sequenced, by the product's whole order flow, which cannot chain L2 updates).
   Books of this venue are published `verified=False`; every update is still checked for a crossed
@@ -60,6 +63,7 @@ REST_URL = "https://api.exchange.coinbase.com"
 LISTING_PATH = "/products"
 BOOK_CHANNEL = "level2_batch"
 TRADE_CHANNEL = "matches"
+HEARTBEAT_CHANNEL = "heartbeat"
 CONN = "coinbase"
 
 _TAKER_SIDE = {"buy": "sell", "sell": "buy"}  # a match's `side` is the maker's
@@ -103,14 +107,16 @@ class CoinbaseConnector(Connector):
         self._last_trade_id: dict[str, int] = {}
 
     def _channels(self) -> list[str]:
-        return ([self.book_channel] if self.with_books else []) + ([TRADE_CHANNEL] if self.with_trades else [])
+        trades = [TRADE_CHANNEL, HEARTBEAT_CHANNEL] if self.with_trades else []
+        return ([self.book_channel] if self.with_books else []) + trades
 
     def _frame(self, kind: str, product_ids: list[str], channels: list[str]) -> str:
         return json.dumps({"type": kind, "product_ids": product_ids, "channels": channels})
 
     def connections(self) -> list[ConnectionSpec]:
         products = [self.symbols.venue_symbol(i) for i in self.instruments]
-        return [ConnectionSpec(CONN, self.ws_url, self.instruments, (self._frame("subscribe", products, self._channels()),))]
+        frame = self._frame("subscribe", products, self._channels())
+        return [ConnectionSpec(CONN, self.ws_url, self.instruments, (frame,), silence_timeout_s=15.0)]
 
     def on_open(self, conn: str, received_ns: int) -> list[Record]:
         # The subscribe itself brings every product's snapshot: nothing to request.
@@ -134,11 +140,13 @@ class CoinbaseConnector(Connector):
                 return self._on_match(msg, received_ns)
             if kind == "snapshot":
                 return self._on_snapshot_frame(msg, received_ns)
+            if kind == "heartbeat":
+                return self._on_heartbeat(msg, received_ns)
         except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
             raise ConnectorError(f"coinbase {kind} frame: {exc!r}: {str(msg)[:200]}") from None
         if kind == "error":
             raise ConnectorError(f"coinbase error: {msg.get('message')} {msg.get('reason', '')}".strip())
-        return []  # subscriptions, heartbeat, ticker: nothing to publish
+        return []  # subscriptions, ticker: nothing to publish
 
     def _on_snapshot_frame(self, msg: dict, received_ns: int) -> list[Record]:
         state = self.states.get(self.symbols.instrument(msg["product_id"]))
@@ -169,6 +177,19 @@ class CoinbaseConnector(Connector):
         if crossed := self._check_crossed(state, received_ns):
             return crossed
         return self._delta_record(state, iso_to_ns(msg["time"]), received_ns, None, bids, asks)
+
+    def _on_heartbeat(self, msg: dict, received_ns: int) -> list[Record]:
+        instrument = self.symbols.instrument(msg["product_id"])
+        if instrument not in self.states or not self.with_trades:
+            return []
+        venue_last, ours = int(msg["last_trade_id"]), self._last_trade_id.get(instrument)
+        if ours is None or venue_last <= ours:
+            if ours is None:
+                self._last_trade_id[instrument] = venue_last  # a starting point
+            return []
+        self._count(instrument, "trade_gap")
+        self._last_trade_id[instrument] = venue_last
+        return [Disconnect(instrument, received_ns, VENUE, f"trade ids {ours + 1}..{venue_last} missed (heartbeat)")]
 
     def _on_match(self, msg: dict, received_ns: int) -> list[Record]:
         instrument = self.symbols.instrument(msg["product_id"])

@@ -158,3 +158,23 @@ def test_a_forced_disconnect_reconnects_resubscribes_and_starts_each_book_from_a
         elif isinstance(record, BookDelta):
             assert record.instrument in fresh  # no update before the product's new snapshot
     assert fresh == set(instruments)
+
+
+# The Exchange docs' examples ("Websocket channels": the heartbeat channel, the matches channel).
+DOC_MATCH = ('{"type":"match","trade_id":10,"sequence":50,"maker_order_id":"ac928c66-ca53-498f-9c13-a110027a60e8",'
+             '"taker_order_id":"132fb6ae-456b-4654-b4e0-d681ac05cea1","time":"2014-11-07T08:19:27.028459Z",'
+             '"product_id":"BTC-USD","size":"5.23512","price":"400.23","side":"sell"}')  # fmt: skip
+DOC_HEARTBEAT = ('{"type":"heartbeat","sequence":90,"last_trade_id":20,"product_id":"BTC-USD",'
+                 '"time":"2014-11-07T08:19:28.464459Z"}')  # fmt: skip
+
+
+def test_a_heartbeat_naming_a_later_trade_than_ours_disconnects_that_products_trades() -> None:
+    symbols = _symbols()
+    connector = CoinbaseConnector(symbols, ["coinbase:BTC-USD"], books=False)
+    assert json.loads(connector.connections()[0].subscribe[0])["channels"] == ["matches", "heartbeat"]
+    (trade,) = connector.on_frame("coinbase", DOC_MATCH, 1)
+    assert (trade.side, trade.trade_id, trade.price) == ("buy", "10", Decimal("400.23"))  # the maker sold
+    (gap,) = connector.on_frame("coinbase", DOC_HEARTBEAT, 2)
+    assert isinstance(gap, Disconnect) and gap.reason == "trade ids 11..20 missed (heartbeat)"
+    assert connector.on_frame("coinbase", DOC_HEARTBEAT, 3) == []  # nothing new since
+    assert connector.metrics()["coinbase:BTC-USD"]["trade_gap"] == 1
