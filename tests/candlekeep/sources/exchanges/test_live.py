@@ -149,3 +149,36 @@ def test_resubscribes_of_a_resync_burst_respect_the_venues_send_cap() -> None:
     assert sorted(p for _, f in sent[1:] for p in f["pair"]) == ["SC/EUR", "SC/EUR", "XMR/USD", "XMR/USD"]
     gaps = [b[0] - a[0] for a, b in zip(sent[1:], sent[2:])]
     assert all(g >= 0.4 for g in gaps), gaps  # 2 per second
+
+
+def test_app_level_pings_and_a_silent_socket_is_replaced() -> None:
+    """Kraken's app-level `{"event":"ping"}` goes out on its interval (0.1 s here); a socket that
+    stays silent past `silence_timeout_s` is dropped: a disconnect per instrument, a new socket,
+    the subscriptions again."""
+    import dataclasses
+
+    from candlekeep.bars import Disconnect
+    from candlekeep.sources.exchanges.base import PingRule
+    from candlekeep.sources.exchanges.kraken import KrakenConnector
+    from candlekeep.sources.exchanges.live import STARTED
+    from tests.candlekeep.sources.exchanges.test_kraken import INSTRUMENTS
+
+    class Quick(KrakenConnector):
+        def connections(self) -> list[Any]:
+            return [dataclasses.replace(spec, ping=PingRule(0.1, '{"event":"ping"}'), silence_timeout_s=1.0)
+                    for spec in super().connections()]  # fmt: skip
+
+    def silent(session: ReplaySession) -> None:
+        session.expect('"subscribe"')  # then nothing at all
+
+    with ReplayServer([silent]) as ws:
+        base = connector_from_listing("kraken", recording_path("KRAKEN.0.txt").read_text(), INSTRUMENTS)
+        c = Quick(base.symbols, INSTRUMENTS, ws_url=ws.url, books=False)
+        records, runner = run_live(c, lambda rs: len(ws.sessions) >= 2 and len(ws.sessions[1].received) >= 1,
+                                   timeout=20)  # fmt: skip
+        first = list(ws.sessions[0].received)
+    assert json.loads(first[0])["event"] == "subscribe"
+    assert first.count('{"event":"ping"}') >= 5  # about ten in the silent second
+    lost = [r for r in records if isinstance(r, Disconnect) and r.reason != STARTED]
+    assert sorted(d.instrument for d in lost) == sorted(INSTRUMENTS) and "no frame for 1.0 s" in lost[0].reason
+    assert runner.stats["silence_timeouts"] == 1 and runner.stats["connects"] == 2
