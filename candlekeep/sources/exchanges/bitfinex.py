@@ -21,11 +21,14 @@ Facts (docs.bitfinex.com, "WebSocket" pages; the recording BITFINEX.ws.11.0, 202
   `AAVE:USD` (colon when a code is longer); the channel symbol is `t` + pair. Bitfinex names
   Tether `UST`: it is our `USDT`.
 - Integrity: the SEQ_ALL number counts frames **per connection**, not per channel (the recording
-  numbers ticker, trades and book frames of seven pairs in one run 1, 2, 3, ...). A gap therefore
-  cannot say whose frame was lost: every book on that connection resyncs and its instruments' trades
-  get a `Disconnect`. So a connection carries one instrument by default (`instruments_per_connection`),
-  which keeps a gap to one instrument. The checksum (CRC32 of the top 25 levels, signed) proves
-  each book on its own; a mismatch resyncs that book alone. Crossed books resync too.
+  numbers ticker, trades and book frames of seven pairs in one run 1, 2, 3, ...). A gap cannot say
+  whose frame was lost, so the trades of every pair on that socket get a `Disconnect`. The books:
+  with OB_CHECKSUM on (the default), each book on the socket holds its updates until its next
+  checksum (CRC32 of the top 25 levels, signed; sent after book updates): a match releases them,
+  a mismatch resyncs that book alone. Without checksums (the recording's flags) every book on the
+  socket resyncs. A connection carries up to 10 pairs (20 channels; the venue caps channels per
+  socket and new sockets per minute). A checksum mismatch at any time resyncs that book alone;
+  crossed books resync too.
 
 A real book snapshot and update (BITFINEX.ws.11.0.txt; the last number is SEQ_ALL's):
 
@@ -134,7 +137,7 @@ class BitfinexConnector(Connector):
     verified = True  # SEQ_ALL gaps and (when on) checksums; see the module docstring
 
     def __init__(self, symbols: SymbolMap, instruments: Sequence[str], *, flags: int = SEQ_ALL | OB_CHECKSUM,
-                 instruments_per_connection: int = 1, **kwargs: Any) -> None:  # fmt: skip
+                 instruments_per_connection: int = 10, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(symbols, instruments, **kwargs)
         self.flags = flags
         self.per_connection = max(1, instruments_per_connection)
@@ -142,6 +145,8 @@ class BitfinexConnector(Connector):
         self._conn_of = {i: spec.key for spec in self._specs for i in spec.instruments}
         self._seq: dict[str, int | None] = {}  # connection -> last SEQ_ALL number
         self._channels: dict[tuple[str, int], tuple[str, str]] = {}  # (conn, chanId) -> (channel, instrument)
+        # instrument -> its book records held since a connection gap, until its next checksum
+        self._held: dict[str, list[Record]] = {}
 
     def _subscribe(self, channel: str, instrument: str) -> str:
         frame: dict[str, Any] = {"event": "subscribe", "channel": channel, "symbol": self.symbols.venue_symbol(instrument)}
@@ -233,9 +238,20 @@ class BitfinexConnector(Connector):
         for instrument in on_conn or self.spec(conn).instruments:
             if self.with_trades:
                 out.append(Disconnect(instrument, received_ns, VENUE, detail))
-            if self.with_books and self.states[instrument].phase == "synced":
+            if not (self.with_books and self.states[instrument].phase == "synced"):
+                continue
+            if self.flags & OB_CHECKSUM:
+                # Each book proves itself on its next checksum: its updates are held until then, and
+                # only a book that fails resyncs (not every book of the socket).
+                self._held.setdefault(instrument, [])
+                out.append(self._event(instrument, SEQUENCE_GAP, received_ns, seq, detail + "; held for its checksum"))
+            else:
                 out += self.resync(instrument, received_ns, SEQUENCE_GAP, detail, seq)
         return out
+
+    def _reset(self, state: Any) -> None:
+        super()._reset(state)
+        self._held.pop(state.instrument, None)
 
     def _on_book(self, state: Any, msg: list, received_ns: int) -> list[Record]:
         body = msg[1]
@@ -247,6 +263,7 @@ class BitfinexConnector(Connector):
                 is_bid, level = _row(row)
                 (bids if is_bid else asks).append(level)
             state.book.replace(bids, asks)
+            self._held.pop(state.instrument, None)  # a whole new book: nothing left to prove
             state.sequence = msg[-1] if self.flags & SEQ_ALL else None
             if crossed := self._check_crossed(state, received_ns):
                 return crossed
@@ -262,15 +279,21 @@ class BitfinexConnector(Connector):
         if crossed := self._check_crossed(state, received_ns):
             return crossed
         # Book frames carry no exchange time: the receipt time stands in.
-        return self._delta_record(state, received_ns, received_ns, prev,
-                                  [level] if is_bid else [], [] if is_bid else [level])  # fmt: skip
+        records = self._delta_record(state, received_ns, received_ns, prev,
+                                     [level] if is_bid else [], [] if is_bid else [level])  # fmt: skip
+        held = self._held.get(state.instrument)
+        if held is not None:
+            held.extend(records)
+            return []
+        return records
 
     def _on_checksum(self, state: Any, checksum: int, received_ns: int) -> list[Record]:
         if state.phase != "synced":
             return []
         ours = book_checksum(state.book)
         if ours == checksum:
-            return [self._event(state.instrument, CHECKSUM_OK, received_ns, state.sequence)]
+            return [self._event(state.instrument, CHECKSUM_OK, received_ns, state.sequence),
+                    *self._held.pop(state.instrument, [])]  # fmt: skip
         return self.resync(state.instrument, received_ns, CHECKSUM_MISMATCH, f"venue {checksum}, book {ours}",
                            state.sequence)  # fmt: skip
 

@@ -147,3 +147,74 @@ def test_documented_trade_frame() -> None:
     assert trade == Trade("bitfinex:BTC-USD", 1574694478808_000_000, Decimal("7245.3"), Decimal("0.005"), "buy",
                           "401597395", "bitfinex", 2)  # fmt: skip
     assert connector.on_frame(conn, '[17470,"tu",[401597395,1574694478808,0.005,7245.3]]', 3) == []
+
+
+def _with_checksums(frames: list[str], symbols, instruments) -> list[str]:
+    """The recording as the venue sends it with OB_CHECKSUM on: a `[chanId,"cs",checksum]` frame
+    after every book update (the docs' format; the value is the CRC of the book the recorded frames
+    build, i.e. the venue's book), and SEQ_ALL renumbered over all frames (the recorded frames' text
+    is kept, only their last number changes). Fault injection: the recording had checksums off."""
+    plain = [f.rsplit(",", 1)[0] + "]" if f.startswith("[") else f for f in frames]  # SEQ_ALL number dropped
+    venue = BitfinexConnector(symbols, instruments, flags=0, instruments_per_connection=len(instruments), snapshot_every_s=0)
+    conn = venue.connections()[0].key
+    venue.on_open(conn, 0)
+    books: dict[int, str] = {}
+    out: list[str] = []
+    for frame in plain:
+        venue.on_frame(conn, frame, 0)
+        out.append(frame)
+        msg = json.loads(frame)
+        if isinstance(msg, dict):
+            if msg.get("event") == "subscribed" and msg["channel"] == "book":
+                books[msg["chanId"]] = symbols.instrument(msg["symbol"])
+        elif msg[0] in books and isinstance(msg[1], list) and msg[1] and not isinstance(msg[1][0], list):
+            out.append(json.dumps([msg[0], "cs", book_checksum(venue.states[books[msg[0]]].book)], separators=(",", ":")))
+    numbered, n = [], 0
+    for frame in out:
+        if frame.startswith("["):
+            n += 1
+            frame = f"{frame[:-1]},{n}]"
+        numbered.append(frame)
+    return numbered
+
+
+def test_with_checksums_a_lost_frame_resyncs_only_the_book_that_fails_its_checksum() -> None:
+    # cryptofeed's #291: one gap resets every pair of the feed. Here the gap makes every book on the
+    # socket prove itself on its next checksum, and only the book that lost the update resyncs.
+    events, symbols, instruments = _setup()
+    frames = _with_checksums(received_frames(events), symbols, instruments)
+    dog = symbols.instrument("tDOGUSD")
+    chan = next(json.loads(f)["chanId"] for f in frames if '"book"' in f and '"tDOGUSD"' in f)
+    updates = [i for i, f in enumerate(frames) if f.startswith(f"[{chan},[") and not f.startswith(f"[{chan},[[")]
+    # An update inside the top 25 (the checksum changed across it): one deeper would go unseen by
+    # the checksum until that level reached the top 25.
+    cs = {i: json.loads(frames[i + 1])[2] for i in updates}
+    previous = {u: cs[p] for p, u in zip(updates, updates[1:])}
+    lost = next(u for u in updates[len(updates) // 2 :] if u in previous and previous[u] != cs[u])
+
+    def run(stream):
+        connector = BitfinexConnector(symbols, instruments, instruments_per_connection=len(instruments), snapshot_every_s=0)
+        conn = connector.connections()[0].key
+        connector.on_open(conn, 0)
+        out = []
+        for frame in stream:
+            out += connector.on_frame(conn, frame, 0)
+        return connector, out
+
+    clean_connector, clean = run(frames)
+    assert not any(isinstance(r, IntegrityEvent) and r.kind not in ("synced", "checksum_ok") for r in clean)
+    connector, faulty = run([f for i, f in enumerate(frames) if i != lost])
+    events_of = [(r.instrument, r.kind) for r in faulty if isinstance(r, IntegrityEvent) and r.kind not in ("synced", "checksum_ok")]
+    synced_then = {i for i in instruments if any(isinstance(r, BookSnapshot) and r.instrument == i for r in faulty[: _first_gap(faulty)])}
+    assert {i for i, k in events_of if k == SEQUENCE_GAP} == synced_then
+    assert [(i, k) for i, k in events_of if k != SEQUENCE_GAP] == [(dog, CHECKSUM_MISMATCH), (dog, RESYNC)]
+    assert [json.loads(a.frame)["event"] for a in connector.take_actions()] == ["unsubscribe", "subscribe"]
+    # Every other book published exactly what it does without the fault.
+    for instrument in instruments:
+        if instrument != dog:
+            assert [r for r in published(faulty) if isinstance(r, tuple) and r[1] == instrument] == [
+                r for r in published(clean) if isinstance(r, tuple) and r[1] == instrument], instrument  # fmt: skip
+
+
+def _first_gap(records) -> int:
+    return next(n for n, r in enumerate(records) if isinstance(r, IntegrityEvent) and r.kind == SEQUENCE_GAP)
