@@ -166,3 +166,41 @@ def _resnapshotted(records) -> set[str]:
     if last is None:
         return set()
     return {r.instrument for r in records[last:] if isinstance(r, BookSnapshot)}
+
+
+def test_live_connects_where_the_token_answer_says() -> None:
+    # Each connect first POSTs bullet-public (the docs' answer shape); the socket URL carries its token.
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    events, http, symbols, instruments = _setup()
+    posts: list[str] = []
+
+    with ReplayServer([play(received_frames(events))]) as ws:
+        body = json.dumps({"code": "200000", "data": {"token": "T0KEN", "instanceServers": [
+            {"endpoint": ws.url + "/endpoint", "encrypt": False, "protocol": "websocket",
+             "pingInterval": 18000, "pingTimeout": 10000}]}}).encode()  # fmt: skip
+
+        class Bullet(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                posts.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        token_server = ThreadingHTTPServer(("127.0.0.1", 0), Bullet)
+        threading.Thread(target=token_server.serve_forever, daemon=True).start()
+        try:
+            rest_url = f"http://127.0.0.1:{token_server.server_address[1]}"
+            connector = KucoinConnector(symbols, instruments, rest_url=rest_url, snapshot_every_s=0)
+            assert connector.token_request("kucoin") == rest_url + "/api/v1/bullet-public"
+            run_live(connector, until=at_least(1, lambda r: isinstance(r, Trade)))
+            path = ws.sessions[0].path
+        finally:
+            token_server.shutdown()
+    assert posts and posts[0] == "/api/v1/bullet-public"
+    assert path == "/endpoint?token=T0KEN&connectId=candlekeep"
