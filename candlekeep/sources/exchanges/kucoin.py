@@ -116,6 +116,7 @@ class KucoinConnector(Connector):
                  ping_interval_s: float = PING_INTERVAL_S, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(symbols, instruments, **kwargs)
         self.snapshot_path = snapshot_path
+        self._published: dict[str, int] = {}  # instrument -> sequence of its last published book record
         self.ping_interval_s = ping_interval_s
         self._ids = itertools.count(1)
 
@@ -198,12 +199,19 @@ class KucoinConnector(Connector):
             return self.resync(state.instrument, received_ns, SEQUENCE_GAP, f"expected {last + 1}, got {start}..{end}", start)
         changes = data["changes"]
         bids, asks = _changes(changes.get("bids", []), last), _changes(changes.get("asks", []), last)
-        state.book.update(bids, asks)
         state.sequence = end
+        if not (bids or asks):
+            # A sequence-only diff (price "0"): the chain moves, the book does not; nothing to publish.
+            # The next published delta's prev_sequence is the last published one, so the `books`
+            # topic's own chain stays unbroken.
+            return []
+        state.book.update(bids, asks)
         if crossed := self._check_crossed(state, received_ns):
             return crossed
         ts_ns = ms_to_ns(data["time"]) if data.get("time") else received_ns  # 2021 frames had no time
-        return self._delta_record(state, ts_ns, received_ns, last, bids, asks)
+        prev = self._published.get(state.instrument, last)
+        self._published[state.instrument] = end
+        return self._delta_record(state, ts_ns, received_ns, prev, bids, asks)
 
     def on_snapshot(self, instrument: str, body: bytes | str, received_ns: int) -> list[Record]:
         msg = decode_json(body)
@@ -221,6 +229,7 @@ class KucoinConnector(Connector):
         if crossed := self._check_crossed(state, received_ns):
             return crossed
         out += self._synced(state, ts_ns, received_ns, "REST snapshot")
+        self._published[instrument] = state.sequence
         buffered, state.buffer = state.buffer, []
         for data, buffered_ns in buffered:
             out += self._apply(state, data, buffered_ns)
