@@ -35,8 +35,10 @@ IDS = {"BTC-USDT": "okx:BTC-USDT", "BTC-USD-220527": "okx_futures:BTC-USD220527"
 
 def test_split_by_venue() -> None:
     served, rest = venue_instruments(["binance:BTC-USDT", "cccagg:BTC-USD", "okx_swap:UNI-USD", "coinbase:BTC-USD"])
-    assert served == {"binance": ["binance:BTC-USDT"], "okx": ["okx_swap:UNI-USD"]}
-    assert rest == ["cccagg:BTC-USD", "coinbase:BTC-USD"]
+    assert served == {"binance": ["binance:BTC-USDT"], "okx": ["okx_swap:UNI-USD"], "coinbase": ["coinbase:BTC-USD"]}
+    assert rest == ["cccagg:BTC-USD"]
+    # A venue without a connector stays with CryptoCompare.
+    assert venue_instruments(["bitstamp:BTC-USD"]) == ({}, ["bitstamp:BTC-USD"])
 
 
 def test_okx_recording_reaches_ticks_and_books() -> None:

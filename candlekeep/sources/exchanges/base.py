@@ -262,6 +262,15 @@ class Connector:
         """The REST snapshot URL of `instrument`, when the venue's book protocol needs one."""
         return None
 
+    def token_request(self, conn: str) -> str | None:
+        """A URL to POST before each connect of `conn` whose answer names the socket URL (KuCoin's
+        connect token); None where the socket URL is fixed."""
+        return None
+
+    def url_from_token(self, conn: str, body: bytes) -> str:
+        """The socket URL named by the answer to `token_request`."""
+        raise ConnectorError(f"{self.venue} takes no connect tokens")
+
     def _request_snapshot(self, instrument: str) -> None:
         """Ask the venue for a fresh snapshot of one instrument (queue an action)."""
         url = self.snapshot_url(instrument)

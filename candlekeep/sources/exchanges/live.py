@@ -185,7 +185,8 @@ class FeedRunner:
             opened = False
             reason = "connect failed"
             try:
-                async with websockets.connect(spec.url, open_timeout=10, close_timeout=2, max_size=2**25,
+                url = await self._socket_url(spec)
+                async with websockets.connect(url, open_timeout=10, close_timeout=2, max_size=2**25,
                                               ping_interval=20, ping_timeout=20) as ws:  # fmt: skip
                     opened = True
                     failures = 0
@@ -226,6 +227,23 @@ class FeedRunner:
                     await stop.wait()
             except TimeoutError:
                 pass
+
+    async def _socket_url(self, spec: ConnectionSpec) -> str:
+        """`spec.url`, or, for a venue that hands out socket URLs per connect (KuCoin's token), the
+        URL its token answer names. A failed token request is a failed connect (backoff, retry)."""
+        token_url = self.connector.token_request(spec.key)
+        if token_url is None:
+            return spec.url
+        try:
+            response = await asyncio.to_thread(self._session.post, token_url, timeout=self.http_timeout_s)
+        except requests.RequestException as exc:
+            raise OSError(f"token request failed: {exc}") from None
+        if response.status_code != 200:
+            raise OSError(f"token request: HTTP {response.status_code}")
+        try:
+            return self.connector.url_from_token(spec.key, response.content)
+        except ConnectorError as exc:
+            raise OSError(f"token answer unreadable: {exc}") from None
 
     async def _read(self, spec: ConnectionSpec, ws: Any) -> str:
         while True:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from candlekeep.sources.exchanges import binance, kraken, okx
+from candlekeep.sources.exchanges import bitfinex, bybit, coinbase, gateio, htx, kucoin, mexc  # connectors-b
 from candlekeep.sources.exchanges.base import Connector, ConnectorError, SymbolMap
 
 
@@ -32,8 +33,25 @@ VENUES: dict[str, Venue] = {
     "okx": Venue("okx", okx.OkxConnector, okx.REST_URL, okx.LISTING_PATHS, okx.symbol_map),
 }  # fmt: skip
 
+# connectors-b's venues (one entry each, as above).
+VENUES |= {
+    "coinbase": Venue("coinbase", coinbase.CoinbaseConnector, coinbase.REST_URL, (coinbase.LISTING_PATH,),
+                      lambda bodies: coinbase.symbol_map(bodies[0])),
+    "bitfinex": Venue("bitfinex", bitfinex.BitfinexConnector, bitfinex.REST_URL, (bitfinex.LISTING_PATH,),
+                      lambda bodies: bitfinex.symbol_map(bodies[0])),
+    "kucoin": Venue("kucoin", kucoin.KucoinConnector, kucoin.REST_URL, (kucoin.LISTING_PATH,),
+                    lambda bodies: kucoin.symbol_map(bodies[0])),
+    "gateio": Venue("gateio", gateio.GateioConnector, gateio.REST_URL, (gateio.LISTING_PATH,),
+                    lambda bodies: gateio.symbol_map(bodies[0])),
+    "htx": Venue("htx", htx.HtxConnector, htx.REST_URL, (htx.LISTING_PATH,), lambda bodies: htx.symbol_map(bodies[0])),
+    "bybit": Venue("bybit", bybit.BybitConnector, bybit.REST_URL, (bybit.LISTING_PATH,),
+                   lambda bodies: bybit.symbol_map(bodies[0])),
+    "mexc": Venue("mexc", mexc.MexcConnector, mexc.REST_URL, (mexc.LISTING_PATH,), lambda bodies: mexc.symbol_map(bodies[0])),
+}  # fmt: skip
+
 # Instrument-id venues served by a venue connector (OKX derivatives have their own id venues).
 ID_VENUES = {"binance": "binance", "kraken": "kraken", "okx": "okx", "okx_swap": "okx", "okx_futures": "okx"}
+ID_VENUES |= {name: name for name in ("coinbase", "bitfinex", "kucoin", "gateio", "htx", "bybit", "mexc")}  # connectors-b
 
 
 def venue(name: str) -> Venue:
