@@ -300,8 +300,8 @@ def test_key_protected_api_works_after_the_key_is_entered(database_url, redis_ur
 def test_dashboard_full_page(api, simulator, page) -> None:
     page, _ = page
     page.goto(f"{api.url}/#instrument={SIM_INSTRUMENT}&interval=1m")
-    wait_for(page, "d.chart.loaded && d.health !== null", timeout_s=30)
-    page.wait_for_timeout(1500)
+    wait_for(page, "d.chart.loaded && d.chart.updates > 2 && d.health !== null", timeout_s=60)
+    page.wait_for_timeout(5500)  # a second round of the health panel's refresh
     page.screenshot(path=str(_artifact("dashboard.png")), full_page=True)
     page.set_viewport_size({"width": 420, "height": 900})
     page.wait_for_timeout(500)

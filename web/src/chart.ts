@@ -1,6 +1,7 @@
 // The chart panel: candles and volume of one (instrument, interval) with lightweight-charts.
 //
-// History from `GET /v1/ohlcv` (one day's worth of buckets, older pages as the user scrolls back),
+// History from `GET /v1/ohlcv` (one day's worth of buckets, older pages as the user scrolls back;
+// `wait=0`: draw what is stored now, a missing range shows as a gap rather than a blank chart),
 // then the forming bar and every close or revision from `WS /v1/stream` (stream.ts). A bucket with
 // no bar is drawn as whitespace (an empty slot, never a line bridging it); final bars are solid,
 // provisional ones hollow, the forming bar amber. What was drawn is published on
@@ -43,6 +44,18 @@ export interface ChartTarget {
   interval: string;
   /** [start, end) to show first; default: the last PAGE_BUCKETS buckets up to now. */
   range?: { start: number; end: number };
+}
+
+/** The first page of a live chart: the last PAGE_BUCKETS buckets, the forming one included. */
+export function initialRange(interval: string, nowS = Date.now() / 1000): { start: number; end: number } {
+  const step = INTERVAL_SECONDS[interval];
+  const bucket = Math.floor(nowS / step);
+  return { start: (bucket - PAGE_BUCKETS + 1) * step, end: (bucket + 1) * step };
+}
+
+/** `GET /v1/ohlcv` for the chart: `wait=0`, what is stored now. */
+export function fetchBars(instrument: string, interval: string, range: { start: number; end: number }): Promise<OhlcvAnswer> {
+  return getJson<OhlcvAnswer>("/v1/ohlcv", { instrument, interval, start: range.start, end: range.end, wait: 0 });
 }
 
 export class ChartPanel {
@@ -112,7 +125,9 @@ export class ChartPanel {
     return this.target;
   }
 
-  async show(target: ChartTarget): Promise<void> {
+  /** Shows `target`; `prefetched`: its first page, already asked for (main.ts starts that fetch
+   *  before the page is built, so the first candle waits on the network only once). */
+  async show(target: ChartTarget, prefetched?: { range: { start: number; end: number }; answer: Promise<OhlcvAnswer> }): Promise<void> {
     const generation = ++this.generation;
     this.feed?.stop();
     this.feed = null;
@@ -122,8 +137,7 @@ export class ChartPanel {
     this.series = series;
     this.emptyPages = 0;
     this.drawnLength = 0;
-    const now = Math.floor(Date.now() / 1000);
-    const range = target.range ?? { start: (Math.floor(now / step) - PAGE_BUCKETS + 1) * step, end: (Math.floor(now / step) + 1) * step };
+    const range = target.range ?? prefetched?.range ?? initialRange(target.interval);
     this.oldestRequested = range.start;
     const layer = dataLayer().chart;
     Object.assign(layer, { instrument: target.instrument, interval: target.interval, range, bars: [], holes: [],
@@ -133,9 +147,7 @@ export class ChartPanel {
     this.showLegend(undefined);
     let answer: OhlcvAnswer;
     try {
-      answer = await getJson<OhlcvAnswer>("/v1/ohlcv", {
-        instrument: target.instrument, interval: target.interval, start: range.start, end: range.end,
-      }); // prettier-ignore
+      answer = await (prefetched?.answer ?? fetchBars(target.instrument, target.interval, range));
     } catch (exc) {
       if (generation !== this.generation) return;
       layer.error = String(exc);
@@ -143,6 +155,7 @@ export class ChartPanel {
       return;
     }
     if (generation !== this.generation) return;
+    const fetched = performance.now();
     series.upsert(fromOhlcv(answer));
     layer.pages = 1;
     this.redraw(false);
@@ -151,8 +164,12 @@ export class ChartPanel {
       const n = this.drawnLength;
       this.chart.timeScale().setVisibleLogicalRange({ from: n - 200, to: n + 6 });
     }
+    const handed = performance.now();
     requestAnimationFrame(() => {
-      if (layer.firstCandleMs === null && series.size > 0) layer.firstCandleMs = performance.now();
+      if (layer.firstCandleMs === null && series.size > 0) {
+        layer.firstCandleMs = performance.now();
+        layer.timings = { fetchedMs: fetched, handedToChartMs: handed, firstFrameMs: layer.firstCandleMs };
+      }
     });
     layer.loaded = true;
     this.feed = new LiveFeed(target.instrument, target.interval, step, () => series.last()?.time ?? range.start, {
@@ -245,7 +262,7 @@ export class ChartPanel {
     const end = this.oldestRequested;
     const start = end - PAGE_BUCKETS * series.step;
     try {
-      const answer = await getJson<OhlcvAnswer>("/v1/ohlcv", { instrument: target.instrument, interval: target.interval, start, end });
+      const answer = await fetchBars(target.instrument, target.interval, { start, end });
       if (generation !== this.generation) return;
       this.oldestRequested = start;
       const layer = dataLayer().chart;

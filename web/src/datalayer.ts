@@ -26,6 +26,8 @@ export interface DataLayer {
     /** the last 100 live updates, oldest first */
     updateLog: LiveUpdate[];
     firstCandleMs: number | null;
+    /** performance.now() of the first load's steps: bars fetched, handed to the chart, first frame */
+    timings?: { fetchedMs: number; handedToChartMs: number; firstFrameMs: number };
     feed: string;
     feedDetail: string;
     reconnects: number;
@@ -38,7 +40,10 @@ export interface DataLayer {
   book: { instrument: string | null; book: unknown; consolidated: unknown; error: string | null };
   heatmap: { cells: number; slices: number; renderMs: number | null; range: { start: number; end: number } | null; error: string | null };
   keyPrompts: number;
+  /** performance.now() when main.ts started running */
+  scriptStartMs?: number;
   renderHeatmap?: (slices: number, buckets: number) => number;
+  bareRaster?: () => number;
 }
 
 declare global {

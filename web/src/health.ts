@@ -122,7 +122,7 @@ export class HealthPanel {
       ...Object.entries(s.deadletters).map(([daemon, counts]) => {
         if (counts === null) return tile(daemon, "–", "off", "metrics unreachable");
         const total = Object.values(counts).reduce((a, b) => a + b, 0);
-        const detail = Object.entries(counts).map(([r, n]) => `${r} ${n}`).join(" · ");
+        const detail = Object.entries(counts).filter(([, n]) => n > 0).map(([r, n]) => `${r || "unlabelled"} ${n}`).join(" · ");
         return tile(daemon, String(total), total ? "warn" : "ok", detail || "none");
       }),
     );

@@ -7,7 +7,7 @@ import "./style.css";
 import { getJson, hasKey, setKeyAsker } from "./api";
 import { INTERVAL_SECONDS } from "./bars";
 import { BooksPanel } from "./books";
-import { ChartPanel } from "./chart";
+import { ChartPanel, fetchBars, initialRange } from "./chart";
 import { dataLayer } from "./datalayer";
 import { HealthPanel } from "./health";
 import { renderHeatmap, syntheticModel } from "./heatmap";
@@ -47,7 +47,13 @@ async function loadInstruments(): Promise<string[]> {
 }
 
 function main(): void {
+  const scriptMs = performance.now();
   const layer = dataLayer();
+  layer.scriptStartMs = scriptMs;
+  // the first candle's bars are asked for before anything is built (see ChartPanel.show)
+  const initial = readHash();
+  let interval = initial.interval && INTERVAL_SECONDS[initial.interval] ? initial.interval : "1m";
+  let instrument = initial.instrument ?? DEFAULT_INSTRUMENT;
   setKeyAsker((refused) => {
     layer.keyPrompts++;
     return keyDialog(refused).then((key) => {
@@ -56,9 +62,25 @@ function main(): void {
       return key;
     });
   });
+  const firstRange = initialRange(interval);
+  const firstBars = { range: firstRange, answer: fetchBars(instrument, interval, firstRange) };
+  // bench/web.py: the heatmap renderer on a synthetic day, and the floor any canvas raster pays
+  // (one ImageData of the same size filled and put), measured on the same canvas
   layer.renderHeatmap = (slices, buckets) => {
     const canvas = document.getElementById("heatmap-canvas") as HTMLCanvasElement;
-    return renderHeatmap(canvas, syntheticModel(slices, buckets)).ms;
+    const result = renderHeatmap(canvas, syntheticModel(slices, buckets));
+    layer.heatmap.cells = result.cells;
+    layer.heatmap.slices = slices;
+    return result.ms;
+  };
+  layer.bareRaster = () => {
+    const canvas = document.getElementById("heatmap-canvas") as HTMLCanvasElement;
+    const t0 = performance.now();
+    const ctx = canvas.getContext("2d")!;
+    const image = ctx.createImageData(canvas.width, canvas.height);
+    for (let i = 0; i < image.data.length; i += 4) image.data[i + 3] = 255;
+    ctx.putImageData(image, 0, 0);
+    return performance.now() - t0;
   };
 
   const app = document.getElementById("app")!;
@@ -81,9 +103,6 @@ function main(): void {
   const chart = new ChartPanel(chartP.body);
   const books = new BooksPanel(heatP.body, bookP.body);
   const health = new HealthPanel(healthP.body);
-  const initial = readHash();
-  let interval = initial.interval && INTERVAL_SECONDS[initial.interval] ? initial.interval : "1m";
-  let instrument = initial.instrument ?? DEFAULT_INSTRUMENT;
 
   const showLive = () => {
     replayBadge.classList.add("hidden");
@@ -119,20 +138,28 @@ function main(): void {
     void chart.show({ instrument: `replay:${session.id}:${first}`, interval, range: { start: Math.floor(start / step) * step, end } });
   });
 
-  health.start();
-  void (async () => {
-    const ids = await loadInstruments().catch(() => [] as string[]);
-    if (!ids.includes(instrument)) ids.unshift(instrument);
-    layer.instruments = ids;
-    instrumentSelect.replaceChildren(...ids.map((id) => el("option", { value: id }, id)));
-    instrumentSelect.value = instrument;
-    if (hasKey()) {
-      keyBadge.textContent = "key ✓";
-      keyBadge.className = "badge badge-final";
-    }
-    showLive();
+  // The chart's history goes first (the first candle is the figure that matters, bench/web.py);
+  // the picker's list, health, books and replays follow once it is drawn.
+  writeHash(instrument, interval);
+  const firstLoad = chart.show({ instrument, interval }, firstBars);
+  void firstLoad.finally(() => {
+    void books.show(instrument);
+    health.start();
     void replay.start();
-  })();
+    void loadInstruments()
+      .catch(() => [] as string[])
+      .then((ids) => {
+        if (!ids.includes(instrument)) ids.unshift(instrument);
+        layer.instruments = ids;
+        instrumentSelect.replaceChildren(...ids.map((id) => el("option", { value: id }, id)));
+        instrumentSelect.value = instrument;
+        if (hasKey()) {
+          keyBadge.textContent = "key ✓";
+          keyBadge.className = "badge badge-final";
+        }
+      });
+  });
+  instrumentSelect.replaceChildren(el("option", { value: instrument }, instrument));
 }
 
 main();

@@ -7,7 +7,7 @@
 // start, end (unix s or ISO), speed (number or "max"), clock | replay_clock, percent | percent_done,
 // position {sent, total} | sent/total, rate | messages_per_s.
 
-import { getJson, postJson } from "./api";
+import { ApiError, getJson, postJson } from "./api";
 import { dataLayer } from "./datalayer";
 import { el, fmtTime } from "./ui";
 
@@ -124,7 +124,8 @@ export class ReplayPanel {
     try {
       await this.refreshList();
     } catch (exc) {
-      this.errorEl.textContent = `replays: ${exc}`;
+      const missing = exc instanceof ApiError && exc.status === 404;
+      this.errorEl.textContent = missing ? "/v1/replays: no replay API here (404)" : `replays: ${exc}`;
       dataLayer().replay.error = String(exc);
     }
   }
