@@ -116,7 +116,7 @@ export function renderHeatmap(canvas: HTMLCanvasElement, model: HeatmapModel): R
     for (let x = 0; x < plotW; x++) {
       const g = Math.min(px - 1, Math.floor(x / colW));
       const v = grid[g * rows + r];
-      const c = v > 0 ? Math.min(255, Math.max(24, Math.round(Math.sqrt(v) * 255))) * 3 : 0;
+      const c = v > 0 ? Math.min(255, Math.max(24, Math.round(Math.pow(v, 0.75) * 255))) * 3 : 0;
       const o = (y * plotW + x) * 4;
       data[o] = RAMP[c];
       data[o + 1] = RAMP[c + 1];
@@ -174,7 +174,7 @@ export function syntheticModel(slices: number, buckets: number): HeatmapModel {
     const cells = new Float32Array(buckets);
     for (let r = 0; r < buckets; r++) {
       const d = Math.abs(r + 0.5 - mid);
-      cells[r] = d < 0.5 ? 0 : Math.min(1, (0.15 + 0.85 * rand() * rand()) * Math.exp(-d / (buckets / 6)) * 1.6);
+      cells[r] = d < 0.5 ? 0 : Math.min(1, (0.1 + 0.9 * rand() * rand()) * Math.exp(-d / (buckets / 8)));
     }
     model.columns.push({ ts: t0 + i, cells, mid });
   }
