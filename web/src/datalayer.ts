@@ -42,6 +42,8 @@ export interface DataLayer {
   keyPrompts: number;
   /** performance.now() when main.ts started running */
   scriptStartMs?: number;
+  /** performance.now() when main.ts had built the page */
+  builtMs?: number;
   renderHeatmap?: (slices: number, buckets: number) => number;
   bareRaster?: () => number;
 }

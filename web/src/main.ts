@@ -139,10 +139,11 @@ function main(): void {
   });
 
   // The chart's history goes first (the first candle is the figure that matters, bench/web.py);
-  // the picker's list, health, books and replays follow once it is drawn.
+  // the picker's list, health, books and replays follow once it is on screen.
   writeHash(instrument, interval);
   const firstLoad = chart.show({ instrument, interval }, firstBars);
-  void firstLoad.finally(() => {
+  const afterFirstFrame = () => new Promise<void>((resolve) => requestAnimationFrame(() => requestAnimationFrame(() => resolve())));
+  void firstLoad.finally(afterFirstFrame).finally(() => {
     void books.show(instrument);
     health.start();
     void replay.start();
@@ -160,6 +161,7 @@ function main(): void {
       });
   });
   instrumentSelect.replaceChildren(el("option", { value: instrument }, instrument));
+  layer.builtMs = performance.now();
 }
 
 main();
