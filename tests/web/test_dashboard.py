@@ -8,10 +8,12 @@ entered. Each test saves a screenshot of its panel under artifacts/web/.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import Engine, text
@@ -311,3 +313,51 @@ def test_dashboard_full_page(api, simulator, page) -> None:
         .filter(e => e.getBoundingClientRect().right > 425)
         .slice(0, 8).map(e => e.tagName + '#' + e.id + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right))""")
     assert width <= 440, wide  # nothing overflows sideways on a phone-sized screen
+
+
+def test_books_panel_renders_the_documented_shapes(api, page) -> None:
+    """The order-book panel's client on the shapes web/src/books.ts reads (issue 11's routes are not
+    on this main yet: their answers are canned here, at the network layer, and the real routes are
+    tested by test_panel_books.py). Checked: every stored cell with an intensity is painted, the
+    spread is the exact decimal difference, imbalance and the venues' ages are shown."""
+    page, _ = page
+    end = int(time.time())
+    slices = []
+    for k in range(600):  # 10 minutes at 1 s, 40 buckets of 10 USD around a drifting mid
+        mid = 67000 + 10 * ((k // 30) % 7)
+        buckets = [{"price": str(mid + 10 * d), "side": "bid" if d < 0 else "ask", "size": str(abs(d) + 1),
+                    "intensity": str(round(1 / (1 + abs(d)), 4))} for d in range(-20, 20) if d != 0]  # fmt: skip
+        slices.append({"ts": end - 600 + k, "mid": str(mid + 5), "buckets": buckets})
+    book = {"instrument": SIM_INSTRUMENT, "ts": end, "sequence": 981, "age_s": 0.4, "verified": True,
+            "bids": [["67004.99", "0.25"], ["67004.50", "1.5"], ["67003.00", "2"]],
+            "asks": [["67005.01", "0.75"], ["67006.00", "1"], ["67010.25", "3.125"]]}  # fmt: skip
+    consolidated = {"pair": "BTC-USD", "bucket": "10", "best_bid": "67004.99", "best_ask": "67005.01",
+                    "bids": [["67000", "4.5"]], "asks": [["67010", "5.25"]],
+                    "venues": [{"venue": "coinbase", "age_s": 0.8, "included": True},
+                               {"venue": "kraken", "age_s": 42.0, "included": False, "reason": "stale"}]}  # fmt: skip
+    canned = {"/v1/heatmap": {"instrument": SIM_INSTRUMENT, "bucket": "10", "resolution": "1s", "slices": slices},
+              "/v1/book/consolidated": consolidated, "/v1/book": book}  # fmt: skip
+
+    def answer(route) -> None:
+        path = urlsplit(route.request.url).path
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(canned[path]))
+
+    for path in canned:
+        page.route(f"**{path}?*", answer)
+    page.goto(f"{api.url}/#instrument={SIM_INSTRUMENT}&interval=1m")
+    wait_for(page, "d.heatmap.cells > 0 && d.book.book && d.book.consolidated", timeout_s=30)
+    stored = sum(1 for s in slices for b in s["buckets"] if float(b["intensity"]) > 0)
+    painted, columns = data_layer(page, "[d.heatmap.cells, d.heatmap.slices]")
+    # every stored cell, plus the live column the current book appends (its bids fill the 67000
+    # bucket, its asks the 67010 one: two cells)
+    assert (painted, columns) == (stored + 2, len(slices) + 1)
+    shown = data_layer(page, "d.book.book")
+    assert shown["spread"] == str(Decimal("67005.01") - Decimal("67004.99"))  # "0.02", exactly
+    text = page.locator("#panel-book").inner_text()
+    assert "spread 0.02" in text and "coinbase" in text and "kraken" in text and "stale" in text
+    top5 = (Decimal("0.25") + Decimal("1.5") + 2 - Decimal("0.75") - 1 - Decimal("3.125")) / (
+        Decimal("0.25") + Decimal("1.5") + 2 + Decimal("0.75") + 1 + Decimal("3.125"))
+    assert abs(data_layer(page, "d.book.book.imbalance") - float(top5)) < 1e-9
+    page.wait_for_timeout(300)
+    shot(page, "#panel-heatmap", "heatmap-shapes.png")
+    shot(page, "#panel-book", "book-shapes.png")
