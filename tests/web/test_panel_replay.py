@@ -68,19 +68,19 @@ def test_replay_controls_move_the_replay_clock(api, simulator, session_engine, p
     assert session()["state"] == "created"
     wait_for(page, f"d.chart.instrument === 'replay:{session_id}:{instrument}'")
 
-    page.click("#replay-start")
+    page.click("#replay-do-start")
     eventually(lambda: session()["state"] == "running", timeout=20, what="the session running")
     c0 = eventually(lambda: _clock(session()), timeout=20, what="a replay clock")
     eventually(lambda: _clock(session()) > c0 + 10, timeout=20, what="the clock moving at 60x")
 
-    page.click("#replay-pause")
+    page.click("#replay-do-pause")
     eventually(lambda: session()["state"] == "paused", timeout=10, what="paused")
     held = _clock(session())
     time.sleep(2.0)
     assert _clock(session()) == held  # pause holds the clock
     wait_for(page, f"d.replay.clock !== null && Math.abs(d.replay.clock - {held}) < 1", timeout_s=5)
 
-    page.click("#replay-resume")
+    page.click("#replay-do-resume")
     eventually(lambda: _clock(session()) > held + 10, timeout=20, what="the clock moving after resume")
 
     target = hour + 45 * 60
@@ -93,6 +93,6 @@ def test_replay_controls_move_the_replay_clock(api, simulator, session_engine, p
     shot(page, "#panel-replay", "replay.png")
     shot(page, "#panel-chart", "chart-replay.png")
 
-    page.click("#replay-stop")
+    page.click("#replay-do-stop")
     eventually(lambda: session()["state"] in ("stopped", "finished"), timeout=10, what="stopped")
     assert data_layer(page, "d.replay.error") is None

@@ -88,7 +88,7 @@ export class ReplayPanel {
     this.slider = el("input", { type: "range", id: "replay-seek", min: "0", max: "1", step: "1", value: "0" });
     this.liveSpeed = el("select", { id: "replay-live-speed" }, ...SPEEDS.map((s) => el("option", { value: s }, s === "max" ? "max" : `${s}×`)));
     const button = (id: string, label: string, action: () => Promise<void>) => {
-      const b = el("button", { type: "button", id: `replay-${id}`, class: "ctl" }, label);
+      const b = el("button", { type: "button", id: `replay-do-${id}`, class: "ctl" }, label);
       b.addEventListener("click", () => void this.run(id, action));
       return b;
     };
@@ -149,7 +149,7 @@ export class ReplayPanel {
     const keep = this.session?.id;
     this.sessionSelect.replaceChildren(
       el("option", { value: "" }, sessions.length ? "— pick a session —" : "no sessions"),
-      ...sessions.map((s) => el("option", { value: s.id }, `${s.id.slice(0, 8)} · ${s.state} · ${(s.instruments as string[] | undefined)?.join(",") ?? ""}`)),
+      ...sessions.map((s) => el("option", { value: s.id }, sessionLabel(s))),
     );
     if (keep) this.sessionSelect.value = keep;
   }
@@ -244,6 +244,8 @@ export class ReplayPanel {
     }
     this.stateEl.textContent = s.state;
     this.stateEl.className = `badge badge-state-${s.state}`;
+    const option = [...this.sessionSelect.options].find((o) => o.value === s.id);
+    if (option) option.textContent = sessionLabel(s);
     const clock = clockOf(s);
     if (!this.seeking) {
       this.clockEl.textContent = clock === null ? "––:––:––" : fmtTime(clock);
@@ -262,6 +264,10 @@ export class ReplayPanel {
       speed ? `speed ${speed}` : null,
     ].filter(Boolean).join(" · ");
   }
+}
+
+function sessionLabel(s: Session): string {
+  return `${s.id.slice(0, 8)} · ${s.state} · ${(s.instruments as string[] | undefined)?.join(",") ?? ""}`;
 }
 
 function labelled(label: string, input: HTMLElement): HTMLElement {
