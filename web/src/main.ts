@@ -7,6 +7,7 @@ import "./style.css";
 import { getJson, hasKey, setKeyAsker } from "./api";
 import { INTERVAL_SECONDS } from "./bars";
 import { BooksPanel } from "./books";
+import type { OhlcvAnswer } from "./bars";
 import { ChartPanel, fetchBars, initialRange } from "./chart";
 import { dataLayer } from "./datalayer";
 import { HealthPanel } from "./health";
@@ -46,6 +47,25 @@ async function loadInstruments(): Promise<string[]> {
   return found.map((s) => s.ticker ?? s.full_name ?? s.symbol ?? "").filter(Boolean);
 }
 
+interface EarlyFetch {
+  instrument: string;
+  interval: string;
+  range: { start: number; end: number };
+  response: Promise<Response | null>;
+}
+
+/** The request index.html started before this script loaded, when it is the one the chart needs. */
+function earlyBars(instrument: string, interval: string): { range: { start: number; end: number }; answer: Promise<OhlcvAnswer> } | null {
+  const early = (window as unknown as { __candlekeepFirst?: EarlyFetch }).__candlekeepFirst;
+  if (!early || early.instrument !== instrument || early.interval !== interval) return null;
+  const range = early.range;
+  const answer = early.response.then((response) => {
+    if (response && response.ok) return response.json() as Promise<OhlcvAnswer>;
+    return fetchBars(instrument, interval, range); // 401 (asks for the key), an error, or no network
+  });
+  return { range, answer };
+}
+
 function main(): void {
   const scriptMs = performance.now();
   const layer = dataLayer();
@@ -62,8 +82,10 @@ function main(): void {
       return key;
     });
   });
-  const firstRange = initialRange(interval);
-  const firstBars = { range: firstRange, answer: fetchBars(instrument, interval, firstRange) };
+  const firstBars = earlyBars(instrument, interval) ?? (() => {
+    const range = initialRange(interval);
+    return { range, answer: fetchBars(instrument, interval, range) };
+  })();
   // bench/web.py: the heatmap renderer on a synthetic day, and the floor any canvas raster pays
   // (one ImageData of the same size filled and put), measured on the same canvas
   layer.renderHeatmap = (slices, buckets) => {
