@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: up test venv system-deps kafka-jars bench clean
+.PHONY: up test venv system-deps kafka-jars bench clean web chromium
 
 $(BIN)/candlekeep: pyproject.toml
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; }
@@ -31,10 +31,10 @@ system-deps:
 kafka-jars: system-deps
 	testinfra/kafka/fetch-jars.sh
 
-up: venv
+up: venv | web/dist/index.html
 	$(BIN)/candlekeep up
 
-test: venv system-deps kafka-jars
+test: venv system-deps kafka-jars web chromium
 	$(BIN)/pytest -q
 
 bench: venv kafka-jars
@@ -42,4 +42,25 @@ bench: venv kafka-jars
 	$(BIN)/python bench/stream.py
 
 clean:
-	rm -rf $(VENV) .candlekeep .pytest_cache
+	rm -rf $(VENV) .candlekeep .pytest_cache web/node_modules web/dist
+
+# --- web dashboard (issue 12) ----------------------------------------------------------------------
+# The page the API serves at `/` (and /docs, /redoc's files): npm packages from the registry as
+# package-lock.json pins them, built by Vite into web/dist (git-ignored). `make up` builds it only
+# when missing (order-only above), and goes on without it when npm is not installed: `/` then says
+# how to build it. `make web` rebuilds after a change.
+WEB_SOURCES := web/package.json web/package-lock.json web/index.html web/vite.config.ts web/tsconfig.json \
+	$(wildcard web/src/*)
+
+web: web/dist/index.html
+
+web/dist/index.html: $(WEB_SOURCES)
+	@command -v npm >/dev/null 2>&1 || { \
+	  echo "npm not found: the dashboard (/) is not built; install Node.js and npm, then run make web"; exit 0; }; \
+	  cd web && npm ci --no-audit --no-fund --loglevel=error && npm run build
+
+# The browser tests' Chromium: Debian's package (/usr/bin/chromium), installed only when missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }

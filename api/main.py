@@ -17,7 +17,9 @@ from fastapi import FastAPI
 
 from api.metrics import install_metrics
 from api.routes import health, ohlcv, stream, udf
+from api.routes import status as status_routes
 from api.security import install_security
+from api.web import install_web
 from candlekeep.cache import BarCache
 from candlekeep.logs import configure as configure_logging
 from candlekeep.serving import OhlcvService, OnDemand
@@ -60,11 +62,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Crypto OHLCV candles: backfilled history, exact decimals, gaps reported.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc: api/web.py, with their assets served locally
+        redoc_url=None,
     )
     install_security(app, settings)  # refuses to start exposed beyond loopback without a key
     install_metrics(app)  # outermost: times refused requests too
     for router in (health.router, ohlcv.router, ohlcv.seed_router, udf.router, stream.router):
         app.include_router(router)
+    # --- web dashboard (issue 12): the health panel's /v1/status, then `/` and the offline docs
+    app.include_router(status_routes.router)
+    install_web(app)  # after the routers: its mounts never shadow an API path
     return app
 
 

@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 LOOPBACK_ONLY_PATHS = frozenset({"/metrics"})
+# The dashboard's files (api/web.py): no data in them, and the page must load to ask for a key.
+STATIC_OPEN_PATHS = frozenset({"/"})
+STATIC_OPEN_PREFIXES = ("/assets/", "/static/docs/")
 REDIS_RETRY_S = 5.0
 REDIS_TIMEOUT_S = 0.25
 REALM = 'Bearer realm="candlekeep"'
@@ -288,6 +291,8 @@ class SecurityMiddleware:
     def _open(scope: Scope) -> bool:
         path = scope.get("path", "")
         if path in OPEN_PATHS:
+            return True
+        if scope["type"] == "http" and (path in STATIC_OPEN_PATHS or path.startswith(STATIC_OPEN_PREFIXES)):
             return True
         if path in LOOPBACK_ONLY_PATHS:
             client = scope.get("client")

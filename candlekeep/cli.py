@@ -262,6 +262,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         log.info("registered instruments %s", ", ".join(added))
     print(f"\nCandlekeep is up (source: {settings.source}, database: {_redact(url)})\n"
           f"  Dagster UI  http://127.0.0.1:{settings.dagster_port}   (Assets > bars_1m > Materialize to backfill)\n"
+          f"  Dashboard   http://{settings.api_host}:{settings.api_port}/\n"
           f"  API         http://{settings.api_host}:{settings.api_port}/docs\n"
           f"  Streaming   {'Kafka ' + settings.kafka_bootstrap_servers if settings.kafka_bootstrap_servers else 'in-process bus'}"
           f", live {settings.source} ticks -> 1m bars\n"
