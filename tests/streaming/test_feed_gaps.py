@@ -1,0 +1,321 @@
+"""A dead feed end to end: gaps and `outages` rows, never invented bars; exact bars around them.
+
+Real Kafka (tests/streaming/conftest.py), PostgreSQL and the daemons as they run in production:
+- a producer (`python -m streaming.producer`, the simulator at high speed from a past start) killed
+  with SIGKILL and restarted 3 simulated minutes later, `python -m streaming.aggregator` consuming;
+  then the coordinator refills the outage from the simulator as its REST source;
+- the CryptoCompare streamer against the loopback WebSocket server (tests/utils/ws_server.py): the
+  server drops the connection, the client is away ~2 s and reconnects;
+- `stream all --start <two days back>` (streaming.runner.run_all, embedded) against the backfill.
+
+The truth is never the code under test: the simulator's own trades and bars (`Simulator.trades`,
+`Simulator.bars`, what the backfill writes), the frames the test server sent, aggregated with
+`candlekeep.bars.aggregate_trades`; the gap's edges are read from the `ticks` log itself (the
+contract: from the instrument's clock at the disconnect, the largest time of its trades and
+heartbeats, to its next trade or heartbeat).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from sqlalchemy import Engine
+
+from candlekeep.bars import NS_PER_S, Bar, Disconnect, Heartbeat, Interval, TickRecord, Trade, aggregate_trades
+from candlekeep.bus import Bus, KafkaBus
+from candlekeep.instruments import Instrument
+from candlekeep.messages import TICKS, decode_tick_record, topic
+from candlekeep.query import OhlcvQuery
+from candlekeep.serving import OhlcvService
+from candlekeep.settings import Settings
+from candlekeep.sources.cryptocompare_stream import StreamerClient
+from candlekeep.sources.simulator import Simulator
+from candlekeep.storage.bars import BarStore
+from candlekeep.storage.instruments import InstrumentStore
+from candlekeep.storage.outages import OutageStore, from_ns
+from candlekeep.storage.ticks import TickStore
+from streaming.aggregator import Aggregator
+from streaming.coordinator import Coordinator
+from streaming.dynamic import DynamicConsumer
+from streaming.producer import Producer
+from streaming.runner import Embedded, run_all
+from tests.utils.wait import eventually
+from tests.utils.ws_server import StreamerServer, StreamerSession, trade_frame
+
+M1 = Interval.M1
+MIN_NS = 60 * NS_PER_S
+LATENESS_NS = 2 * NS_PER_S  # the aggregator's default
+REPO = Path(__file__).resolve().parents[2]
+# Quiet simulated markets (a few trades a minute, unlike BTC's ~60): the log stays small at high speed.
+SIM_INSTRUMENTS = ["cccagg:DOGE-USD", "cccagg:ADA-USD"]
+
+
+# --- truth helpers -------------------------------------------------------------------------------
+
+
+def micro(trade: Trade) -> Trade:
+    """The trade as `ticks` stores it (time truncated to the microsecond)."""
+    return replace(trade, ts_ns=trade.ts_ns - trade.ts_ns % 1000, received_ns=None)
+
+
+def floor_min(ts_ns: int) -> int:
+    """Unix s of the minute holding `ts_ns`."""
+    return ts_ns // MIN_NS * 60
+
+
+def ceil_min(ts_ns: int) -> int:
+    return -(-ts_ns // MIN_NS) * 60
+
+
+def closed_until(clock_ns: int) -> int:
+    """Every minute before this (unix s) is closed once the instrument's clock is `clock_ns`."""
+    return (clock_ns - LATENESS_NS) // MIN_NS * 60
+
+
+def stream_bars(trades: list[Trade], start: int, end: int, instrument: str) -> list[Bar]:
+    """What the stream must write for a live span: aggregate_trades of the trades received, provisional;
+    buckets before the span's first trade have no bar (no previous close is known after a gap)."""
+    bars = aggregate_trades([micro(t) for t in trades], M1, start, end, instrument=instrument, source="stream")
+    return [replace(b, final=False) for b in bars]
+
+
+def live_span(trades: list[Trade], first_ns: int, clock_ns: int, instrument: str, *, closes: bool) -> list[Bar]:
+    """The bars of one live span of the feed: from its first record (`first_ns`, the end of the gap
+    before it) to its clock at the disconnect that ends it (`clock_ns`). With `closes` (another
+    record came after the gap that follows) every bucket up to the clock's closes: the clock's own
+    bucket has a bar only if a trade lies in it (a quiet one holds the gap's start: no flat bar);
+    without, only the buckets the clock passed by the lateness are closed."""
+    if closes:
+        end = floor_min(clock_ns) + 60
+        bars = stream_bars(trades, floor_min(first_ns), end, instrument)
+        if not any(floor_min(t.ts_ns) == end - 60 for t in trades):
+            bars = [b for b in bars if b.start < end - 60]
+        return bars
+    return stream_bars(trades, floor_min(first_ns), closed_until(clock_ns), instrument)
+
+
+def sim_trades(instrument: str, start_ns: int, end_ns: int, seed: int = 0) -> list[Trade]:
+    return list(Simulator(seed).trades(Instrument.parse(instrument), start_ns, end_ns))
+
+
+def sim_bars(instrument: str, start: int, end: int, seed: int = 0) -> list[Bar]:
+    """The backfill's bars: what `Simulator.bars` gives (candlekeep.backfill writes exactly these)."""
+    return [b for page in Simulator(seed).bars(Instrument.parse(instrument), M1, start, end) for b in page]
+
+
+def values(bars: Iterable[Bar]) -> list[tuple]:
+    """OHLCV and trades by start (source, final and revision aside)."""
+    return [(b.start, b.open, b.high, b.low, b.close, b.volume, b.quote_volume, b.trades) for b in bars]
+
+
+def stored(engine: Engine, instrument: str, start: int = 0, end: int = 2**33) -> list[Bar]:
+    return [replace(b, revision=0) for b in BarStore(engine).read_bars(instrument, M1, start, end)]
+
+
+def ranges(minutes: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted minute starts -> merged [lo, hi) ranges (as `Stitched.gaps` gives them)."""
+    out: list[list[int]] = []
+    for m in sorted(set(minutes)):
+        if out and out[-1][1] == m:
+            out[-1][1] = m + 60
+        else:
+            out.append([m, m + 60])
+    return [(lo, hi) for lo, hi in out]
+
+
+def gaps_of(engine: Engine, instrument: str, start: int, end: int) -> list[tuple[int, int]]:
+    service = OhlcvService(bar_store=BarStore(engine), cache=None, outages=OutageStore(engine))
+    return service.read(OhlcvQuery(Instrument.parse(instrument), M1, start, end)).gaps
+
+
+def outage_rows(engine: Engine, instrument: str) -> list[tuple]:
+    return [(o.started_at, o.ended_at, o.reason) for o in OutageStore(engine).list(instrument=instrument)]
+
+
+class Spans:
+    """One instrument's `ticks` log cut at its disconnects: for each live span its first record's
+    time, its clock at the disconnect ending it (largest trade / heartbeat time) and its trades."""
+
+    def __init__(self, log: list[TickRecord]) -> None:
+        self.disconnects: list[Disconnect] = []
+        self.spans: list[dict] = []
+        for item in log:
+            if isinstance(item, Disconnect):
+                self.disconnects.append(item)
+                self.spans.append({"first": None, "clock": None, "trades": []})
+                continue
+            span = self.spans[-1]
+            span["first"] = item.ts_ns if span["first"] is None else span["first"]
+            span["clock"] = item.ts_ns if span["clock"] is None else max(span["clock"], item.ts_ns)
+            if isinstance(item, Trade):
+                span["trades"].append(item)
+        self.spans = [s for s in self.spans if s["first"] is not None]
+
+
+# --- Kafka helpers -------------------------------------------------------------------------------
+
+
+class TopicTail:
+    """Every record of a one-partition topic, from the beginning, decoded, in log order."""
+
+    def __init__(self, bootstrap: str, name: str) -> None:
+        self.name = name
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"tail-{os.getpid()}-{time.time_ns()}",
+                                  "enable.auto.commit": False})  # fmt: skip
+        self.consumer.assign([TopicPartition(name, 0, OFFSET_BEGINNING)])
+        self.records: list[TickRecord] = []
+        self.next_offset = 0
+
+    def poll(self, timeout: float = 0.1) -> list[TickRecord]:
+        new = []
+        for message in self.consumer.consume(5000, timeout):
+            if message.error():
+                continue
+            item = decode_tick_record(message.value())
+            assert message.key().decode() == item.instrument
+            new.append(item)
+            self.next_offset = message.offset() + 1
+        self.records += new
+        return new
+
+    def high(self) -> int:
+        return self.consumer.get_watermark_offsets(TopicPartition(self.name, 0), timeout=10)[1]
+
+    def drain(self, timeout: float = 30.0) -> list[TickRecord]:
+        """Read up to the current end of the topic."""
+        end = self.high()
+        deadline = time.monotonic() + timeout
+        while self.next_offset < end:
+            assert time.monotonic() < deadline, f"{self.name}: read {self.next_offset} of {end}"
+            self.poll(0.2)
+        return self.records
+
+    def of(self, instrument: str) -> list[TickRecord]:
+        return [r for r in self.records if r.instrument == instrument]
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def committed(bootstrap: str, group: str, name: str) -> int:
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        return probe.committed([TopicPartition(name, 0)], timeout=10)[0].offset
+    finally:
+        probe.close()
+
+
+@contextmanager
+def running(daemon, *, stop_timeout: float = 60) -> Iterator[object]:
+    """`daemon.run(stop)` on a thread."""
+    stop = threading.Event()
+    thread = threading.Thread(target=daemon.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield daemon
+    finally:
+        stop.set()
+        thread.join(stop_timeout)
+        assert not thread.is_alive(), f"{type(daemon).__name__} did not stop"
+
+
+# --- 3. past-start simulator: `stream all --start` two days back -----------------------------------
+
+
+def test_stream_all_from_two_days_back_gives_the_backfills_bars(engine: Engine, database_url: str,
+                                                                 topic_prefix: str) -> None:  # fmt: skip
+    """`stream all --start <two days back> --speed 5000 --end ...` (embedded: one in-process bus)
+    closes every minute on the simulator's own clock, so the stored stream bars equal the backfill's
+    (`Simulator.bars`) in OHLCV and trades, flat bars included, for every minute from the first full
+    live minute to the end. The minute holding the start is a gap edge: the stream holds only its
+    trades after the start (aggregate_trades of those), and `gaps` lists it until the coordinator's
+    refill makes it the simulator's final bar. Nothing is written for the minute the playback's
+    clock never closes, nor after it."""
+    now_min = int(time.time()) // 60 * 60
+    start_ns = (now_min - 2 * 86_400) * NS_PER_S + 30 * NS_PER_S  # mid-minute: the first minute is partial
+    first_full = floor_min(start_ns) + 60
+    end_min = now_min - 3600  # settled history: the refill makes it final
+    # The playback's last beats are at end_min (a minute boundary: all instruments) and end_min + 61 s
+    # (quiet ones only): the clock passes end_min + lateness, never end_min + 60 + lateness.
+    end_ns = (end_min + 61) * NS_PER_S
+    speed = 5000.0
+    settings = Settings(database_url=database_url, kafka_bootstrap_servers=None, redis_url=None, source="simulator",
+                        instruments=SIM_INSTRUMENTS, topic_prefix=topic_prefix, simulator_seed=0)  # fmt: skip
+    systems: list[Embedded] = []
+    stop = threading.Event()
+    result: list[int] = []
+    began = time.monotonic()
+    thread = threading.Thread(target=lambda: result.append(run_all(
+        settings, speed=speed, start_ns=start_ns, end_ns=end_ns, ports=dict.fromkeys(
+            ("producer", "aggregator", "coordinator", "dynamic"), -1), stop=stop, ready=systems.append)),
+        daemon=True)  # fmt: skip
+    thread.start()
+    truth = {i: sim_bars(i, first_full, end_min) for i in SIM_INSTRUMENTS}
+    try:
+        def done() -> bool:
+            for instrument in SIM_INSTRUMENTS:
+                bars = [b for b in stored(engine, instrument, first_full, end_min + 3600) if b.source == "stream"]
+                if not bars or bars[-1].start < end_min - 60:
+                    return False
+            return bool(systems) and not systems[0].aggregator.health()["pending_bars"]
+
+        eventually(done, timeout=240, what="the stream closed every minute up to the end")
+        played = time.monotonic() - began
+        health = systems[0].aggregator.health()
+        gaps_seen = {i: gaps_of(engine, i, floor_min(start_ns), end_min) for i in SIM_INSTRUMENTS}
+    finally:
+        stop.set()
+        thread.join(120)
+    assert not thread.is_alive() and result == [0], "stream all did not stop cleanly"
+    print(f"\nstream all: {(end_ns - start_ns) / NS_PER_S / 86_400:.2f} sim days at x{speed:g} in {played:.1f} s "
+          f"(ideal {(end_ns - start_ns) / NS_PER_S / speed:.1f} s); aggregator health {health['committed']}")
+
+    sim = Simulator(0)
+    for instrument in SIM_INSTRUMENTS:
+        bars = stored(engine, instrument)
+        stream = [b for b in bars if b.source == "stream"]
+        assert all(not b.final for b in stream)
+        # After the start's gap the stream knows no previous close until its first trade: quiet
+        # minutes before it have no bar (gaps, not flat bars); from that minute on, every minute is
+        # the backfill's bar, flat ones included.
+        first_known = max(first_full, floor_min(next(iter(sim.trades(Instrument.parse(instrument), start_ns,
+                                                                       end_ns))).ts_ns))  # fmt: skip
+        unknown = [m for m in range(first_full, first_known, 60)]
+        got = [b for b in stream if b.start >= first_full]
+        assert values(got) == values(b for b in truth[instrument] if b.start >= first_known), instrument
+        assert len(got) == (end_min - first_known) // 60 and any(b.trades == 0 for b in got)  # quiet minutes: flat
+        assert all(b.trades == 0 for b in truth[instrument] if b.start < first_known)  # quiet in the backfill too
+        print(f"{instrument}: {len(got)} minutes equal the backfill's; {len(unknown)} quiet minute(s) after the "
+              f"start's gap have no bar (gaps)")
+        assert not [b for b in bars if b.start >= end_min]  # never closed by the log's clock: no bar
+        # The minute holding the start: only the trades after the start reached the stream.
+        edge = floor_min(start_ns)
+        partial = stream_bars(sim_trades(instrument, start_ns, (edge + 60) * NS_PER_S), edge, edge + 60, instrument)
+        (edge_bar,) = [b for b in bars if b.start == edge] or [None]
+        full = sim_bars(instrument, edge, edge + 60)
+        if edge_bar is not None and edge_bar.final:  # the coordinator refilled it: the backfill's bar
+            assert values([edge_bar]) == values(full) and edge_bar.source == sim.name
+        else:  # still the stream's partial bar (or none: no trade after the start), and reported as a gap
+            assert values([edge_bar] if edge_bar else []) == values(partial)
+            assert gaps_seen[instrument] == ranges([edge, *unknown]), gaps_seen[instrument]
+        if sim_trades(instrument, edge * NS_PER_S, start_ns):  # trades before the start: partial indeed
+            assert values(partial) != values(full)
+        # Nothing else in the range was ever a gap.
+        assert gaps_seen[instrument] in (ranges(unknown), ranges([edge, *unknown])), gaps_seen[instrument]
+        # The start is a recorded outage (its edge); the playback's end leaves one open.
+        rows = outage_rows(engine, instrument)
+        assert rows[0][0] == from_ns(start_ns) and rows[0][2] == "producer started"
+        assert rows[-1][1] is None and rows[-1][2] == "producer stopped" and len(rows) == 2
