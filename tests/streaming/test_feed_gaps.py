@@ -319,3 +319,147 @@ def test_stream_all_from_two_days_back_gives_the_backfills_bars(engine: Engine, 
         rows = outage_rows(engine, instrument)
         assert rows[0][0] == from_ns(start_ns) and rows[0][2] == "producer started"
         assert rows[-1][1] is None and rows[-1][2] == "producer stopped" and len(rows) == 2
+
+
+# --- 1. a producer killed for 3 minutes ------------------------------------------------------------
+
+
+def wait_for_clock(tail: TopicTail, ts_ns: int, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    """Until the log's clock (any instrument's trade or heartbeat) reaches `ts_ns`."""
+    deadline = time.monotonic() + timeout
+    while not any(not isinstance(r, Disconnect) and r.ts_ns >= ts_ns for r in tail.poll(0.1)):
+        assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"the log's clock never reached {from_ns(ts_ns)}"
+
+
+def test_a_producer_killed_for_3_minutes_is_one_outage_no_invented_bar_then_refilled(
+    kafka_bootstrap: str, engine: Engine, database_url: str, topic_prefix: str, tmp_path: Path
+) -> None:  # fmt: skip
+    """`python -m streaming.producer --speed 60 --start <a day back>` (the simulator) and
+    `python -m streaming.aggregator` as processes; the producer is SIGKILLed, then restarted with
+    `--start` 3 simulated minutes after the last record it got onto `ticks`, later stopped.
+
+    Per instrument: exactly one `outages` row for the dead span, from the clock at the kill to the
+    first record after the restart; no bar inside it (no invented flat bar); every bar outside it is
+    aggregate_trades of the simulator's trades received (flat where the simulator is quiet), and
+    equals the backfill's bar where the minute was live throughout; `OhlcvService.read` reports the
+    minutes holding the span's edges (and the dead ones) as gaps; the coordinator, with the simulator
+    as its REST source, refills the span with final bars and the gaps are gone."""
+    ticks = topic(topic_prefix, TICKS)
+    bus = KafkaBus(kafka_bootstrap)
+    bus.ensure_topics([ticks], partitions=1)
+    env = {**os.environ, "CANDLEKEEP_DATABASE_URL": database_url, "CANDLEKEEP_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+           "CANDLEKEEP_TOPIC_PREFIX": topic_prefix, "CANDLEKEEP_INSTRUMENTS": ",".join(SIM_INSTRUMENTS),
+           "CANDLEKEEP_SOURCE": "simulator", "CANDLEKEEP_SIMULATOR_SEED": "0"}  # fmt: skip
+    env.pop("CANDLEKEEP_REDIS_URL", None)
+    logs = {name: tmp_path / f"{name}.log" for name in ("aggregator", "producer")}
+
+    def launch(module: str, *args: str) -> subprocess.Popen:
+        name = module.rsplit(".", 1)[-1]
+        with logs[name].open("ab") as out:
+            return subprocess.Popen([sys.executable, "-m", module, "--port", "-1", *args], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
+
+    start_s = int(time.time()) // 60 * 60 - 86_400 + 17  # a day back (settled history), mid-minute
+    speed = "60"  # a simulated minute per second; heartbeats at every minute boundary
+    tail = TopicTail(kafka_bootstrap, ticks)
+    began = time.monotonic()
+    aggregator = launch("streaming.aggregator", "--flush-interval", "0.2")
+    producer = launch("streaming.producer", "--speed", speed, "--start", str(start_s))
+    try:
+        wait_for_clock(tail, (start_s + 5 * 60 + 20) * NS_PER_S, producer, logs["producer"])
+        producer.send_signal(signal.SIGKILL)
+        producer.wait(10)
+        time.sleep(1.0)
+        tail.drain()
+        killed_at = max(r.ts_ns for r in tail.records if not isinstance(r, Disconnect))  # the last record's time
+        restart_s = -(-(killed_at + 180 * NS_PER_S) // NS_PER_S)  # 3 simulated minutes later (whole seconds)
+        producer = launch("streaming.producer", "--speed", speed, "--start", str(restart_s))
+        wait_for_clock(tail, (restart_s + 4 * 60 + 30) * NS_PER_S, producer, logs["producer"])
+        producer.send_signal(signal.SIGTERM)
+        assert producer.wait(30) == 0, logs["producer"].read_text()[-3000:]
+        tail.drain()
+        end = tail.high()
+        eventually(lambda: committed(kafka_bootstrap, f"{topic_prefix}aggregator", ticks) == end, timeout=60,
+                   what="the aggregator committed the whole log")  # fmt: skip
+        aggregator.send_signal(signal.SIGTERM)
+        assert aggregator.wait(30) == 0, logs["aggregator"].read_text()[-3000:]
+    finally:
+        for proc in (producer, aggregator):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        tail.close()
+    streamed = time.monotonic() - began
+
+    spans: dict[str, tuple[dict, dict]] = {}
+    for instrument in SIM_INSTRUMENTS:
+        log = Spans(tail.of(instrument))
+        assert [(d.reason, d.ts_ns) for d in log.disconnects[:2]] == [
+            ("producer started", start_s * NS_PER_S), ("producer started", restart_s * NS_PER_S)]
+        assert [d.reason for d in log.disconnects[2:]] == ["producer stopped"]
+        first, second = log.spans
+        # What reached `ticks` is the simulator's trades, in order, up to the kill and from the restart.
+        for span, since in ((first, start_s), (second, restart_s)):
+            want = sim_trades(instrument, since * NS_PER_S, span["clock"] + 1)
+            assert span["trades"] == want[:len(span["trades"])] and span["trades"], instrument
+            assert len(span["trades"]) >= len([t for t in want if t.ts_ns < span["clock"]])
+        assert second["first"] - first["clock"] >= 180 * NS_PER_S
+        spans[instrument] = first, second
+
+        # Exactly one outage for the dead span, exactly where the contract puts it; one at the first
+        # start (nothing known before it) and one left open by the stop.
+        assert outage_rows(engine, instrument) == [
+            (from_ns(start_s * NS_PER_S), from_ns(first["first"]), "producer started"),
+            (from_ns(first["clock"]), from_ns(second["first"]), "producer started"),
+            (from_ns(second["clock"]), None, "producer stopped"),
+        ]
+
+        # The bars: exactly the received trades' aggregates; none in the dead span.
+        expected = (live_span(first["trades"], first["first"], first["clock"], instrument, closes=True)
+                    + live_span(second["trades"], second["first"], second["clock"], instrument, closes=False))
+        bars = stored(engine, instrument)
+        assert bars == expected, instrument
+        dead = range(floor_min(first["clock"]) + 60, floor_min(second["first"]), 60)
+        assert len(dead) >= 2 and not [b for b in bars if b.start in dead]
+        # Minutes live throughout equal the backfill's bars (an independent second truth).
+        for lo, hi in ((max(floor_min(start_s * NS_PER_S) + 60, floor_min(first["trades"][0].ts_ns)),
+                        floor_min(first["clock"])),
+                       (max(floor_min(second["first"]) + 60, floor_min(second["trades"][0].ts_ns)),
+                        closed_until(second["clock"]))):  # fmt: skip
+            assert values(b for b in bars if lo <= b.start < hi) == values(sim_bars(instrument, lo, hi))
+            assert hi - lo >= 120
+
+    # Serving: the minutes holding the dead span's edges, and those inside it, are gaps until refilled.
+    window: dict[str, tuple[int, int, int, int]] = {}
+    for instrument, (first, second) in spans.items():
+        lo, hi = floor_min(start_s * NS_PER_S) + 60, closed_until(second["clock"])
+        edges = set(range(floor_min(first["clock"]), ceil_min(second["first"]), 60))
+        starts = {b.start for b in stored(engine, instrument)}
+        unknown = {m for m in range(lo, hi, 60) if m not in starts} - edges  # quiet after a gap: no close known
+        assert gaps_of(engine, instrument, lo, hi) == ranges(edges | unknown), instrument
+        window[instrument] = lo, hi, min(edges), max(edges) + 60
+
+    coordinator = Coordinator(bus, Simulator(0), InstrumentStore(engine), BarStore(engine), OutageStore(engine),
+                              prefix=topic_prefix, poll_timeout_s=0.05, max_backoff_s=0.2)  # fmt: skip
+    dynamic = DynamicConsumer(bus, BarStore(engine), InstrumentStore(engine), prefix=topic_prefix, refresh_s=0.2,
+                              poll_timeout_s=0.05, max_backoff_s=0.2)  # fmt: skip
+    refill_began = time.monotonic()
+    with running(coordinator), running(dynamic):
+        for instrument, (_, _, a, b) in window.items():
+            eventually(lambda i=instrument, a=a, b=b: len(stored(engine, i, a, b)) == (b - a) // 60
+                       and all(x.final for x in stored(engine, i, a, b)), timeout=60, what=f"{instrument} refilled")
+    refilled = time.monotonic() - refill_began
+    try:
+        for instrument, (lo, hi, a, b) in window.items():
+            got = stored(engine, instrument, a, b)
+            assert values(got) == values(sim_bars(instrument, a, b)) and {x.source for x in got} == {"simulator"}
+            starts = {x.start for x in stored(engine, instrument)}
+            still = [m for m in range(lo, hi, 60) if m not in starts]  # not in any outage: an API read fetches them
+            assert gaps_of(engine, instrument, lo, hi) == ranges(still), instrument
+            print(f"\n{instrument}: dead span {from_ns(spans[instrument][0]['clock'])} .. "
+                  f"{from_ns(spans[instrument][1]['first'])}, refill window {(b - a) // 60} minutes, "
+                  f"{len(still)} quiet minute(s) after it without a bar")
+    finally:
+        bus.close()
+    print(f"producer kill: streamed in {streamed:.1f} s, refilled in {refilled:.1f} s")
