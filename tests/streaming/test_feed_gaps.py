@@ -463,3 +463,142 @@ def test_a_producer_killed_for_3_minutes_is_one_outage_no_invented_bar_then_refi
     finally:
         bus.close()
     print(f"producer kill: streamed in {streamed:.1f} s, refilled in {refilled:.1f} s")
+
+
+# --- 2. a streamer disconnect ----------------------------------------------------------------------
+
+
+class SimClock:
+    """Unix ns running `speed` times faster than the wall from `base_ns`: the streamer's receive
+    clock and the test server's trade times (one clock, as a venue and its client share UTC)."""
+
+    def __init__(self, base_ns: int, speed: float) -> None:
+        self.base_ns, self.speed, self.mark = base_ns, speed, time.monotonic()
+
+    def __call__(self) -> int:
+        return self.base_ns + int((time.monotonic() - self.mark) * self.speed * NS_PER_S)
+
+
+def test_a_streamer_disconnect_is_one_outage_no_invented_bar_and_exact_bars_around_it(
+    kafka_bootstrap: str, engine: Engine, topic_prefix: str
+) -> None:  # fmt: skip
+    """The CryptoCompare streamer against the loopback server, through the producer daemon into
+    `ticks` (real Kafka), the aggregator consuming. The server drops the connection; the client
+    stays away 2 s (its backoff) and reconnects; trades flow again. The receive clock runs 60 times
+    faster than the wall (2024-03-01 from 12:00:05), so the 2 s away are 2 simulated minutes.
+
+    Per instrument: one `outages` row for the dead span (from the clock at the drop to the first
+    record after the reconnect, inside what the server did: after its last trade before the drop,
+    before its first trade after), no bar inside it, and every other bar exactly aggregate_trades of
+    the trade frames the server sent (flat while the feed is live and quiet); `gaps` lists the
+    edges' minutes and the dead ones."""
+    speed = 60.0
+    clock = SimClock(int(datetime(2024, 3, 1, 12, 0, 5, tzinfo=UTC).timestamp()) * NS_PER_S, speed)
+    markets = {"coinbase:BTC-USD": ("Coinbase", "BTC", "USD", Decimal("61000.00")),
+               "binance:ETH-USDT": ("Binance", "ETH", "USDT", Decimal("3400.10"))}  # fmt: skip
+    rng = random.Random(5)
+    sent: dict[str, list[list[Trade]]] = {i: [[], []] for i in markets}
+    prices = {i: m[3] for i, m in markets.items()}
+    next_id = dict.fromkeys(markets, 1000)
+    dropped_at: list[int] = []
+    done = threading.Event()
+
+    def trades_for(s: StreamerSession, session: int, seconds: float) -> None:
+        """A trade of each market every 0.1 s (6 simulated s), times from the clock, to the microsecond."""
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            for instrument, (market, fsym, tsym, _) in markets.items():
+                now = clock() // 1000 * 1000
+                prices[instrument] += Decimal(rng.randint(-40, 40)) / 100
+                size = Decimal(rng.randint(1, 50_000)) / 10_000
+                next_id[instrument] += 1
+                p, q, tid = str(prices[instrument]), str(size), next_id[instrument]
+                s.trade(trade_frame(market=market, fsym=fsym, tsym=tsym, flags=rng.choice([1, 2]), trade_id=tid,
+                                    ts=now // NS_PER_S, tsns=now % NS_PER_S, q=q, p=p))  # fmt: skip
+                sent[instrument][session].append(Trade(instrument, now, Decimal(p), size, "buy", str(tid), "cc"))
+            time.sleep(0.1)
+
+    def subscribed(s: StreamerSession) -> None:
+        s.welcome()
+        for sub in s.expect("SubAdd")["subs"]:
+            s.subscribe_complete(sub)
+        s.load_complete()
+
+    def first(s: StreamerSession) -> None:
+        subscribed(s)
+        trades_for(s, 0, 3.0)
+        dropped_at.append(clock())
+        s.drop()
+
+    def second(s: StreamerSession) -> None:
+        subscribed(s)
+        trades_for(s, 1, 3.0)
+        done.set()  # then silent: the client's heartbeats say the feed is live (and quiet)
+
+    bus = KafkaBus(kafka_bootstrap)
+    ticks = topic(topic_prefix, TICKS)
+    bus.ensure_topics([ticks], partitions=1)
+    aggregator = Aggregator(bus, BarStore(engine), TickStore(engine), None, prefix=topic_prefix,
+                            flush_interval_s=0.05, poll_timeout_s=0.05)  # fmt: skip
+    tail = TopicTail(kafka_bootstrap, ticks)
+    began = time.monotonic()
+    try:
+        with running(aggregator), StreamerServer([first, second]) as server:
+            client = StreamerClient(instruments=list(markets), url=server.url, min_backoff=2.0, max_backoff=2.0,
+                                    recv_timeout=0.02, heartbeat_s=0.2, latency_bound_s=3.0, clock_ns=clock)  # fmt: skip
+            producer = Producer(bus, client, topic_prefix=topic_prefix)
+            thread = threading.Thread(target=producer.run, daemon=True)
+            thread.start()
+            try:
+                assert done.wait(30), producer.health()
+                time.sleep(2.5)  # 150 simulated s of a live, quiet feed: a whole minute closes flat
+            finally:
+                producer.stop()
+                thread.join(30)
+            assert not thread.is_alive() and producer.health()["buffered"] == 0
+            tail.drain()
+            end = tail.high()
+            eventually(lambda: aggregator.committed.get((ticks, 0)) == end and not aggregator.health()["pending_bars"],
+                       timeout=30, what="the aggregator committed the whole log")  # fmt: skip
+        assert len(server.sessions) == 2
+        gap_s = server.sessions[1].connected_at - server.sessions[0].closed_at
+    finally:
+        tail.close()
+        bus.close()
+    print(f"\nstreamer disconnect: {time.monotonic() - began:.1f} s; away {gap_s:.2f} s")
+
+    for instrument in markets:
+        log = Spans(tail.of(instrument))
+        reasons = [d.reason for d in log.disconnects]
+        assert reasons[0] == "producer started" and reasons[-1] == "producer stopped" and len(reasons) == 3
+        assert reasons[1].startswith("connection lost") or reasons[1] == "closed by server", reasons
+        first_span, second_span = log.spans
+        # The log holds exactly the frames the server sent, each once, in order.
+        for span, truth in zip((first_span, second_span), sent[instrument], strict=True):
+            assert [(t.trade_id, t.ts_ns, t.price, t.size) for t in span["trades"]] == [
+                (t.trade_id, t.ts_ns, t.price, t.size) for t in truth]
+        gap_from, gap_to = first_span["clock"], second_span["first"]
+        # The gap lies within what the server did: after its last trade before the drop, before its
+        # first after the reconnect; at least the 2 s away (120 simulated s).
+        assert sent[instrument][0][-1].ts_ns <= gap_from <= dropped_at[0]
+        assert gap_to <= sent[instrument][1][0].ts_ns and gap_to - gap_from >= 100 * NS_PER_S
+        assert outage_rows(engine, instrument) == [
+            # Nothing before the start: the gap opens at the disconnect's own time; the first heartbeat
+            # (receive clock - latency bound) may be older than that: the gap then ends where it begins.
+            (from_ns(log.disconnects[0].ts_ns), from_ns(max(first_span["first"], log.disconnects[0].ts_ns)),
+             "producer started"),
+            (from_ns(gap_from), from_ns(gap_to), reasons[1]),
+            (from_ns(second_span["clock"]), None, "producer stopped"),
+        ]
+        expected = (live_span(sent[instrument][0], first_span["first"], gap_from, instrument, closes=True)
+                    + live_span(sent[instrument][1], gap_to, second_span["clock"], instrument, closes=False))
+        bars = stored(engine, instrument)
+        assert [replace(b, source="x") for b in bars] == [replace(b, source="x") for b in expected], instrument
+        assert {b.source for b in bars} == {"stream"} and any(b.trades == 0 for b in bars)  # flat while live
+        dead = range(floor_min(gap_from) + 60, floor_min(gap_to), 60)
+        assert len(dead) >= 1 and not [b for b in bars if b.start in dead]
+        lo, hi = floor_min(first_span["first"]) + 60, closed_until(second_span["clock"])
+        edges = set(range(floor_min(gap_from), ceil_min(gap_to), 60))
+        starts = {b.start for b in bars}
+        unknown = {m for m in range(lo, hi, 60) if m not in starts} - edges
+        assert gaps_of(engine, instrument, lo, hi) == ranges(edges | unknown) and not unknown, instrument
