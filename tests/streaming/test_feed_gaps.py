@@ -34,8 +34,8 @@ from pathlib import Path
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from sqlalchemy import Engine
 
-from candlekeep.bars import NS_PER_S, Bar, Disconnect, Heartbeat, Interval, TickRecord, Trade, aggregate_trades
-from candlekeep.bus import Bus, KafkaBus
+from candlekeep.bars import NS_PER_S, Bar, Disconnect, Interval, TickRecord, Trade, aggregate_trades
+from candlekeep.bus import KafkaBus
 from candlekeep.instruments import Instrument
 from candlekeep.messages import TICKS, decode_tick_record, topic
 from candlekeep.query import OhlcvQuery
@@ -545,7 +545,8 @@ def test_a_streamer_disconnect_is_one_outage_no_invented_bar_and_exact_bars_arou
     try:
         with running(aggregator), StreamerServer([first, second]) as server:
             client = StreamerClient(instruments=list(markets), url=server.url, min_backoff=2.0, max_backoff=2.0,
-                                    recv_timeout=0.02, heartbeat_s=0.2, latency_bound_s=3.0, clock_ns=clock)  # fmt: skip
+                                    recv_timeout=0.02, heartbeat_s=0.2, latency_bound_s=3.0,
+                                    clock_ns=clock)  # fmt: skip
             producer = Producer(bus, client, topic_prefix=topic_prefix)
             thread = threading.Thread(target=producer.run, daemon=True)
             thread.start()
