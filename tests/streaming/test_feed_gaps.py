@@ -5,7 +5,7 @@ Real Kafka (tests/streaming/conftest.py), PostgreSQL and the daemons as they run
   with SIGKILL and restarted 3 simulated minutes later, `python -m streaming.aggregator` consuming;
   then the coordinator refills the outage from the simulator as its REST source;
 - the CryptoCompare streamer against the loopback WebSocket server (tests/utils/ws_server.py): the
-  server drops the connection, the client is away ~2 s and reconnects;
+  server drops the connection, the client is away 2.5 s and reconnects;
 - `stream all --start <two days back>` (streaming.runner.run_all, embedded) against the backfill.
 
 The truth is never the code under test: the simulator's own trades and bars (`Simulator.trades`,
@@ -484,8 +484,9 @@ def test_a_streamer_disconnect_is_one_outage_no_invented_bar_and_exact_bars_arou
 ) -> None:  # fmt: skip
     """The CryptoCompare streamer against the loopback server, through the producer daemon into
     `ticks` (real Kafka), the aggregator consuming. The server drops the connection; the client
-    stays away 2 s (its backoff) and reconnects; trades flow again. The receive clock runs 60 times
-    faster than the wall (2024-03-01 from 12:00:05), so the 2 s away are 2 simulated minutes.
+    stays away 2.5 s (its backoff) and reconnects; trades flow again. The receive clock runs 60 times
+    faster than the wall (2024-03-01 from 12:00:05), so the 2.5 s away are 150 simulated seconds:
+    whatever the alignment, at least one whole minute lies inside the gap.
 
     Per instrument: one `outages` row for the dead span (from the clock at the drop to the first
     record after the reconnect, inside what the server did: after its last trade before the drop,
@@ -544,7 +545,7 @@ def test_a_streamer_disconnect_is_one_outage_no_invented_bar_and_exact_bars_arou
     began = time.monotonic()
     try:
         with running(aggregator), StreamerServer([first, second]) as server:
-            client = StreamerClient(instruments=list(markets), url=server.url, min_backoff=2.0, max_backoff=2.0,
+            client = StreamerClient(instruments=list(markets), url=server.url, min_backoff=2.5, max_backoff=2.5,
                                     recv_timeout=0.02, heartbeat_s=0.2, latency_bound_s=3.0,
                                     clock_ns=clock)  # fmt: skip
             producer = Producer(bus, client, topic_prefix=topic_prefix)
@@ -580,9 +581,9 @@ def test_a_streamer_disconnect_is_one_outage_no_invented_bar_and_exact_bars_arou
                 (t.trade_id, t.ts_ns, t.price, t.size) for t in truth]
         gap_from, gap_to = first_span["clock"], second_span["first"]
         # The gap lies within what the server did: after its last trade before the drop, before its
-        # first after the reconnect; at least the 2 s away (120 simulated s).
+        # first after the reconnect; at least the 2.5 s away (150 simulated s) less the latency bound.
         assert sent[instrument][0][-1].ts_ns <= gap_from <= dropped_at[0]
-        assert gap_to <= sent[instrument][1][0].ts_ns and gap_to - gap_from >= 100 * NS_PER_S
+        assert gap_to <= sent[instrument][1][0].ts_ns and gap_to - gap_from >= 147 * NS_PER_S
         assert outage_rows(engine, instrument) == [
             # Nothing before the start: the gap opens at the disconnect's own time; the first heartbeat
             # (receive clock - latency bound) may be older than that: the gap then ends where it begins.
