@@ -233,6 +233,7 @@ class BarBuilder:
         if self._gaps and self._gaps[-1][1] is None:
             return []  # one gap already open: the next record closes it
         start = self.clock_ns if self.clock_ns is not None else ts_ns
+        start -= start % self.resolution_ns  # gap edges at the trades' resolution, see _tick
         self._gaps.append([start, None, source, reason])
         self._new_gaps.append(Gap(self.instrument, start, None, source, reason))
         self._gap_from = ts_ns
@@ -265,7 +266,11 @@ class BarBuilder:
         """A trade or heartbeat at `ts_ns` was applied: close an open gap, move the clock, close buckets."""
         if self._gaps and self._gaps[-1][1] is None:
             gap = self._gaps[-1]
-            gap[1] = max(ts_ns, gap[0])
+            # At the resolution trades are ordered (and stored) at, like the flat-bar reference it is
+            # compared with: a gap ending at a trade's nanoseconds would otherwise lie after that
+            # trade's truncated time and deny the flat bars after it. Stored outages hold the same
+            # truncated times, so a restored builder decides as this one does.
+            gap[1] = max(ts_ns - ts_ns % self.resolution_ns, gap[0])
             self._new_gaps.append(Gap(self.instrument, gap[0], gap[1], gap[2], gap[3]))
         self._gap_from = None
         if self.clock_ns is None or ts_ns > self.clock_ns:

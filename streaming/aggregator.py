@@ -543,6 +543,8 @@ class Aggregator:
 
     def health(self) -> dict[str, Any]:
         return self.state.health(
+            # A flush being retried after a failure is no health, whatever state the retry is in.
+            healthy=self.state.state != "error" and not self._flush_failed,
             lag=self._lag,
             last_message_age_s=self.last_message_age_s,
             instruments=len(self._builders),

@@ -381,6 +381,22 @@ def test_a_disconnect_makes_quiet_minutes_gaps_until_the_next_trade() -> None:
                                                                 (BASE + 480, 0, "12")]  # fmt: skip
 
 
+def test_a_gap_ended_by_a_trade_s_nanoseconds_still_allows_flat_bars_after_that_trade() -> None:
+    """At the aggregator's resolution (1 us, the `ticks` table's) a gap closed by a trade at
+    ...123456789 ns ends at ...123456000, the trade's stored time, which is also the flat-bar
+    reference: the quiet minute after it is live (flat), as with resolution 1 and as after a restore
+    from the stored outage (found in test_feed_gaps: a producer start whose first record is a trade)."""
+    for resolution in (1, 1000):
+        builder = BarBuilder(INST, resolution_ns=resolution)
+        builder.disconnect(at(0, 5), "test", "producer started")
+        first = replace(trade(0, 10, "10", 1), ts_ns=at(0, 10) + 123_456_789)
+        out = builder.add(first)
+        out += builder.heartbeat(at(2, 5))
+        assert [(b.start, b.trades) for b in out] == [(BASE, 1), (BASE + 60, 0)], resolution
+        (_, closed) = builder.take_gaps()
+        assert closed.end_ns == first.ts_ns - first.ts_ns % resolution
+
+
 def test_poison_records_change_nothing() -> None:
     builder = BarBuilder(INST)
     builder.add(trade(0, 10, "10", 1))

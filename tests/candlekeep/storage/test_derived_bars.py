@@ -98,36 +98,41 @@ def test_flat_bars_only_carry_the_close(engine: Engine) -> None:
     assert five == list(rollup_bars(bars, Interval.M5))
 
 
-def test_deep_history_only_where_no_minute_exists(engine: Engine) -> None:
-    """Stored 1h/1d bars serve buckets without any 1m bar; a bucket with 1m bars is derived only."""
+def test_deep_history_serves_a_bucket_unless_every_minute_of_it_is_stored(engine: Engine) -> None:
+    """Stored 1h/1d bars serve their buckets unless all the bucket's minutes are stored: a complete
+    bar beats a derivation from a few minutes, and a bucket is never made from both."""
     store = BarStore(engine)
     inst = "test:DEEP-USD"
     day = T0
     hours = [Bar(inst, "1h", day + 3600 * h, Decimal(100 + h), Decimal(200 + h), Decimal(50), Decimal(101 + h),
                  Decimal(10), Decimal(1000), None, "cryptocompare") for h in range(4)]
     minutes = [m1(inst, day + 2 * 3600 + 60 * i, "300", "301", "299", "300.5", "0.5") for i in range(3)]
+    full_hour = [m1(inst, day + 4 * 3600 + 60 * i, "300", "301", "299", "300.5", "0.5") for i in range(60)]
+    stored_fifth = Bar(inst, "1h", day + 4 * 3600, Decimal(1), Decimal(2), Decimal("0.5"), Decimal("1.5"), Decimal(9),
+                       Decimal(9), None, "cryptocompare")
     daily = Bar(inst, "1d", day + 86400, Decimal(1), Decimal(2), Decimal("0.5"), Decimal("1.5"), Decimal(9),
                 Decimal(9), None, "cryptocompare")
-    shadowed_daily = Bar(inst, "1d", day, Decimal(7), Decimal(7), Decimal(7), Decimal(7), Decimal(7), Decimal(7),
-                         None, "cryptocompare")
-    store.upsert_bars([*hours, *minutes, daily, shadowed_daily])
+    first_daily = Bar(inst, "1d", day, Decimal(7), Decimal(7), Decimal(7), Decimal(7), Decimal(7), Decimal(7),
+                      None, "cryptocompare")
+    store.upsert_bars([*hours, *minutes, *full_hour, stored_fifth, daily, first_daily])
 
-    derived_hour = next(rollup_bars(minutes, Interval.H1))
-    assert store.read_bars(inst, Interval.H1, day, day + 4 * 3600) == [hours[0], hours[1], derived_hour, hours[3]]
-    assert store.bucket_starts(inst, Interval.H1, day, day + 4 * 3600) == [day + 3600 * h for h in range(4)]
-    assert store.bucket_starts(inst, Interval.H1, day, day + 4 * 3600, stored_only=True) == [
-        day + 3600 * h for h in range(4)
-    ]
-    assert store.count_bars(inst, Interval.H1, day, day + 4 * 3600) == 4
-
-    # The first day has 1m bars: derived from them alone (the stored 1d bar of that day is shadowed,
-    # and the stored 1h bars are not mixed in); the second day has none: its stored 1d bar.
-    assert store.read_bars(inst, Interval.D1, day, day + 2 * 86400) == [
-        next(rollup_bars(minutes, Interval.D1)),
-        daily,
-    ]
-    # 4h is derived from 1m only.
-    assert store.read_bars(inst, Interval.H4, day, day + 86400) == [next(rollup_bars(minutes, Interval.H4))]
+    # Hour 2 has 3 of its 60 minutes: its stored bar serves it; hour 4 has all 60: derived from them.
+    derived_fifth = next(rollup_bars(full_hour, Interval.H1))
+    assert store.read_bars(inst, Interval.H1, day, day + 5 * 3600) == [*hours, derived_fifth]
+    assert store.partial_buckets(inst, Interval.H1, day, day + 5 * 3600) == []  # every bucket served whole
+    assert store.bucket_starts(inst, Interval.H1, day, day + 5 * 3600) == [day + 3600 * h for h in range(5)]
+    assert store.count_bars(inst, Interval.H1, day, day + 5 * 3600) == 5
+    # Without a stored bar, a bucket of a few minutes is derived from them, and reported partial.
+    assert store.read_bars(inst, Interval.H1, day + 2 * 3600, day + 3 * 3600)[0].source == "cryptocompare"
+    store.upsert_bars([m1("test:FEW-USD", day + 60 * i, "1", "1", "1", "1", "1") for i in range(3)])
+    (few,) = store.read_bars("test:FEW-USD", Interval.H1, day, day + 3600)
+    assert few.trades is not None and store.partial_buckets("test:FEW-USD", Interval.H1, day, day + 3600) == [day]
+    # Both days have only some minutes: their stored 1d bars serve them.
+    assert store.read_bars(inst, Interval.D1, day, day + 2 * 86400) == [first_daily, daily]
+    # 4h is derived from 1m only (no stored 4h bars exist): partial where minutes are missing.
+    assert store.read_bars(inst, Interval.H4, day, day + 86400) == [
+        next(rollup_bars(minutes, Interval.H4)), next(rollup_bars(full_hour, Interval.H4))]  # fmt: skip
+    assert store.partial_buckets(inst, Interval.H4, day, day + 86400) == [day, day + 4 * 3600]
     assert store.read_bars(inst, Interval.H1, day, day + 4 * 3600, limit=2) == [hours[0], hours[1]]
 
 
