@@ -36,6 +36,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
+from api.security import close_reason
 from candlekeep.bars import Bar, Interval
 from candlekeep.cache import updates_channel
 from candlekeep.instruments import Instrument, InstrumentError, resolve_instrument
@@ -65,7 +66,7 @@ async def stream(websocket: WebSocket) -> None:
     try:
         instrument, interval, since = _params(websocket, now)
     except _Invalid as exc:
-        await websocket.close(code=POLICY_VIOLATION, reason=str(exc)[:120])  # a close reason is <= 123 bytes
+        await websocket.close(code=POLICY_VIOLATION, reason=close_reason(str(exc)))  # <= 123 bytes of UTF-8
         return
     feed = _Feed(websocket, instrument, interval)
     watcher = asyncio.create_task(_until_disconnect(websocket))
@@ -89,7 +90,7 @@ async def stream(websocket: WebSocket) -> None:
 
 def _params(websocket: WebSocket, now: int) -> tuple[Instrument, Interval, int]:
     params = websocket.query_params
-    unknown = set(params) - {"instrument", "interval", "since"}
+    unknown = set(params) - {"instrument", "interval", "since", "api_key"}  # api_key: read by api.security
     if unknown:
         raise _Invalid(f"unknown parameter(s): {', '.join(sorted(unknown))}")
     raw_instrument = params.get("instrument")

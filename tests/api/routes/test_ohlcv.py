@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from candlekeep.bars import Interval, rollup_bars
 from candlekeep.storage.bars import BarStore
 from tests.utils.bars import make_bar
+from tests.utils.net import LOOPBACK_PEER
 
 T0 = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp())
 BTC = "cccagg:BTC-USD"
@@ -200,7 +201,7 @@ def test_incomplete_answers_carry_retry_after_and_untracked_instruments_get_trac
 @pytest.fixture
 def redis_client(engine: Engine, database_url: str, redis_url: str) -> Iterator[TestClient]:
     redis.Redis.from_url(redis_url).flushdb()
-    with TestClient(create_app(Settings(database_url=database_url, redis_url=redis_url))) as test_client:
+    with TestClient(create_app(Settings(database_url=database_url, redis_url=redis_url)), client=LOOPBACK_PEER) as test_client:
         yield test_client
 
 

@@ -20,6 +20,7 @@ from candlekeep.settings import Settings
 from candlekeep.storage.bars import BarStore
 from candlekeep.storage.instruments import InstrumentStore
 from tests.utils.bars import make_bar
+from tests.utils.net import LOOPBACK_PEER
 
 T0 = 1704067200  # 2024-01-01T00:00:00Z
 BTC = "coinbase:BTC-USD"
@@ -43,7 +44,7 @@ def client(engine: Engine, database_url: str, btc_bars: list[Bar]) -> Iterator[T
     store.upsert_bars(btc_bars)
     store.upsert_bars([make_bar(ETH, T0 + m * 60, f"2200.{m}25") for m in range(3)])
     app = create_app(Settings(database_url=database_url, redis_url=None, api_rate_limit_per_minute=0))
-    with TestClient(app) as test_client:
+    with TestClient(app, client=LOOPBACK_PEER) as test_client:
         yield test_client
 
 
