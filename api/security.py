@@ -41,6 +41,7 @@ import ipaddress
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -329,6 +330,31 @@ async def _refuse(scope: Scope, send: Send, status: int, detail: str, headers: d
     await send({"type": "http.response.body", "body": body})
 
 
+# --- logs ----------------------------------------------------------------------------------------
+
+_QUERY_KEY_RE = re.compile(r"(api_key=)[^&\s\"']*")
+SERVER_LOGGERS = ("uvicorn.access", "uvicorn.error")  # the access lines, and the WebSocket "accepted" lines
+
+
+class RedactKeys(logging.Filter):
+    """Replaces the value of every `api_key=` in a log record's message and arguments with `***`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "api_key=" in record.msg:
+            record.msg = _QUERY_KEY_RE.sub(r"\1***", record.msg)
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and "api_key=" in a for a in record.args):
+            record.args = tuple(_QUERY_KEY_RE.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def install_log_redaction() -> None:
+    """Keep `?api_key=` values out of the server's logs (idempotent)."""
+    for name in SERVER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactKeys) for f in logger.filters):
+            logger.addFilter(RedactKeys())
+
+
 # --- installation ----------------------------------------------------------------------------------
 
 
@@ -341,6 +367,7 @@ def install_security(app: FastAPI, settings: Settings) -> RateLimiter | None:
     """
     if getattr(app.state, "security_installed", False):  # installing twice is a no-op
         return app.state.rate_limiter
+    install_log_redaction()
     keys = KeyChecker(settings.api_keys)
     exposed = settings.api_host not in LOOPBACK_HOSTS
     if exposed and not keys:

@@ -238,8 +238,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         "dagster-webserver": [str(bin_dir / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1",
                               "-p", str(settings.dagster_port)],
         "dagster-daemon": [str(bin_dir / "dagster-daemon"), "run", "-w", workspace],
-        "api": [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", settings.api_host,
-                "--port", str(settings.api_port), "--log-level", "warning"],
+        "api": api_command(settings),
         # One process over the in-process bus, or a supervisor of one process per daemon with Kafka.
         "streaming": [sys.executable, "-m", "streaming.runner", "all", "--port-base", str(settings.stream_port_base)],
     }
@@ -270,6 +269,19 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         time.sleep(0.5)
     _stop_children(children)
     return exit_code
+
+
+def api_command(settings: Settings, *, log_level: str = "warning") -> list[str]:
+    """The uvicorn command line of the API. Forwarded headers are believed only from the configured
+    proxies (uvicorn's default trusts any loopback peer, which lets a local client spoof its address
+    past the per-address rate limit)."""
+    command = [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", settings.api_host,
+               "--port", str(settings.api_port), "--log-level", log_level]
+    if settings.api_forwarded_allow_ips:
+        command += ["--proxy-headers", "--forwarded-allow-ips", ",".join(settings.api_forwarded_allow_ips)]
+    else:
+        command += ["--no-proxy-headers"]
+    return command
 
 
 def _stop_children(children: dict[str, subprocess.Popen]) -> None:

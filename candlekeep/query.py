@@ -20,7 +20,7 @@ MAX_BARS_PER_QUERY = 100_000
 EARLIEST = int(datetime(2009, 1, 1, tzinfo=UTC).timestamp())
 LATEST = int(datetime(2100, 1, 1, tzinfo=UTC).timestamp())
 
-_UNIX_RE = re.compile(r"^\d{1,12}$")
+_UNIX_RE = re.compile(r"^[0-9]{1,12}$")  # ASCII digits only: `\d` would take "١٧٠٤" for unix seconds
 
 
 class QueryError(ValueError):

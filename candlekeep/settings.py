@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     api_rate_limit_per_minute: int = Field(600, ge=0)
     api_rate_burst: int = Field(120, gt=0)
     topic_prefix: str = ""
+    # Addresses of reverse proxies whose X-Forwarded-For / -Proto the API believes (uvicorn's
+    # forwarded_allow_ips); empty: forwarded headers are ignored, the peer address is the client.
+    api_forwarded_allow_ips: CommaList = []
 
     simulator_seed: int = 0
     # First day (UTC) offered as a Dagster partition.
@@ -62,7 +65,7 @@ class Settings(BaseSettings):
     # Streaming daemons' /health and /metrics: base, base+1, ... (0: any free port).
     stream_port_base: int = Field(9101, ge=0, lt=65533)
 
-    @field_validator("instruments", "api_keys", "api_cors_origins", mode="before")
+    @field_validator("instruments", "api_keys", "api_cors_origins", "api_forwarded_allow_ips", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

@@ -30,6 +30,7 @@ issues the track command itself within `scan_interval_s` (streaming/coordinator.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -419,7 +420,7 @@ def send_track(settings: Settings, instrument_id: str, *, bus: Bus | None = None
 
 def _time_ns(text: str) -> int:
     """`2024-03-01T12:00:00Z`, `2024-03-01` or unix seconds -> unix ns."""
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # str.isdigit alone takes Unicode digits such as "١٧٠٤"
         return int(text) * NS_PER_S
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
@@ -438,6 +439,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
+    try:
+        return _main(name, rest, settings)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        print(f"streaming {name}: a /health + /metrics port is already in use ({exc.strerror}); pass --port / "
+              "--port-base 0 (any free port) or set CANDLEKEEP_STREAM_PORT_BASE", file=sys.stderr)  # fmt: skip
+        return 2
+
+
+def _main(name: str, rest: list[str], settings: Settings) -> int:
     if name != "all":
         return run_daemon(name, settings, rest)
     parser = argparse.ArgumentParser(prog="python -m streaming.runner all", description=__doc__.splitlines()[0])
@@ -445,8 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--start", type=_time_ns, default=None, help="simulator sim start (default: now)")
     parser.add_argument("--end", type=_time_ns, default=None, help="simulator sim end (default: never)")
     parser.add_argument("--host", default="127.0.0.1", help="/health and /metrics address")
-    parser.add_argument("--port-base", type=int, default=9101,
-                        help="ports base..base+3 (producer, aggregator, coordinator, dynamic); 0: any, -1: none")
+    parser.add_argument("--port-base", type=int, default=settings.stream_port_base,
+                        help="ports base..base+3 (producer, aggregator, coordinator, dynamic); 0: any, -1: none "
+                             "(default: CANDLEKEEP_STREAM_PORT_BASE)")  # fmt: skip
     parser.add_argument("--drain", type=float, default=10.0, help="embedded: seconds to drain the bus at stop")
     opts = parser.parse_args(rest)
     base = opts.port_base
