@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.limits import Limits, install_database_errors
 from api.metrics import install_metrics
 from api.routes import health, ohlcv, stream, udf
 from api.security import install_security
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_engine(resolve_database_url(settings))
         cache = BarCache.from_url(settings.redis_url) if settings.redis_url else None
         app.state.settings = settings
+        app.state.limits = Limits.from_settings(settings)
         app.state.engine = engine
         app.state.bar_store = BarStore(engine)
         app.state.cache = cache
@@ -60,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_security(app, settings)  # refuses to start exposed beyond loopback without a key
     install_metrics(app)  # outermost: times refused requests too
+    install_database_errors(app)  # PostgreSQL down: JSON 503 + Retry-After, not a 500 and a traceback
     for router in (health.router, ohlcv.router, ohlcv.seed_router, udf.router, stream.router):
         app.include_router(router)
     return app

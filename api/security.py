@@ -300,7 +300,9 @@ class SecurityMiddleware:
                           "(set CANDLEKEEP_API_KEYS to serve other addresses)")  # fmt: skip
             await _refuse(scope, send, 401, detail, {"www-authenticate": REALM})
             return
-        scope.setdefault("state", {})["trusted"] = valid or (loopback and not self.keys)
+        state = scope.setdefault("state", {})
+        state["trusted"] = valid or (loopback and not self.keys)
+        state["identity"] = identity(scope, presented if valid else None)  # what caps count by (api.limits)
         await self.app(scope, receive, send)
 
     def _open(self, scope: Scope, loopback: bool) -> bool:

@@ -4,6 +4,7 @@
     stitched = service.read(query, limit=500)          # never fetches anything
     on_demand = OnDemand(service=service, request_fetch=..., tracked=InstrumentStore(engine).list_ids)
     stitched, fetching = on_demand.read(query, wait=10)
+    stitched, fetching = await on_demand.read_async(query, wait=10)   # the API: waits on the event loop
 
 The API (`GET /v1/ohlcv`, `/udf/history`, `WS /v1/stream`) answers through this module, so they cannot
 disagree. Nothing here imports FastAPI, Kafka or `streaming/`: the API hands `OnDemand` a
@@ -39,13 +40,17 @@ Stitching rules (DESIGN.md "Bar semantics", "Redis"):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+import anyio
+import anyio.to_thread
 import redis
 
 from candlekeep.bars import Bar, Interval, decimal_str, missing_ranges, rollup_bars
@@ -308,6 +313,7 @@ class OnDemand:
         self._requested: dict[tuple[str, int | None, int | None], float] = {}
         self._failed: set[tuple[str, int | None, int | None]] = set()  # keys whose request failed
         self._tracked: tuple[float, frozenset[str]] | None = None
+        self._reads: dict[tuple[OhlcvQuery, int | None], asyncio.Future[Stitched]] = {}
         self.requests_sent = 0
 
     def read(self, query: OhlcvQuery, *, wait: float = 10.0, limit: int | None = None) -> tuple[Stitched, bool]:
@@ -316,18 +322,70 @@ class OnDemand:
             raise QueryError(f"wait {wait} must be between 0 and {MAX_WAIT_S:.0f} seconds")
         deadline = self.clock() + wait
         stitched = self.service.read(query, limit=limit)
-        instrument = query.instrument.id
-        asked = False
-        if not self._is_tracked(instrument):
-            asked |= self._once(instrument, None, None)
-        if stitched.gaps:
-            asked |= self._once(instrument, stitched.gaps[0][0], stitched.gaps[-1][1])
+        asked = self._ask(query, stitched)
         if not asked:  # nothing will arrive: answer now
             return stitched, False
         while not stitched.complete and self.clock() + self.poll_s <= deadline:
             self.sleep(self.poll_s)
             stitched = self.service.read(query, limit=limit)
         return stitched, asked
+
+    async def read_async(
+        self,
+        query: OhlcvQuery,
+        *,
+        wait: float = 10.0,
+        limit: int | None = None,
+        waiting: Callable[[], AbstractAsyncContextManager[object]] | None = None,
+    ) -> tuple[Stitched, bool]:
+        """`read` for an event loop: each store read and request in a worker thread, the waits on the
+        loop (a waiting request holds no thread). `waiting()` is entered for the polling, only when
+        there is something to wait for (the API's cap on concurrent waits)."""
+        if not 0 <= wait <= MAX_WAIT_S:
+            raise QueryError(f"wait {wait} must be between 0 and {MAX_WAIT_S:.0f} seconds")
+        deadline = self.clock() + wait
+        stitched = await anyio.to_thread.run_sync(lambda: self.service.read(query, limit=limit))
+        asked = await anyio.to_thread.run_sync(self._ask, query, stitched)
+        if not asked or stitched.complete or self.clock() + self.poll_s > deadline:
+            return stitched, asked
+        async with waiting() if waiting is not None else nullcontext():
+            while not stitched.complete and self.clock() + self.poll_s <= deadline:
+                # Sleep to the next tick of one poll grid, so that concurrent waiters of the same
+                # window wake together and share one read (_read_shared) instead of one read each.
+                await anyio.sleep(self.poll_s - time.monotonic() % self.poll_s)
+                stitched = await self._read_shared(query, limit)
+        return stitched, asked
+
+    async def _read_shared(self, query: OhlcvQuery, limit: int | None) -> Stitched:
+        """`service.read(query, limit)` in a worker thread, joined by every caller asking the same
+        while it runs (event-loop state: `_reads`, touched only from the loop)."""
+        key = (query, limit)
+        running = self._reads.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[Stitched] = asyncio.get_running_loop().create_future()
+        self._reads[key] = future
+        try:
+            result = await anyio.to_thread.run_sync(lambda: self.service.read(query, limit=limit))
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody joined
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            del self._reads[key]
+
+    def _ask(self, query: OhlcvQuery, stitched: Stitched) -> bool:
+        """Track an untracked instrument and fetch the gaps (once per key); True when data was asked for."""
+        instrument = query.instrument.id
+        asked = False
+        if not self._is_tracked(instrument):
+            asked |= self._once(instrument, None, None)
+        if stitched.gaps:
+            asked |= self._once(instrument, stitched.gaps[0][0], stitched.gaps[-1][1])
+        return asked
 
     def in_flight(self, instrument: str, start: int | None, end: int | None) -> bool:
         with self._lock:

@@ -53,6 +53,15 @@ class Settings(BaseSettings):
     # Addresses of reverse proxies whose X-Forwarded-For / -Proto the API believes (uvicorn's
     # forwarded_allow_ips); empty: forwarded headers are ignored, the peer address is the client.
     api_forwarded_allow_ips: CommaList = []
+    # Requests waiting (`wait=`) for data asked on demand: at most this many at once, in total and per
+    # API key (or client address); beyond, 503 / 429. Waiting holds a slot, never a worker thread.
+    api_max_waits: int = Field(64, gt=0)
+    api_max_waits_per_key: int = Field(8, gt=0)
+    # Answers over `api_large_request_bars` bars built at once (each holds its bars in memory).
+    api_max_large_requests: int = Field(4, gt=0)
+    api_large_request_bars: int = Field(10_000, gt=0)
+    # A CSV export whose client reads nothing for this long is dropped (its COPY cancelled).
+    api_send_timeout_s: float = Field(30.0, gt=0)
 
     simulator_seed: int = 0
     # First day (UTC) offered as a Dagster partition.

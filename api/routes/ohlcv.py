@@ -5,18 +5,26 @@ forming bar last (final:false); gaps listed, `complete` false while a closed buc
 (candlekeep.serving has the rules). An untracked instrument or a range with gaps asks the coordinator
 for the data (once per instrument and range, however many requests wait for it) and waits up to
 `wait` seconds; an incomplete answer carries `Retry-After`. `format=csv` streams text/csv.
+
+The routes are async: the store is read in worker threads, and a request waiting for data waits on
+the event loop (candlekeep.serving.OnDemand.read_async), within the caps of api.limits (concurrent
+waits per key and in total, concurrent large answers). A CSV export is an api.limits.CsvResponse:
+primed before its header (a database that is down answers a JSON 503), released at once when the
+client goes away or stalls, and aborted, never ended cleanly, when the database fails mid-stream.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from enum import StrEnum
 from typing import Annotated
 
 import msgspec
 from fastapi import APIRouter, HTTPException, Query, Request, Response
-from fastapi.responses import StreamingResponse
+import anyio.to_thread
 
 from api.deps import OhlcvDep
+from api.limits import CsvResponse, identity_of
 from api.schemas import OhlcvPublic, OhlcvSeedPublic, iso
 from candlekeep.bars import Bar, Interval, decimal_str
 from candlekeep.query import MAX_BARS_PER_QUERY, OhlcvQuery, QueryError, build_query, parse_timestamp
@@ -50,7 +58,7 @@ Countback = Annotated[int | None, Query(ge=1, description=f"the N buckets ending
 
 
 @router.get("/ohlcv", response_model=OhlcvPublic, summary="OHLCV bars of one instrument", responses=_ERRORS)
-def get_ohlcv(
+async def get_ohlcv(
     request: Request,
     service: OhlcvDep,
     instrument: Annotated[str, Query(description="`venue:BASE-QUOTE`, or `BTC-USD` / `BTCUSD` (default venue cccagg)", examples=["cccagg:BTC-USD"])],
@@ -62,12 +70,12 @@ def get_ohlcv(
     format: Annotated[Format, Query(description="json, or csv (streamed, header line first)")] = Format.json,
     wait: Wait = 10.0,
 ) -> Response:
-    return _answer(request, service, instrument=instrument, interval=interval, start=start, end=end, limit=limit,
-                   countback=countback, fmt=format, wait=wait, seed=False)  # fmt: skip
+    return await _answer(request, service, instrument=instrument, interval=interval, start=start, end=end,
+                         limit=limit, countback=countback, fmt=format, wait=wait, seed=False)  # fmt: skip
 
 
 @seed_router.get("/ohlcv", response_model=OhlcvSeedPublic, summary="OHLCV bars, seed-style parameters", responses=_ERRORS)
-def get_ohlcv_seed(
+async def get_ohlcv_seed(
     request: Request,
     service: OhlcvDep,
     symbol: Annotated[str, Query(description="`BTCUSD`, `BTC-USD` or `venue:BASE-QUOTE`", examples=["BTCUSD"])],
@@ -78,12 +86,13 @@ def get_ohlcv_seed(
     format: Annotated[Format, Query(description="json, or csv")] = Format.json,
     wait: Wait = 10.0,
 ) -> Response:
-    return _answer(request, service, instrument=symbol, interval=interval, start=startDate, end=endDate, limit=limit,
-                   countback=None, fmt=format, wait=wait, seed=True)  # fmt: skip
+    return await _answer(request, service, instrument=symbol, interval=interval, start=startDate, end=endDate,
+                         limit=limit, countback=None, fmt=format, wait=wait, seed=True)  # fmt: skip
 
 
-def _answer(request: Request, service: OhlcvService, *, instrument: str, interval: str, start: str | None, end: str,
-            limit: int | None, countback: int | None, fmt: Format, wait: float, seed: bool) -> Response:  # fmt: skip
+async def _answer(request: Request, service: OhlcvService, *, instrument: str, interval: str, start: str | None,
+                  end: str, limit: int | None, countback: int | None, fmt: Format, wait: float,
+                  seed: bool) -> Response:  # fmt: skip
     for name, value in (("limit", limit), ("countback", countback)):
         if value is not None and value > MAX_BARS_PER_QUERY:
             raise HTTPException(422, f"{name} {value} is over the cap of {MAX_BARS_PER_QUERY} bars per request")
@@ -99,23 +108,39 @@ def _answer(request: Request, service: OhlcvService, *, instrument: str, interva
         else:
             query = build_query(instrument=instrument, interval=interval, start=start, end=end)
         if fmt is Format.csv and limit is None and countback is None:
-            return StreamingResponse(service.csv_chunks(query), media_type="text/csv; charset=utf-8",
-                                     headers={"Content-Disposition": f'inline; filename="{_filename(query)}"'})  # fmt: skip
-        on_demand: OnDemand | None = getattr(request.app.state, "on_demand", None)
+            settings, limits = request.app.state.settings, request.app.state.limits
+            release = await limits.acquire_large()  # an export holds a connection while it streams
+            csv = CsvResponse(service.csv_chunks(query), send_timeout_s=settings.api_send_timeout_s, release=release,
+                              headers={"Content-Disposition": f'inline; filename="{_filename(query)}"'})  # fmt: skip
+            await csv.prime()  # releases on failure
+            return csv  # type: ignore[return-value]
+        limits = request.app.state.limits
         n = limit or countback
-        if on_demand is not None:
-            stitched, asked = on_demand.read(query, wait=wait, limit=n)
-        else:
-            stitched, asked = service.read(query, limit=n), False
+        buckets = (query.end - query.start) // query.interval.seconds
+        large = min(buckets, n or buckets) > limits.large_bars
+        async with limits.large() if large else nullcontext():
+            stitched, asked = await _read(request, service, query, wait=wait, limit=n)
+            headers = {} if stitched.complete else {
+                "Retry-After": str(RETRY_AFTER_FETCHING_S if asked else RETRY_AFTER_IDLE_S)}  # fmt: skip
+            if fmt is Format.csv:
+                from candlekeep.serving import CSV_HEADER, csv_line
+
+                body = CSV_HEADER + "".join(csv_line(b) for b in stitched.bars)
+                return Response(body, media_type="text/csv; charset=utf-8", headers=headers)
+            encoded = await anyio.to_thread.run_sync(lambda: _json(stitched, requested=instrument, seed=seed))
+            return Response(encoded, media_type="application/json", headers=headers)
     except QueryError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from None
-    headers = {} if stitched.complete else {"Retry-After": str(RETRY_AFTER_FETCHING_S if asked else RETRY_AFTER_IDLE_S)}
-    if fmt is Format.csv:
-        from candlekeep.serving import CSV_HEADER, csv_line
 
-        body = CSV_HEADER + "".join(csv_line(b) for b in stitched.bars)
-        return Response(body, media_type="text/csv; charset=utf-8", headers=headers)
-    return Response(_json(stitched, requested=instrument, seed=seed), media_type="application/json", headers=headers)
+
+async def _read(request: Request, service: OhlcvService, query: OhlcvQuery, *, wait: float,
+                limit: int | None) -> tuple[Stitched, bool]:  # fmt: skip
+    on_demand: OnDemand | None = getattr(request.app.state, "on_demand", None)
+    if on_demand is None:
+        return await anyio.to_thread.run_sync(lambda: service.read(query, limit=limit)), False
+    limits = request.app.state.limits
+    who = identity_of(request)
+    return await on_demand.read_async(query, wait=wait, limit=limit, waiting=lambda: limits.waiting(who))
 
 
 def _countback_query(*, instrument: str, interval: str, end: str, countback: int) -> OhlcvQuery:
