@@ -22,6 +22,7 @@ from api.security import install_security
 from candlekeep.cache import BarCache
 from candlekeep.serving import OhlcvService, OnDemand
 from candlekeep.settings import Settings
+from candlekeep.sources.listing import make_listing
 from candlekeep.storage.bars import BarStore
 from candlekeep.storage.db import create_engine, resolve_database_url
 from candlekeep.storage.instruments import InstrumentStore
@@ -44,10 +45,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.ohlcv = OhlcvService(bar_store=app.state.bar_store, cache=cache,
                                        metrics=getattr(app.state, "serving_metrics", None))  # fmt: skip
         instruments = InstrumentStore(engine)
+        listing = make_listing(settings)
+        app.state.instruments = instruments
         app.state.on_demand = OnDemand(
-            request_fetch=request_fetch(settings),
+            request_fetch=request_fetch(settings, instruments),
             service=app.state.ohlcv,
             tracked=lambda: instruments.list_ids(tracked_only=True),
+            unknown=listing.unknown,  # nothing is tracked before the source says it knows the instrument
+            max_tracks_per_requester=settings.api_max_tracks_per_key,
         )
         yield
         if cache is not None:
@@ -68,18 +73,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def request_fetch(settings: Settings) -> Callable[[str, int | None, int | None], None]:
+def request_fetch(settings: Settings, instruments: InstrumentStore) -> Callable[[str, int | None, int | None], None]:
     """`track` (start = end = None) or `fetch [start, end)` for OnDemand, through the coordinator.
 
     Without a broker a track registers the instrument tracked in the database (the coordinator of
-    `stream all` picks it up); a range fetch needs the broker and raises otherwise.
+    `stream all` picks it up); a range fetch needs the broker and raises otherwise. Nothing here
+    migrates: migrations run at start (`candlekeep up` / `migrate`), never inside a request.
     """
 
     def request(instrument: str, start: int | None, end: int | None) -> None:
+        from candlekeep.instruments import Instrument
         from streaming.runner import send_track
 
         if start is None or end is None:
-            send_track(settings, instrument, timeout=5.0)
+            if settings.kafka_bootstrap_servers:
+                send_track(settings, instrument, timeout=5.0)
+            else:
+                instruments.register([Instrument.parse(instrument)], tracked=True)
+                log.info("on-demand track %s: registered as tracked; the coordinator sets it up", instrument)
             return
         if not settings.kafka_bootstrap_servers:
             raise RuntimeError("fetching a range needs CANDLEKEEP_KAFKA_BOOTSTRAP_SERVERS (the coordinator's control topic)")

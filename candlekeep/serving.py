@@ -55,6 +55,7 @@ import redis
 
 from candlekeep.bars import Bar, Interval, decimal_str, missing_ranges, rollup_bars
 from candlekeep.cache import BarCache, bar_key, forming_key
+from candlekeep.instruments import Instrument
 from candlekeep.messages import MessageError, decode_bar
 from candlekeep.query import MAX_BARS_PER_QUERY, OhlcvQuery, QueryError, build_query
 from candlekeep.storage.bars import BarStore
@@ -280,8 +281,27 @@ class OhlcvService:
         return replace(query, start=starts[-limit])
 
 
+class UnknownInstrument(LookupError):
+    """The source does not know the instrument: nothing is tracked, fetched or created for it."""
+
+    def __init__(self, instrument: str, reason: str) -> None:
+        super().__init__(f"unknown instrument {instrument}: {reason}")
+        self.instrument, self.reason = instrument, reason
+
+
+class TrackLimitReached(Exception):
+    """A requester has added as many instruments as it may (OnDemand.max_tracks_per_requester)."""
+
+
 class OnDemand:
     """Reads that ask for missing data: track an untracked instrument, fetch the gaps, wait for them.
+
+    Before an untracked instrument is tracked, `unknown(instrument)` (candlekeep.sources.listing) must
+    say the source knows it; otherwise UnknownInstrument is raised and nothing is asked for. Verdicts
+    are kept (known: for the process's life; unknown: `unknown_ttl_s`), so a client repeating a
+    garbage instrument costs the source one call. A requester (the API's key or client address)
+    may add at most `max_tracks_per_requester` instruments (TrackLimitReached beyond), counted per
+    process.
 
     Single flight: per (instrument, start, end) — start = end = None for `track` — one request goes
     out, whatever the number of concurrent readers; the same key is not requested again for
@@ -303,8 +323,15 @@ class OnDemand:
         tracked_ttl_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        unknown: Callable[[Instrument], str | None] | None = None,
+        unknown_ttl_s: float = 600.0,
+        max_tracks_per_requester: int | None = None,
     ) -> None:
         self.request_fetch = request_fetch
+        self.unknown, self.unknown_ttl_s = unknown, unknown_ttl_s
+        self.max_tracks_per_requester = max_tracks_per_requester
+        self._verdicts: dict[str, tuple[float, str | None]] = {}  # id -> (when, reason or None)
+        self._tracks_by: dict[str, set[str]] = {}  # requester -> instruments it added
         self.service = service
         self.tracked = tracked
         self.poll_s, self.refetch_after_s, self.tracked_ttl_s = poll_s, refetch_after_s, tracked_ttl_s
@@ -337,6 +364,7 @@ class OnDemand:
         wait: float = 10.0,
         limit: int | None = None,
         waiting: Callable[[], AbstractAsyncContextManager[object]] | None = None,
+        requester: str | None = None,
     ) -> tuple[Stitched, bool]:
         """`read` for an event loop: each store read and request in a worker thread, the waits on the
         loop (a waiting request holds no thread). `waiting()` is entered for the polling, only when
@@ -345,7 +373,7 @@ class OnDemand:
             raise QueryError(f"wait {wait} must be between 0 and {MAX_WAIT_S:.0f} seconds")
         deadline = self.clock() + wait
         stitched = await anyio.to_thread.run_sync(lambda: self.service.read(query, limit=limit))
-        asked = await anyio.to_thread.run_sync(self._ask, query, stitched)
+        asked = await anyio.to_thread.run_sync(self._ask, query, stitched, requester)
         if not asked or stitched.complete or self.clock() + self.poll_s > deadline:
             return stitched, asked
         async with waiting() if waiting is not None else nullcontext():
@@ -377,15 +405,38 @@ class OnDemand:
         finally:
             del self._reads[key]
 
-    def _ask(self, query: OhlcvQuery, stitched: Stitched) -> bool:
-        """Track an untracked instrument and fetch the gaps (once per key); True when data was asked for."""
+    def _ask(self, query: OhlcvQuery, stitched: Stitched, requester: str | None = None) -> bool:
+        """Track an untracked instrument and fetch the gaps (once per key); True when data was asked for.
+        Raises UnknownInstrument / TrackLimitReached before anything is asked for an untracked one."""
         instrument = query.instrument.id
         asked = False
         if not self._is_tracked(instrument):
+            self._admit(query.instrument, requester)
             asked |= self._once(instrument, None, None)
         if stitched.gaps:
             asked |= self._once(instrument, stitched.gaps[0][0], stitched.gaps[-1][1])
         return asked
+
+    def _admit(self, instrument: Instrument, requester: str | None) -> None:
+        """Raise unless `instrument` may be tracked on `requester`'s behalf (see the class doc)."""
+        if self.unknown is not None:
+            now = self.clock()
+            with self._lock:
+                verdict = self._verdicts.get(instrument.id)
+            if verdict is None or (verdict[1] is not None and now - verdict[0] >= self.unknown_ttl_s):
+                verdict = (now, self.unknown(instrument))  # may raise SourceError: could not ask
+                with self._lock:
+                    self._verdicts[instrument.id] = verdict
+            if verdict[1] is not None:
+                raise UnknownInstrument(instrument.id, verdict[1])
+        if requester is not None and self.max_tracks_per_requester is not None:
+            with self._lock:
+                added = self._tracks_by.setdefault(requester, set())
+                if instrument.id not in added and len(added) >= self.max_tracks_per_requester:
+                    raise TrackLimitReached(
+                        f"this API key (or client address) has added {len(added)} instruments, the most it may "
+                        f"(CANDLEKEEP_API_MAX_TRACKS_PER_KEY); {instrument.id} is not tracked")  # fmt: skip
+                added.add(instrument.id)
 
     def in_flight(self, instrument: str, start: int | None, end: int | None) -> bool:
         with self._lock:
@@ -462,4 +513,5 @@ def _decode(raw: bytes, instrument: str, interval: str) -> Bar | None:
     return bar if bar.instrument == instrument and bar.interval == interval else None
 
 
-__all__: list[Any] = ["MAX_CSV_BARS", "OhlcvService", "OnDemand", "Stitched", "build_export_query", "csv_line"]
+__all__: list[Any] = ["MAX_CSV_BARS", "OhlcvService", "OnDemand", "Stitched", "TrackLimitReached", "UnknownInstrument",
+                      "build_export_query", "csv_line"]

@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     # Answers over `api_large_request_bars` bars built at once (each holds its bars in memory).
     api_max_large_requests: int = Field(4, gt=0)
     api_large_request_bars: int = Field(10_000, gt=0)
+    # Instruments one API key (or client address) may add by asking for them (on-demand `track`).
+    api_max_tracks_per_key: int = Field(10, ge=0)
     # A CSV export whose client reads nothing for this long is dropped (its COPY cancelled).
     api_send_timeout_s: float = Field(30.0, gt=0)
 

@@ -28,7 +28,17 @@ from api.limits import CsvResponse, identity_of
 from api.schemas import OhlcvPublic, OhlcvSeedPublic, iso
 from candlekeep.bars import Bar, Interval, decimal_str
 from candlekeep.query import MAX_BARS_PER_QUERY, OhlcvQuery, QueryError, build_query, parse_timestamp
-from candlekeep.serving import MAX_CSV_BARS, MAX_WAIT_S, OhlcvService, OnDemand, Stitched, build_export_query
+from candlekeep.serving import (
+    MAX_CSV_BARS,
+    MAX_WAIT_S,
+    OhlcvService,
+    OnDemand,
+    Stitched,
+    TrackLimitReached,
+    UnknownInstrument,
+    build_export_query,
+)
+from candlekeep.sources import SourceError
 
 router = APIRouter(prefix="/v1", tags=["ohlcv"])
 seed_router = APIRouter(tags=["ohlcv"])
@@ -37,6 +47,12 @@ RETRY_AFTER_FETCHING_S = 5  # data was asked for: try again soon
 RETRY_AFTER_IDLE_S = 60  # nothing could be asked for (no broker, or a request failed)
 
 _ERRORS = {
+    404: {"description": "an untracked instrument its source does not know; the detail names it and says why "
+                         "(nothing is tracked or created)"},
+    429: {"description": "rate limit, too many waiting requests for this key, or this key added its share of "
+                         "instruments (`Retry-After`)"},
+    503: {"description": "the database is unavailable, the server holds its share of waiting or large requests, "
+                         "or the source cannot be asked now (`Retry-After`)"},
     422: {"description": "invalid instrument, interval, range, limit, countback or wait; the detail says which "
                          f"(a range or limit over {MAX_BARS_PER_QUERY} bars, {MAX_CSV_BARS} for CSV, names the cap)"},
     200: {"content": {"text/csv": {"example": "time,open,high,low,close,volume,quote_volume,trades,source,final\n"
@@ -131,6 +147,13 @@ async def _answer(request: Request, service: OhlcvService, *, instrument: str, i
             return Response(encoded, media_type="application/json", headers=headers)
     except QueryError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from None
+    except UnknownInstrument as exc:
+        raise HTTPException(status_code=404, detail=str(exc)) from None
+    except TrackLimitReached as exc:
+        raise HTTPException(status_code=429, detail=str(exc), headers={"Retry-After": "3600"}) from None
+    except SourceError as exc:  # the source could not be asked whether the instrument exists
+        raise HTTPException(status_code=503, detail=f"cannot check {instrument!r} with the source now: {exc}",
+                            headers={"Retry-After": str(RETRY_AFTER_IDLE_S)}) from None  # fmt: skip
 
 
 async def _read(request: Request, service: OhlcvService, query: OhlcvQuery, *, wait: float,
@@ -140,7 +163,8 @@ async def _read(request: Request, service: OhlcvService, query: OhlcvQuery, *, w
         return await anyio.to_thread.run_sync(lambda: service.read(query, limit=limit)), False
     limits = request.app.state.limits
     who = identity_of(request)
-    return await on_demand.read_async(query, wait=wait, limit=limit, waiting=lambda: limits.waiting(who))
+    return await on_demand.read_async(query, wait=wait, limit=limit, waiting=lambda: limits.waiting(who),
+                                      requester=who)  # fmt: skip
 
 
 def _countback_query(*, instrument: str, interval: str, end: str, countback: int) -> OhlcvQuery:
