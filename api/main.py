@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from api.limits import Limits, install_database_errors
 from api.metrics import install_metrics
 from api.routes import health, ohlcv, stream, udf
+from api.routes import instruments as instruments_routes
 from api.security import install_security
 from candlekeep.cache import BarCache
 from candlekeep.serving import OhlcvService, OnDemand
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_database_errors(app)  # PostgreSQL down: JSON 503 + Retry-After, not a 500 and a traceback
     for router in (health.router, ohlcv.router, ohlcv.seed_router, udf.router, stream.router):
         app.include_router(router)
+    app.include_router(instruments_routes.router)  # GET /v1/instruments, DELETE /v1/instruments/{id}
     return app
 
 

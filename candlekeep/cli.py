@@ -1,4 +1,4 @@
-"""The `candlekeep` command line: `up`, `migrate`, `backfill`, `ohlcv`, `stream`, `track`.
+"""The `candlekeep` command line: `up`, `migrate`, `backfill`, `ohlcv`, `stream`, `track`, `untrack`.
 
 The CLI is the composition root: it reads the settings once, resolves the database (embedded when
 none is configured) and wires the parts together. It is the one place in candlekeep/ that reaches
@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     track = commands.add_parser("track", help="ask the coordinator to track an instrument (history + live feed)")
     track.add_argument("instrument", help="e.g. coinbase:BTC-USD (or BTC-USD for the default venue)")
     track.set_defaults(run=cmd_track)
+
+    untrack = commands.add_parser("untrack", help="stop tracking an instrument (live feed, Dagster partition); "
+                                                  "its stored bars stay")  # fmt: skip
+    untrack.add_argument("instrument", help="e.g. coinbase:BTC-USD (or BTC-USD for the default venue)")
+    untrack.set_defaults(run=cmd_untrack)
     return parser
 
 
@@ -187,9 +192,23 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_track(args: argparse.Namespace, settings: Settings) -> int:
     from streaming.runner import send_track
 
+    from candlekeep.sources.listing import make_listing
+
     instrument = resolve_instrument(args.instrument)
+    if (reason := make_listing(settings).unknown(instrument)) is not None:
+        print(f"candlekeep: unknown instrument {instrument.id}: {reason}; nothing tracked", file=sys.stderr)
+        return 2
     request_id = send_track(settings, instrument.id)
     print(f"track {instrument.id}: sent (request {request_id})")
+    return 0
+
+
+def cmd_untrack(args: argparse.Namespace, settings: Settings) -> int:
+    from streaming.runner import send_untrack
+
+    instrument = resolve_instrument(args.instrument)
+    request_id = send_untrack(settings, instrument.id)
+    print(f"untrack {instrument.id}: sent (request {request_id}); its stored bars stay")
     return 0
 
 

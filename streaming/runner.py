@@ -415,6 +415,47 @@ def send_track(settings: Settings, instrument_id: str, *, bus: Bus | None = None
     return request_id
 
 
+def send_untrack(settings: Settings, instrument_id: str, *, bus: Bus | None = None, timeout: float = 30.0,
+                 engine: Any = None) -> str:
+    """Ask the coordinator to stop tracking `instrument_id`; returns the command's request id.
+
+    With a broker (or a `bus` given): an `untrack` command on `control` (the coordinator sets
+    tracked=false, the producer unsubscribes). Without: tracked=false in `instruments` at once, and
+    the coordinator of a running `stream all` issues the command within `scan_interval_s`. Stored
+    bars stay either way; pipelines/sensors.py removes the instrument's Dagster partition.
+    """
+    instrument = Instrument.parse(instrument_id)
+    request_id = uuid.uuid4().hex
+    if bus is None and not settings.kafka_bootstrap_servers:
+        from candlekeep.storage.db import create_engine
+        from candlekeep.storage.instruments import InstrumentStore
+
+        own_engine = engine is None  # the API passes its engine: no migration inside a request
+        engine = engine or create_engine(_database(settings))
+        try:
+            InstrumentStore(engine).set_tracked(instrument, False)
+        finally:
+            if own_engine:
+                engine.dispose()
+        log.info("untrack %s: tracked=false; the coordinator of `stream all` stops its feed", instrument.id)
+        return request_id
+    own = bus is None
+    bus = bus or make_bus(settings)
+    try:
+        control = topic_name(settings.topic_prefix, CONTROL)
+        bus.ensure_topics([control])
+        out = bus.producer(name="candlekeep-untrack")
+        out.publish(control, instrument.id, encode_control(ControlCommand("untrack", instrument.id, request_id)))
+        left = out.flush(timeout)
+        if left or out.failed or out.delivered != 1:
+            raise TrackFailed(f"untrack {instrument.id}: the bus did not acknowledge the command within {timeout:.0f} s")
+    finally:
+        if own:
+            bus.close()
+    log.info("untrack %s: command %s on %s", instrument.id, request_id, control)
+    return request_id
+
+
 # --- command line ----------------------------------------------------------------------------------
 
 

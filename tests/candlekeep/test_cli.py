@@ -99,6 +99,29 @@ def test_track_without_kafka_marks_the_instrument_tracked_for_the_running_coordi
     assert "coinbase:ETH-USD" in InstrumentStore(engine).list_ids(tracked_only=True)
 
 
+def test_track_refuses_an_instrument_the_source_does_not_know(
+        cli_env: None, engine: Engine, capsys: pytest.CaptureFixture[str]) -> None:
+    from candlekeep.storage.instruments import InstrumentStore
+
+    assert main(["track", "cccagg:FOO-BAR"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown instrument cccagg:FOO-BAR" in err and "nothing tracked" in err and "Traceback" not in err
+    assert InstrumentStore(engine).list_ids() == []
+
+
+def test_untrack_without_kafka_keeps_the_bars(cli_env: None, engine: Engine, capsys: pytest.CaptureFixture[str]) -> None:
+    from candlekeep.storage.bars import BarStore
+    from candlekeep.storage.instruments import InstrumentStore
+    from tests.utils.bars import make_bar
+
+    assert main(["track", "coinbase:ETH-USD"]) == 0
+    BarStore(engine).upsert_bars([make_bar("coinbase:ETH-USD", 1_704_067_200, "2300")])
+    assert main(["untrack", "coinbase:ETHUSD"]) == 0
+    assert "untrack coinbase:ETH-USD: sent" in capsys.readouterr().out
+    assert InstrumentStore(engine).list_ids(tracked_only=True) == []
+    assert len(BarStore(engine).read_bars("coinbase:ETH-USD", "1m", 1_704_067_200, 1_704_067_260)) == 1
+
+
 @pytest.mark.slow
 def test_up_serves_dagster_and_the_api_and_ctrl_c_stops_everything(database_url: str, tmp_path: Path) -> None:
     api_port, dagster_port = free_port(), free_port()
