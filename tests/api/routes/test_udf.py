@@ -110,6 +110,18 @@ def test_symbols_pricescale_follows_the_stored_decimals(client: TestClient) -> N
     assert no_bars["pricescale"] == 100 and no_bars["volume_precision"] == 8  # defaults
 
 
+@pytest.mark.parametrize("symbol", ["SOLUSD", "SOL-USD", "cccagg:SOL-USD"])
+def test_symbols_resolve_as_the_ohlcv_route_does(client: TestClient, symbol: str) -> None:
+    """One resolver for every door: `BTCUSD` means what it means for /v1/ohlcv (default venue cccagg)."""
+    body = client.get("/udf/symbols", params={"symbol": symbol}).json()
+    assert body["ticker"] == "cccagg:SOL-USD"
+    ohlcv = client.get("/v1/ohlcv", params={"instrument": symbol, "interval": "1m", "start": T0, "end": T0 + 60,
+                                            "wait": 0}).json()  # fmt: skip
+    assert ohlcv["instrument"] == body["ticker"]
+    assert client.get("/udf/history", params={"symbol": symbol, "resolution": "1", "from": T0,
+                                              "to": T0 + 60}).json()["s"] == "no_data"
+
+
 @pytest.mark.parametrize("symbol", ["kraken:BTC-USD", "nonsense", "BTCUSD"])
 def test_symbols_unknown(client: TestClient, symbol: str) -> None:
     response = client.get("/udf/symbols", params={"symbol": symbol})
