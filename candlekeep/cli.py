@@ -24,7 +24,7 @@ from pathlib import Path
 
 from candlekeep.bars import Interval, decimal_str
 from candlekeep.instruments import Instrument, InstrumentError, resolve_instrument
-from candlekeep.query import QueryError, build_query, query_ohlcv
+from candlekeep.query import QueryError, build_query
 from candlekeep.settings import Settings
 
 log = logging.getLogger("candlekeep")
@@ -146,10 +146,18 @@ def cmd_ohlcv(args: argparse.Namespace, settings: Settings) -> int:
     from candlekeep.storage.bars import BarStore
     from candlekeep.storage.db import create_engine
 
+    from candlekeep.cache import BarCache
+    from candlekeep.serving import OhlcvService
+
     query = build_query(instrument=args.instrument, interval=args.interval, start=args.start, end=args.end)
     engine = create_engine(_database(settings))
-    result = query_ohlcv(store=BarStore(engine), query=query, now=int(time.time()))
-    engine.dispose()
+    cache = BarCache.from_url(settings.redis_url) if settings.redis_url else None
+    try:  # the API's read path: stored bars, final over provisional, the forming bar last
+        result = OhlcvService(bar_store=BarStore(engine), cache=cache).read(query)
+    finally:
+        if cache is not None:
+            cache.close()
+        engine.dispose()
     columns = ("time", "open", "high", "low", "close", "volume", "quote_volume", "trades", "source", "final")
     rows = [
         {

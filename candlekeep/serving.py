@@ -34,8 +34,9 @@ Stitching rules (DESIGN.md "Bar semantics", "Redis"):
 - `Stitched.forming` is the last bar when it is still open: the Redis forming bar (folded for coarse
   intervals), or, without one, a provisional last bar whose bucket has not closed yet.
 - Gaps are the closed buckets (`start < floor(now)`) of the answered window with no bar.
-- `limit=N`: the N most recent bars of the range; the answered window (`Stitched.query.start`) then
-  begins at the first bar returned (or stays at the range start when the range has fewer bars).
+- `limit=N`: the first N bars of the range (SQL's LIMIT); the answered window (`Stitched.query.end`)
+  then ends after the last bar returned. `countback=N`: the last N bars (TradingView's countback);
+  the window then begins at the first bar returned. Either stays the range when it has fewer bars.
 """
 
 from __future__ import annotations
@@ -108,17 +109,27 @@ class OhlcvService:
 
     # -- public ------------------------------------------------------------------------------
 
-    def read(self, query: OhlcvQuery, *, limit: int | None = None) -> Stitched:
-        """Bars of `query` (the `limit` most recent ones when given); never fetches anything."""
-        if limit is not None and not 1 <= limit <= MAX_BARS_PER_QUERY:
-            raise QueryError(f"limit {limit} must be between 1 and {MAX_BARS_PER_QUERY} (the cap on bars per request)")
+    def read(self, query: OhlcvQuery, *, limit: int | None = None, countback: int | None = None) -> Stitched:
+        """Bars of `query`: the first `limit` of the range, or the last `countback`, when given (as in
+        SQL's LIMIT and TradingView's countback); never fetches anything."""
+        for name, n in (("limit", limit), ("countback", countback)):
+            if n is not None and not 1 <= n <= MAX_BARS_PER_QUERY:
+                raise QueryError(f"{name} {n} must be between 1 and {MAX_BARS_PER_QUERY} (the cap on bars per request)")
+        if limit is not None and countback is not None:
+            raise QueryError("give limit or countback, not both")
         now = int(self.clock())
-        if limit is not None:
-            query = self._limit_window(query, limit, now)
+        if countback is not None:
+            query = self._limit_window(query, countback, now)
+        elif limit is not None:
+            query = self._first_window(query, limit)
         bars, forming = self._stitch(query, now)
-        if limit is not None and len(bars) > limit:
-            bars = bars[-limit:]
+        if countback is not None and len(bars) > countback:
+            bars = bars[-countback:]
             query = replace(query, start=bars[0].start)
+        elif limit is not None and len(bars) > limit:
+            bars = bars[:limit]
+            query = replace(query, end=bars[-1].start + query.interval.seconds)
+            forming = forming if forming is not None and forming.start == bars[-1].start else None
         closed_end = min(query.end, query.interval.floor(now))
         gaps = missing_ranges((b.start for b in bars), query.interval, query.start, closed_end) if closed_end > query.start else []
         return Stitched(query, bars, gaps, not gaps, forming)
@@ -265,6 +276,20 @@ class OhlcvService:
 
     # -- limit -------------------------------------------------------------------------------
 
+    def _first_window(self, query: OhlcvQuery, limit: int) -> OhlcvQuery:
+        """A window starting at query.start holding the first `limit` bars (when the range has them)."""
+        step = query.interval.seconds
+        guess = min(query.end, query.start + limit * step)
+        if guess == query.end:
+            return query
+        instrument = query.instrument.id
+        if self.bar_store.count_bars(instrument, query.interval, query.start, guess) >= limit:
+            return replace(query, end=guess)
+        starts = self.bar_store.bucket_starts(instrument, query.interval, query.start, query.end)
+        if len(starts) <= limit:
+            return query
+        return replace(query, end=starts[limit - 1] + step)
+
     def _limit_window(self, query: OhlcvQuery, limit: int, now: int) -> OhlcvQuery:
         """A window ending at query.end holding the `limit` most recent bars (when the range has them)."""
         step = query.interval.seconds
@@ -340,21 +365,22 @@ class OnDemand:
         self._requested: dict[tuple[str, int | None, int | None], float] = {}
         self._failed: set[tuple[str, int | None, int | None]] = set()  # keys whose request failed
         self._tracked: tuple[float, frozenset[str]] | None = None
-        self._reads: dict[tuple[OhlcvQuery, int | None], asyncio.Future[Stitched]] = {}
+        self._reads: dict[tuple[OhlcvQuery, int | None, int | None], asyncio.Future[Stitched]] = {}
         self.requests_sent = 0
 
-    def read(self, query: OhlcvQuery, *, wait: float = 10.0, limit: int | None = None) -> tuple[Stitched, bool]:
+    def read(self, query: OhlcvQuery, *, wait: float = 10.0, limit: int | None = None,
+             countback: int | None = None) -> tuple[Stitched, bool]:
         """(the answer, whether data was asked for on its behalf). Waits at most `wait` seconds."""
         if not 0 <= wait <= MAX_WAIT_S:
             raise QueryError(f"wait {wait} must be between 0 and {MAX_WAIT_S:.0f} seconds")
         deadline = self.clock() + wait
-        stitched = self.service.read(query, limit=limit)
+        stitched = self.service.read(query, limit=limit, countback=countback)
         asked = self._ask(query, stitched)
         if not asked:  # nothing will arrive: answer now
             return stitched, False
         while not stitched.complete and self.clock() + self.poll_s <= deadline:
             self.sleep(self.poll_s)
-            stitched = self.service.read(query, limit=limit)
+            stitched = self.service.read(query, limit=limit, countback=countback)
         return stitched, asked
 
     async def read_async(
@@ -363,6 +389,7 @@ class OnDemand:
         *,
         wait: float = 10.0,
         limit: int | None = None,
+        countback: int | None = None,
         waiting: Callable[[], AbstractAsyncContextManager[object]] | None = None,
         requester: str | None = None,
     ) -> tuple[Stitched, bool]:
@@ -372,7 +399,7 @@ class OnDemand:
         if not 0 <= wait <= MAX_WAIT_S:
             raise QueryError(f"wait {wait} must be between 0 and {MAX_WAIT_S:.0f} seconds")
         deadline = self.clock() + wait
-        stitched = await anyio.to_thread.run_sync(lambda: self.service.read(query, limit=limit))
+        stitched = await anyio.to_thread.run_sync(lambda: self.service.read(query, limit=limit, countback=countback))
         asked = await anyio.to_thread.run_sync(self._ask, query, stitched, requester)
         if not asked or stitched.complete or self.clock() + self.poll_s > deadline:
             return stitched, asked
@@ -381,20 +408,20 @@ class OnDemand:
                 # Sleep to the next tick of one poll grid, so that concurrent waiters of the same
                 # window wake together and share one read (_read_shared) instead of one read each.
                 await anyio.sleep(self.poll_s - time.monotonic() % self.poll_s)
-                stitched = await self._read_shared(query, limit)
+                stitched = await self._read_shared(query, limit, countback)
         return stitched, asked
 
-    async def _read_shared(self, query: OhlcvQuery, limit: int | None) -> Stitched:
-        """`service.read(query, limit)` in a worker thread, joined by every caller asking the same
+    async def _read_shared(self, query: OhlcvQuery, limit: int | None, countback: int | None) -> Stitched:
+        """`service.read(query, ...)` in a worker thread, joined by every caller asking the same
         while it runs (event-loop state: `_reads`, touched only from the loop)."""
-        key = (query, limit)
+        key = (query, limit, countback)
         running = self._reads.get(key)
         if running is not None:
             return await asyncio.shield(running)
         future: asyncio.Future[Stitched] = asyncio.get_running_loop().create_future()
         self._reads[key] = future
         try:
-            result = await anyio.to_thread.run_sync(lambda: self.service.read(query, limit=limit))
+            result = await anyio.to_thread.run_sync(lambda: self.service.read(query, limit=limit, countback=countback))
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: no "never retrieved" warning when nobody joined

@@ -68,7 +68,8 @@ class Format(StrEnum):
 
 
 Wait = Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for missing data asked for on demand")]
-Limit = Annotated[int | None, Query(ge=1, description=f"the N most recent bars of the range (at most {MAX_BARS_PER_QUERY})")]
+Limit = Annotated[int | None, Query(ge=1, description=f"the first N bars of the range, as SQL's LIMIT (at most {MAX_BARS_PER_QUERY}); "
+                                                    "`countback` gives the last N")]
 Countback = Annotated[int | None, Query(ge=1, description=f"the N buckets ending at `end`; `start` is then optional and ignored "
                                                           f"(TradingView semantics; at most {MAX_BARS_PER_QUERY})")]  # fmt: skip
 
@@ -135,7 +136,7 @@ async def _answer(request: Request, service: OhlcvService, *, instrument: str, i
         buckets = (query.end - query.start) // query.interval.seconds
         large = min(buckets, n or buckets) > limits.large_bars
         async with limits.large() if large else nullcontext():
-            stitched, asked = await _read(request, service, query, wait=wait, limit=n)
+            stitched, asked = await _read(request, service, query, wait=wait, limit=limit, countback=countback)
             headers = {} if stitched.complete else {
                 "Retry-After": str(RETRY_AFTER_FETCHING_S if asked else RETRY_AFTER_IDLE_S)}  # fmt: skip
             if fmt is Format.csv:
@@ -157,14 +158,14 @@ async def _answer(request: Request, service: OhlcvService, *, instrument: str, i
 
 
 async def _read(request: Request, service: OhlcvService, query: OhlcvQuery, *, wait: float,
-                limit: int | None) -> tuple[Stitched, bool]:  # fmt: skip
+                limit: int | None, countback: int | None) -> tuple[Stitched, bool]:  # fmt: skip
     on_demand: OnDemand | None = getattr(request.app.state, "on_demand", None)
     if on_demand is None:
-        return await anyio.to_thread.run_sync(lambda: service.read(query, limit=limit)), False
+        return await anyio.to_thread.run_sync(lambda: service.read(query, limit=limit, countback=countback)), False
     limits = request.app.state.limits
     who = identity_of(request)
-    return await on_demand.read_async(query, wait=wait, limit=limit, waiting=lambda: limits.waiting(who),
-                                      requester=who)  # fmt: skip
+    return await on_demand.read_async(query, wait=wait, limit=limit, countback=countback,
+                                      waiting=lambda: limits.waiting(who), requester=who)  # fmt: skip
 
 
 def _countback_query(*, instrument: str, interval: str, end: str, countback: int) -> OhlcvQuery:

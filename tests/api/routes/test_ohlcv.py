@@ -146,7 +146,9 @@ def test_limit_and_countback(client: TestClient, engine: Engine) -> None:
     by_limit = client.get("/v1/ohlcv", params={**base, "start": T0, "limit": 3}).json()
     by_countback = client.get("/v1/ohlcv", params={**base, "countback": 4}).json()
 
-    assert [b["close"] for b in by_limit["bars"]] == ["8", "9", "10"] and by_limit["start"] == T0 + 420
+    # limit: the FIRST N of the range, as SQL's LIMIT; countback: the last N.
+    assert [b["close"] for b in by_limit["bars"]] == ["1", "2", "3"]
+    assert by_limit["start"] == T0 and by_limit["end"] == T0 + 180 and by_limit["complete"]
     assert [b["close"] for b in by_countback["bars"]] == ["7", "8", "9", "10"] and by_countback["complete"]
 
 
