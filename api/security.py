@@ -393,8 +393,7 @@ def install_security(app: FastAPI, settings: Settings) -> RateLimiter | None:
             allow_headers=["X-API-Key", "Authorization", "Content-Type"],
             expose_headers=["Retry-After"],
         )
-    if keys:
-        _document_keys(app)
+    _document_security(app, keys=bool(keys), limited=limiter is not None)
     return limiter
 
 
@@ -412,17 +411,37 @@ def _close_on_shutdown(app: FastAPI, limiter: RateLimiter) -> None:
     app.router.lifespan_context = lifespan
 
 
-def _document_keys(app: FastAPI) -> None:
-    """Declare the two ways of sending a key in the OpenAPI schema, so /docs can "Authorize"."""
+def _document_security(app: FastAPI, *, keys: bool, limited: bool) -> None:
+    """The OpenAPI schema says what the middleware does: every operation may answer 401 (a wrong key,
+    or no key where one is needed) and, with rate limits on, 429; with keys configured, the two ways
+    of sending one are declared (so /docs can "Authorize") on the operations that need them, and
+    the open paths say `security: []`."""
     build = app.openapi
+    error = {"content": {"application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}},
+                                                          "required": ["detail"]}}}}  # fmt: skip
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = build()
-            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
-            schemes["ApiKeyHeader"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
-            schemes["BearerKey"] = {"type": "http", "scheme": "bearer", "description": "the API key as a bearer token"}
-            schema["security"] = [{"ApiKeyHeader": []}, {"BearerKey": []}]
+            if keys:
+                schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+                schemes["ApiKeyHeader"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+                schemes["BearerKey"] = {"type": "http", "scheme": "bearer", "description": "the API key as a bearer token"}
+                schemes["ApiKeyQuery"] = {"type": "apiKey", "in": "query", "name": "api_key",
+                                          "description": "UDF and WebSocket clients only"}  # fmt: skip
+            for path, item in schema.get("paths", {}).items():
+                for method, operation in item.items():
+                    if method not in ("get", "put", "post", "delete", "patch", "head", "options"):
+                        continue
+                    responses = operation.setdefault("responses", {})
+                    responses.setdefault("401", {"description": "a wrong API key, or none where one is needed "
+                                                                "(`WWW-Authenticate: Bearer`)", **error})  # fmt: skip
+                    if limited:
+                        responses.setdefault("429", {"description": "rate limit exceeded (`Retry-After`)", **error})
+                    if keys:
+                        open_path = path in OPEN_PATHS
+                        query = [{"ApiKeyQuery": []}] if path.startswith(QUERY_KEY_PREFIXES) else []
+                        operation["security"] = [] if open_path else [{"ApiKeyHeader": []}, {"BearerKey": []}, *query]
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -83,6 +83,12 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("redis_url", "kafka_bootstrap_servers", "dagster_pg_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `CANDLEKEEP_REDIS_URL=` (exported empty) means "not configured", not a URL named "".
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("instruments")
     @classmethod
     def _valid_instruments(cls, value: list[str]) -> list[str]:

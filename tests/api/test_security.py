@@ -319,3 +319,25 @@ def test_a_non_ascii_bad_stream_parameter_closes_cleanly(database_url: str,
     assert closed.value.code == 1008
     assert closed.value.reason.startswith("unknown parameter(s): é")
     assert len(closed.value.reason.encode()) <= 123
+
+
+# --- what the OpenAPI schema says ----------------------------------------------------------------------
+
+
+def test_openapi_documents_401_429_and_which_routes_are_open(database_url: str, engine: object) -> None:
+    app = make_app(database_url, api_keys=[KEY_A], api_rate_limit_per_minute=60)
+    schema = TestClient(app, client=LOCAL).get("/openapi.json").json()
+    assert "security" not in schema  # no blanket requirement: per operation
+    for path, item in schema["paths"].items():
+        for method, operation in item.items():
+            assert {"401", "429"} <= set(operation["responses"]), (method, path)
+            if path in ("/health", "/openapi.json", "/docs", "/redoc"):
+                assert operation["security"] == [], path
+            else:
+                assert {"ApiKeyHeader": []} in operation["security"], path
+    assert schema["paths"]["/health"]["get"]["security"] == []
+    assert {"ApiKeyQuery": []} in schema["paths"]["/udf/history"]["get"]["security"]
+    assert {"ApiKeyQuery": []} not in schema["paths"]["/v1/ohlcv"]["get"]["security"]
+    # and what it says holds: an open route answers without a key, a secured one does not
+    with TestClient(app, client=REMOTE) as remote:
+        assert remote.get("/health").status_code == 200 and remote.get("/v1/instruments").status_code == 401
