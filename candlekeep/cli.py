@@ -30,6 +30,7 @@ from candlekeep.settings import Settings
 log = logging.getLogger("candlekeep")
 
 BACKFILL_INTERVALS = ("1m", "1h", "1d")
+DAGSTER_YAML = Path("pipelines") / "dagster.yaml"  # the instance config `up` copies into DAGSTER_HOME
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -235,9 +236,11 @@ def _iso(ts_s: int) -> str:
 
 
 def project_root() -> Path:
-    """The checkout holding workspace.yaml and dagster.yaml (the current directory, or this package's)."""
+    """The checkout holding workspace.yaml and pipelines/dagster.yaml (the current directory, or this
+    package's). The instance config lives under pipelines/, not in the root, so that a plain
+    `dagster dev` in the root runs on a temporary instance instead of failing on CANDLEKEEP_DAGSTER_PG_URL."""
     for candidate in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (candidate / "workspace.yaml").exists() and (candidate / "dagster.yaml").exists():
+        if (candidate / "workspace.yaml").exists() and (candidate / DAGSTER_YAML).exists():
             return candidate
     raise SystemExit("candlekeep up: run it from the Candlekeep checkout (workspace.yaml not found)")
 
@@ -256,7 +259,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     dagster_url = "postgresql+psycopg2://" + dagster_url.split("://", 1)[1]
     dagster_home = (settings.data_dir / "dagster").resolve()
     dagster_home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(root / "dagster.yaml", dagster_home / "dagster.yaml")  # one source of truth: the repo's
+    shutil.copyfile(root / DAGSTER_YAML, dagster_home / "dagster.yaml")  # one source of truth: the repo's
     env = dict(os.environ, CANDLEKEEP_DATABASE_URL=url, CANDLEKEEP_DAGSTER_PG_URL=dagster_url,
                DAGSTER_HOME=str(dagster_home))
     bin_dir = Path(sys.executable).parent

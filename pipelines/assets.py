@@ -5,7 +5,7 @@ Each asset body is glue: the run's partitions → ranges per instrument → `can
 checks in checks.py. A backfill over many partitions is few runs (`BackfillPolicy.multi_run`: up
 to a month of days, or a year of months, per run); in a run, the keys are grouped by instrument and
 consecutive periods merged, so each range is one paged stream from the source. All three assets share the concurrency pool `cryptocompare` (limit 1 in
-dagster.yaml) so runs never hit CryptoCompare in parallel. Re-running a partition changes nothing:
+pipelines/dagster.yaml) so runs never hit CryptoCompare in parallel. Re-running a partition changes nothing:
 the store upserts, and the metadata reports the bars as unchanged.
 
 `materialize_range` runs the same assets in-process (for `candlekeep backfill`).
