@@ -20,7 +20,9 @@ from api.metrics import install_metrics
 from api.routes import health, ohlcv, stream, udf
 from api.routes import instruments as instruments_routes
 from api.security import install_security
+from candlekeep.bus import Bus, make_bus
 from candlekeep.cache import BarCache
+from candlekeep.messages import ControlCommand
 from candlekeep.serving import OhlcvService, OnDemand
 from candlekeep.settings import Settings
 from candlekeep.sources.listing import make_listing
@@ -31,7 +33,9 @@ from candlekeep.storage.instruments import InstrumentStore
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, bus: Bus | None = None) -> FastAPI:
+    """The API. `bus`: the in-process bus the streaming daemons of this same process run on
+    (streaming/together.py, what `candlekeep up` runs without Kafka); on-demand commands go there."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -48,8 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         instruments = InstrumentStore(engine)
         listing = make_listing(settings)
         app.state.instruments = instruments
+        app.state.untrack = request_untrack(settings, instruments, bus)
         app.state.on_demand = OnDemand(
-            request_fetch=request_fetch(settings, instruments),
+            request_fetch=request_fetch(settings, instruments, bus),
             service=app.state.ohlcv,
             tracked=lambda: instruments.list_ids(tracked_only=True),
             unknown=listing.unknown,  # nothing is tracked before the source says it knows the instrument
@@ -75,42 +80,63 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def request_fetch(settings: Settings, instruments: InstrumentStore) -> Callable[[str, int | None, int | None], None]:
+def request_fetch(settings: Settings, instruments: InstrumentStore,
+                  bus: Bus | None = None) -> Callable[[str, int | None, int | None], None]:  # fmt: skip
     """`track` (start = end = None) or `fetch [start, end)` for OnDemand, through the coordinator.
 
-    Without a broker a track registers the instrument tracked in the database (the coordinator of
-    `stream all` picks it up); a range fetch needs the broker and raises otherwise. Nothing here
-    migrates: migrations run at start (`candlekeep up` / `migrate`), never inside a request.
+    The command goes on `control`: of `bus` when given (the in-process bus shared with the daemons of
+    this process), else of Kafka when configured. With neither, a track registers the instrument
+    tracked in the database (the coordinator of `stream all` picks it up), and a range fetch raises:
+    no coordinator can be reached. Nothing here migrates: migrations run at start, never in a request.
     """
 
     def request(instrument: str, start: int | None, end: int | None) -> None:
         from candlekeep.instruments import Instrument
-        from streaming.runner import send_track
 
-        if start is None or end is None:
-            if settings.kafka_bootstrap_servers:
-                send_track(settings, instrument, timeout=5.0)
-            else:
-                instruments.register([Instrument.parse(instrument)], tracked=True)
-                log.info("on-demand track %s: registered as tracked; the coordinator sets it up", instrument)
+        op = "track" if start is None or end is None else "fetch"
+        if bus is None and not settings.kafka_bootstrap_servers:
+            if op == "fetch":
+                raise RuntimeError("fetching a range needs the coordinator: run `candlekeep up` (API and streaming in "
+                                   "one process) or set CANDLEKEEP_KAFKA_BOOTSTRAP_SERVERS")  # fmt: skip
+            instruments.register([Instrument.parse(instrument)], tracked=True)
+            log.info("on-demand track %s: registered as tracked; the coordinator sets it up", instrument)
             return
-        if not settings.kafka_bootstrap_servers:
-            raise RuntimeError("fetching a range needs CANDLEKEEP_KAFKA_BOOTSTRAP_SERVERS (the coordinator's control topic)")
-        from candlekeep.messages import CONTROL, ControlCommand, encode_control
-        from candlekeep.messages import topic as topic_name
-        from candlekeep.bus import make_bus
-
-        bus = make_bus(settings)
-        try:
-            control = topic_name(settings.topic_prefix, CONTROL)
-            bus.ensure_topics([control])
-            out = bus.producer(name="candlekeep-api-fetch")
-            cmd = ControlCommand("fetch", instrument, uuid.uuid4().hex, start, end)
-            out.publish(control, instrument, encode_control(cmd))
-            if out.flush(5.0) or out.failed or out.delivered != 1:
-                raise RuntimeError(f"fetch {instrument}: the bus did not acknowledge the command within 5 s")
-            log.info("on-demand fetch %s [%s, %s): command %s on %s", instrument, start, end, cmd.request_id, control)
-        finally:
-            bus.close()
+        _publish(settings, bus, ControlCommand(op, instrument, uuid.uuid4().hex, start, end))
 
     return request
+
+
+def request_untrack(settings: Settings, instruments: InstrumentStore, bus: Bus | None = None) -> Callable[[str], None]:
+    """`untrack` for DELETE /v1/instruments/{id}: on `control` (of `bus`, else Kafka) for the coordinator;
+    with neither, tracked=false at once (the embedded coordinator then tells the producer)."""
+
+    def untrack(instrument: str) -> None:
+
+        if bus is None and not settings.kafka_bootstrap_servers:
+            instruments.set_tracked(instrument, False)
+            log.info("untrack %s: tracked=false; the coordinator stops its feed", instrument)
+            return
+        _publish(settings, bus, ControlCommand("untrack", instrument, uuid.uuid4().hex))
+
+    return untrack
+
+
+def _publish(settings: Settings, bus: Bus | None, cmd: ControlCommand) -> None:
+    """One control command on `control` (of `bus`, else a Kafka bus for the call), acknowledged within 5 s."""
+    from candlekeep.messages import CONTROL, encode_control
+    from candlekeep.messages import topic as topic_name
+
+    own = bus is None
+    target = bus or make_bus(settings)
+    try:
+        control = topic_name(settings.topic_prefix, CONTROL)
+        target.ensure_topics([control])
+        out = target.producer(name=f"candlekeep-api-{cmd.op}")
+        out.publish(control, cmd.instrument, encode_control(cmd))
+        if out.flush(5.0) or out.failed:
+            raise RuntimeError(f"{cmd.op} {cmd.instrument}: the bus did not acknowledge the command within 5 s")
+        log.info("on-demand %s %s [%s, %s): command %s on %s", cmd.op, cmd.instrument, cmd.start, cmd.end,
+                 cmd.request_id, control)  # fmt: skip
+    finally:
+        if own:
+            target.close()

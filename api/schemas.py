@@ -7,6 +7,7 @@ Prices and volumes are decimal strings with every digit the source gave; times a
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -25,9 +26,12 @@ class BarPublic(BaseModel):
     trades: int | None = Field(description="trade count, null when the source does not count trades")
     source: str = Field(examples=["simulator", "cryptocompare", "stream"])
     final: bool = Field(description="false while the bar may still be revised")
+    state: Literal["forming", "provisional", "final"] = Field(
+        description="forming: its bucket is still open; provisional: closed by the live stream, may still be "
+                    "revised or replaced by the source's final bar; final: as the source gives it")  # fmt: skip
 
     @classmethod
-    def from_bar(cls, bar: Bar) -> BarPublic:
+    def from_bar(cls, bar: Bar, *, forming: bool = False) -> BarPublic:
         return cls(
             time=bar.start,
             start=iso(bar.start),
@@ -40,6 +44,7 @@ class BarPublic(BaseModel):
             trades=bar.trades,
             source=bar.source,
             final=bar.final,
+            state="final" if bar.final else "forming" if forming else "provisional",
         )
 
 

@@ -262,20 +262,41 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     shutil.copyfile(root / DAGSTER_YAML, dagster_home / "dagster.yaml")  # one source of truth: the repo's
     env = dict(os.environ, CANDLEKEEP_DATABASE_URL=url, CANDLEKEEP_DAGSTER_PG_URL=dagster_url,
                DAGSTER_HOME=str(dagster_home))
+    redis_server = None
+    if settings.redis_url is None:  # the embedded defaults: a real Redis from a wheel (candlekeep/embedded_redis.py)
+        from candlekeep.embedded_redis import start_embedded_redis
+
+        redis_server = start_embedded_redis()
+        env["CANDLEKEEP_REDIS_URL"] = redis_server.url
     bin_dir = Path(sys.executable).parent
     workspace = str(root / "workspace.yaml")
     commands = {
         "dagster-webserver": [str(bin_dir / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1",
                               "-p", str(settings.dagster_port)],
         "dagster-daemon": [str(bin_dir / "dagster-daemon"), "run", "-w", workspace],
-        "api": api_command(settings),
-        # One process over the in-process bus, or a supervisor of one process per daemon with Kafka.
-        "streaming": [sys.executable, "-m", "streaming.runner", "all", "--port-base", str(settings.stream_port_base)],
     }
+    if settings.kafka_bootstrap_servers:  # the API, and a supervisor of one process per daemon
+        commands["api"] = api_command(settings)
+        commands["streaming"] = [sys.executable, "-m", "streaming.runner", "all", "--port-base",
+                                 str(settings.stream_port_base)]  # fmt: skip
+    else:  # one process: the API shares the in-process bus with the daemons (streaming/together.py)
+        commands["api+streaming"] = [sys.executable, "-m", "streaming.together", "--port-base",
+                                     str(settings.stream_port_base)]  # fmt: skip
     children = {name: subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True)
                 for name, cmd in commands.items()}
     if added:
         log.info("registered instruments %s", ", ".join(added))
+    ui = f"http://127.0.0.1:{settings.dagster_port}/server_info"
+    api = f"http://{_connect_host(settings.api_host)}:{settings.api_port}/openapi.json"
+    try:
+        answering = _wait_until_answering([ui, api], children, timeout_s=UP_TIMEOUT_S)
+    except KeyboardInterrupt:  # Ctrl-C while starting: stop what started
+        answering = False
+    if not answering:
+        _stop_children(children)
+        if redis_server is not None:
+            redis_server.stop()
+        return 1
     print(f"\nCandlekeep is up (source: {settings.source}, database: {_redact(url)})\n"
           f"  Dagster UI  http://127.0.0.1:{settings.dagster_port}   (Assets > bars_1m > Materialize to backfill)\n"
           f"  API         http://{settings.api_host}:{settings.api_port}/docs\n"
@@ -298,7 +319,45 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                 stopping, exit_code = True, 1
         time.sleep(0.5)
     _stop_children(children)
+    if redis_server is not None:
+        redis_server.stop()
     return exit_code
+
+
+UP_TIMEOUT_S = 180.0
+
+
+def _connect_host(host: str) -> str:
+    """Where to reach a server listening on `host` from this machine."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def _wait_until_answering(urls: Sequence[str], children: dict[str, subprocess.Popen], *, timeout_s: float) -> bool:
+    """True once every URL answers HTTP (any status): the banner's links work when it is printed.
+    False, saying which, when a child exits first or `timeout_s` passes."""
+    import urllib.error
+    import urllib.request
+
+    pending = list(urls)
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        for name, child in children.items():
+            if child.poll() is not None:
+                log.error("%s exited with code %s while starting; stopping everything", name, child.returncode)
+                return False
+        for url in list(pending):
+            try:
+                with urllib.request.urlopen(url, timeout=2):  # noqa: S310 (our own loopback URLs)
+                    pending.remove(url)
+            except urllib.error.HTTPError:
+                pending.remove(url)  # it answered
+            except OSError:
+                pass
+        time.sleep(0.3)
+    if pending:
+        log.error("not answering after %.0f s: %s; stopping everything", timeout_s, ", ".join(pending))
+        return False
+    return True
 
 
 def api_command(settings: Settings, *, log_level: str = "warning") -> list[str]:

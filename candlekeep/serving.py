@@ -522,6 +522,15 @@ def build_export_query(*, instrument: str, interval: str, start: str, end: str, 
     )
 
 
+def bar_state(bar: Bar, *, now: int) -> str:
+    """`final`; `forming` while its bucket is open (start <= now < end); else `provisional` (closed by
+    the stream, not yet replaced by the source's final bar). On the wire beside `final`, so that a
+    forming bar and a closed-but-provisional one are told apart."""
+    if bar.final:
+        return "final"
+    return "forming" if now < bar.start + Interval(bar.interval).seconds else "provisional"
+
+
 def csv_line(bar: Bar) -> str:
     trades = "" if bar.trades is None else str(bar.trades)
     source = bar.source if bar.source.isidentifier() else '"' + bar.source.replace('"', '""') + '"'
@@ -540,5 +549,5 @@ def _decode(raw: bytes, instrument: str, interval: str) -> Bar | None:
     return bar if bar.instrument == instrument and bar.interval == interval else None
 
 
-__all__: list[Any] = ["MAX_CSV_BARS", "OhlcvService", "OnDemand", "Stitched", "TrackLimitReached", "UnknownInstrument",
+__all__: list[Any] = ["MAX_CSV_BARS", "OhlcvService", "bar_state", "OnDemand", "Stitched", "TrackLimitReached", "UnknownInstrument",
                       "build_export_query", "csv_line"]

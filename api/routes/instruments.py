@@ -1,9 +1,9 @@
 """`GET /v1/instruments` (what is registered, and whether it is tracked) and `DELETE /v1/instruments/{id}`
 (untrack: the live feed stops and the Dagster partition goes; stored bars stay).
 
-Untrack goes through `streaming.runner.send_untrack`: with a broker, an `untrack` command on
-`control` (the coordinator sets tracked=false); without, tracked=false at once and the embedded
-coordinator tells the producer. DELETE needs a key, or a loopback caller when no key is configured
+Untrack goes through `app.state.untrack` (api.main.request_untrack): an `untrack` command on
+`control` when a bus reaches the coordinator (Kafka, or the in-process bus of `candlekeep up`), which
+sets tracked=false; without one, tracked=false at once and the embedded coordinator tells the producer. DELETE needs a key, or a loopback caller when no key is configured
 (api.security marks those `trusted`).
 """
 
@@ -56,8 +56,5 @@ async def untrack(request: Request, instrument: Annotated[str, Path(examples=["c
     known = dict(await anyio.to_thread.run_sync(store.tracked_flags))
     if resolved.id not in known:
         raise HTTPException(404, f"{resolved.id} is not registered")
-    from streaming.runner import send_untrack
-
-    settings = request.app.state.settings
-    await anyio.to_thread.run_sync(lambda: send_untrack(settings, resolved.id, timeout=5.0, engine=store.engine))
+    await anyio.to_thread.run_sync(request.app.state.untrack, resolved.id)
     return InstrumentPublic(id=resolved.id, tracked=False)

@@ -188,7 +188,7 @@ def _json(stitched: Stitched, *, requested: str, seed: bool) -> bytes:
         "interval": q.interval.value,
         "start": q.start,
         "end": q.end,
-        "bars": [_bar(b, days) for b in stitched.bars],
+        "bars": [_bar(b, days, forming=b is stitched.forming) for b in stitched.bars],
         "gaps": [{"start": s, "end": e} for s, e in stitched.gaps],
         "complete": stitched.complete,
         "forming": stitched.forming is not None,
@@ -198,11 +198,12 @@ def _json(stitched: Stitched, *, requested: str, seed: bool) -> bytes:
     return msgspec.json.encode(body)
 
 
-def _bar(b: Bar, days: dict[int, str]) -> dict:
+def _bar(b: Bar, days: dict[int, str], *, forming: bool = False) -> dict:
     return {
         "time": b.start, "start": _iso(b.start, days), "open": decimal_str(b.open), "high": decimal_str(b.high),
         "low": decimal_str(b.low), "close": decimal_str(b.close), "volume": decimal_str(b.volume),
         "quote_volume": decimal_str(b.quote_volume), "trades": b.trades, "source": b.source, "final": b.final,
+        "state": "final" if b.final else "forming" if forming else "provisional",
     }  # fmt: skip
 
 

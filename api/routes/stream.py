@@ -14,8 +14,10 @@ Without Redis (not configured, unreachable, or lost mid-stream) the store is pol
 for anything inside that window.
 
 Messages (text frames, JSON):
-    {"type": "bar", "bar": {<the `bars` topic message: candlekeep.messages.encode_bar>}}
-        prices and volumes as decimal strings; `final` false for provisional stream bars;
+    {"type": "bar", "state": "forming" | "provisional" | "final", "bar": {<the `bars` topic message:
+            candlekeep.messages.encode_bar>}}
+        `state` tells the forming bar (its bucket still open) from a closed provisional stream bar;
+        prices and volumes as decimal strings; `final` false for both;
         `revision` counts published versions; the same `start` again replaces the earlier bar
     {"type": "live", "mode": "redis" | "poll", "snapshot": <bars sent in the snapshot>}
         once, between the snapshot and the live updates
@@ -43,6 +45,7 @@ from candlekeep.instruments import Instrument, InstrumentError, resolve_instrume
 from candlekeep.live_feed import Seam
 from candlekeep.messages import MessageError, decode_bar, encode_bar
 from candlekeep.query import OhlcvQuery, QueryError, parse_timestamp
+from candlekeep.serving import bar_state
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +213,8 @@ class _Feed:
     async def _offer(self, bar: Bar) -> int:
         if not self.seam.offer(bar):
             return 0
-        await self.websocket.send_text('{"type":"bar","bar":' + encode_bar(bar).decode() + "}")
+        state = bar_state(bar, now=int(time.time()))
+        await self.websocket.send_text(f'{{"type":"bar","state":"{state}","bar":' + encode_bar(bar).decode() + "}")
         return 1
 
     async def close(self) -> None:

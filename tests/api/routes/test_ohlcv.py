@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import msgspec
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
@@ -235,7 +236,7 @@ from candlekeep.serving import Stitched  # noqa: E402
 def _model_json(stitched: Stitched, *, requested: str, seed: bool) -> bytes:
     q = stitched.query
     fields = dict(instrument=q.instrument.id, requested=requested, interval=q.interval.value, start=q.start, end=q.end,
-                  bars=[BarPublic.from_bar(b) for b in stitched.bars],
+                  bars=[BarPublic.from_bar(b, forming=b is stitched.forming) for b in stitched.bars],
                   gaps=[GapPublic(start=s, end=e) for s, e in stitched.gaps],
                   complete=stitched.complete, forming=stitched.forming is not None)  # fmt: skip
     model = OhlcvSeedPublic(**fields, resolved=q.instrument.id) if seed else OhlcvPublic(**fields)
@@ -263,6 +264,8 @@ def test_fast_json_is_byte_for_byte_the_pydantic_model(seed: bool) -> None:
     assert fast == _model_json(stitched, requested="BTCUSD", seed=seed)
     model = OhlcvSeedPublic if seed else OhlcvPublic
     assert model.model_validate_json(fast).model_dump_json().encode() == fast  # and it validates as the model
+    states = [b["state"] for b in msgspec.json.decode(fast)["bars"]]
+    assert states == ["final", "final", "final", "forming"]  # the forming bar is told apart
 
 
 def test_fast_json_of_nothing_matches_the_model() -> None:
