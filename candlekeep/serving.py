@@ -146,6 +146,15 @@ class OhlcvService:
         found = [c for c in candidates if c is not None]
         return interval.floor(max(found)) if found else None
 
+    def closed_gaps(self, query: OhlcvQuery) -> list[tuple[int, int]]:
+        """The missing closed buckets of `query` as `[start, end)` ranges (what a CSV export states
+        before its rows; one indexed array query, no bars read)."""
+        closed_end = min(query.end, query.interval.floor(int(self.clock())))
+        if closed_end <= query.start:
+            return []
+        starts = self.bar_store.bucket_starts(query.instrument.id, query.interval, query.start, closed_end)
+        return missing_ranges(starts, query.interval, query.start, closed_end)
+
     def csv_chunks(self, query: OhlcvQuery, *, chunk_bytes: int = 1 << 16) -> Iterator[bytes]:
         """The bars of `query` as CSV (header first), in chunks: one COPY for the closed buckets,
         then the open bucket (with the forming bar) through `read`. At most MAX_CSV_BARS buckets."""

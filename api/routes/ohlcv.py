@@ -58,7 +58,12 @@ _ERRORS = {
     200: {"content": {"text/csv": {"example": "time,open,high,low,close,volume,quote_volume,trades,source,final\n"
                                               "1704067200,42283.58,42298.62,42261.02,42298.61,12.3456,522109.41,37,"
                                               "cryptocompare,true\n"}},
-          "description": "the bars (JSON, or CSV with `format=csv`)"},
+          "description": "the bars (JSON, or CSV with `format=csv`: its completeness in X-Candlekeep-Complete, "
+                         "X-Candlekeep-Gaps `start-end,...` (unix s, first 100), X-Candlekeep-Gap-Count, and "
+                         "Retry-After while incomplete)",
+          "headers": {"X-Candlekeep-Complete": {"schema": {"type": "string", "enum": ["true", "false"]}},
+                      "X-Candlekeep-Gaps": {"schema": {"type": "string"}},
+                      "X-Candlekeep-Gap-Count": {"schema": {"type": "string"}}}},
 }  # fmt: skip
 
 
@@ -127,8 +132,14 @@ async def _answer(request: Request, service: OhlcvService, *, instrument: str, i
         if fmt is Format.csv and limit is None and countback is None:
             settings, limits = request.app.state.settings, request.app.state.limits
             release = await limits.acquire_large()  # an export holds a connection while it streams
+            try:
+                gaps = await anyio.to_thread.run_sync(service.closed_gaps, query)
+            except BaseException:
+                release()
+                raise
+            headers = {"Content-Disposition": f'inline; filename="{_filename(query)}"', **_gap_headers(gaps, False)}
             csv = CsvResponse(service.csv_chunks(query), send_timeout_s=settings.api_send_timeout_s, release=release,
-                              headers={"Content-Disposition": f'inline; filename="{_filename(query)}"'})  # fmt: skip
+                              headers=headers)  # fmt: skip
             await csv.prime()  # releases on failure
             return csv  # type: ignore[return-value]
         limits = request.app.state.limits
@@ -143,7 +154,8 @@ async def _answer(request: Request, service: OhlcvService, *, instrument: str, i
                 from candlekeep.serving import CSV_HEADER, csv_line
 
                 body = CSV_HEADER + "".join(csv_line(b) for b in stitched.bars)
-                return Response(body, media_type="text/csv; charset=utf-8", headers=headers)
+                return Response(body, media_type="text/csv; charset=utf-8",
+                                headers={**_gap_headers(stitched.gaps, asked), **headers})  # fmt: skip
             encoded = await anyio.to_thread.run_sync(lambda: _json(stitched, requested=instrument, seed=seed))
             return Response(encoded, media_type="application/json", headers=headers)
     except QueryError as exc:
@@ -166,6 +178,23 @@ async def _read(request: Request, service: OhlcvService, query: OhlcvQuery, *, w
     who = identity_of(request)
     return await on_demand.read_async(query, wait=wait, limit=limit, countback=countback,
                                       waiting=lambda: limits.waiting(who), requester=who)  # fmt: skip
+
+
+MAX_GAP_HEADER_RANGES = 100
+
+
+def _gap_headers(gaps: list[tuple[int, int]], asked: bool) -> dict[str, str]:
+    """A CSV's completeness in its headers, as the JSON's `gaps` / `complete` say it: X-Candlekeep-Complete,
+    X-Candlekeep-Gaps (`start-end` unix s, comma-separated, the first MAX_GAP_HEADER_RANGES),
+    X-Candlekeep-Gap-Count, and Retry-After while incomplete."""
+    if not gaps:
+        return {"X-Candlekeep-Complete": "true"}
+    return {
+        "X-Candlekeep-Complete": "false",
+        "X-Candlekeep-Gaps": ",".join(f"{s}-{e}" for s, e in gaps[:MAX_GAP_HEADER_RANGES]),
+        "X-Candlekeep-Gap-Count": str(len(gaps)),
+        "Retry-After": str(RETRY_AFTER_FETCHING_S if asked else RETRY_AFTER_IDLE_S),
+    }
 
 
 def _countback_query(*, instrument: str, interval: str, end: str, countback: int) -> OhlcvQuery:

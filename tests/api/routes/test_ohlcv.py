@@ -120,6 +120,28 @@ def test_csv_streams_a_header_and_every_digit(client: TestClient, engine: Engine
     assert len(lines) == 4
 
 
+@pytest.mark.parametrize("interval", ["1m", "5m"])
+def test_an_incomplete_csv_says_so_in_its_headers_as_the_json_does(client: TestClient, engine: Engine,
+                                                                    interval: str) -> None:  # fmt: skip
+    minutes = [*range(0, 5), *range(12, 20), *range(27, 30)]
+    BarStore(engine).upsert_bars([make_bar(BTC, T0 + 60 * i, "100") for i in minutes])
+    params = {"instrument": BTC, "interval": interval, "start": T0, "end": T0 + 1800, "wait": 0}
+
+    as_json = client.get("/v1/ohlcv", params=params).json()
+    if interval == "1m":  # the minutes left out above
+        assert [(g["start"], g["end"]) for g in as_json["gaps"]] == [(T0 + 300, T0 + 720), (T0 + 1200, T0 + 1620)]
+    for extra in ({}, {"limit": 1000}):  # the streamed export, and the bounded one
+        csv = client.get("/v1/ohlcv", params={**params, **extra, "format": "csv"})
+        assert csv.status_code == 200
+        assert csv.headers["x-candlekeep-complete"] == "false"
+        gaps = [tuple(map(int, r.split("-"))) for r in csv.headers["x-candlekeep-gaps"].split(",")]
+        assert gaps == [(g["start"], g["end"]) for g in as_json["gaps"]] and gaps
+        assert int(csv.headers["x-candlekeep-gap-count"]) == len(gaps)
+        assert int(csv.headers["retry-after"]) >= 1
+    full = client.get("/v1/ohlcv", params={**params, "end": T0 + 300, "format": "csv"})
+    assert full.headers["x-candlekeep-complete"] == "true" and "x-candlekeep-gaps" not in full.headers
+
+
 def test_csv_of_a_derived_interval_matches_the_json(client: TestClient, engine: Engine) -> None:
     BarStore(engine).upsert_bars([make_bar(BTC, T0 + 60 * i, f"{100 + i}.5") for i in range(12)])
     params = {"instrument": BTC, "interval": "5m", "start": T0, "end": T0 + 900}
