@@ -60,10 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     migrate.set_defaults(run=cmd_migrate)
 
     backfill = commands.add_parser("backfill", help="backfill history through the Dagster assets, in-process")
-    backfill.add_argument("--instrument", required=True, help="e.g. cccagg:BTC-USD")
+    backfill.add_argument("--instrument", required=True, help="e.g. cccagg:BTC-USD (or BTCUSD / BTC-USD)")
     backfill.add_argument("--interval", default="1m", choices=BACKFILL_INTERVALS)
-    backfill.add_argument("--start", required=True, type=date.fromisoformat, help="first day, YYYY-MM-DD (UTC)")
-    backfill.add_argument("--end", required=True, type=date.fromisoformat, help="last day, inclusive, YYYY-MM-DD")
+    backfill.add_argument("--start", required=True, help="a date or ISO datetime (UTC unless an offset is given)")
+    backfill.add_argument("--end", required=True, help="EXCLUSIVE, as everywhere (the API, `ohlcv`): a date or ISO "
+                                                       "datetime; every UTC day touching [start, end) is filled whole")  # fmt: skip
     backfill.add_argument("--source", choices=("simulator", "cryptocompare"), help="default: CANDLEKEEP_SOURCE")
     backfill.set_defaults(run=cmd_backfill)
 
@@ -119,28 +120,46 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
 
     from pipelines.assets import materialize_range  # the same asset code Dagster runs
 
-    instrument = Instrument.parse(args.instrument)
-    if args.end < args.start:
-        raise QueryError(f"--end ({args.end}) is before --start ({args.start})")
+    instrument = resolve_instrument(args.instrument)
+    first, end = backfill_days(args.start, args.end)
+    if first < settings.history_start:
+        raise QueryError(f"--start {args.start} is before CANDLEKEEP_HISTORY_START ({settings.history_start}), the "
+                         "first day offered as a partition: start later or set CANDLEKEEP_HISTORY_START")  # fmt: skip
+    last = end - timedelta(days=1)
     url = _database(settings)
     os.environ["CANDLEKEEP_DATABASE_URL"] = url  # the assets' resource reads the same database
-    days = (args.end - args.start).days + 1
+    if "DAGSTER_HOME" not in os.environ:  # the instance `up` serves: the UI shows these materializations
+        os.environ.update(_dagster_env(settings, url, project_root()))
+    days = (end - first).days
     unit = "day" if args.interval == "1m" else "month"
     with tqdm(total=None if unit == "month" else days, unit=unit, desc=f"{instrument.id} {args.interval}") as bar:
         results = materialize_range(
             instrument=instrument.id,
             interval=Interval(args.interval),
-            start=args.start,
-            end=args.end + timedelta(days=1),
+            start=first,
+            end=end,
             source=args.source,
             on_partition=lambda key: bar.update(1),
         )
     rows = sum(r.rows for r in results)
     gaps = sum(r.gaps for r in results)
-    print(f"backfilled {instrument.id} {args.interval} {args.start}..{args.end}: {rows} bars fetched, "
+    print(f"backfilled {instrument.id} {args.interval} {first}..{last} (whole UTC days): {rows} bars fetched, "
           f"{sum(r.inserted for r in results)} inserted, {sum(r.updated for r in results)} updated, "
           f"{sum(r.unchanged for r in results)} unchanged, {gaps} missing buckets")
     return 0
+
+
+def backfill_days(start: str, end: str) -> tuple[date, date]:
+    """The UTC days `[first, end)` touching `[start, end)`, from dates or ISO datetimes (end exclusive)."""
+    from candlekeep.query import parse_timestamp
+
+    lo, hi = parse_timestamp(start, name="--start"), parse_timestamp(end, name="--end")
+    if hi <= lo:
+        raise QueryError(f"--end ({end}) must be after --start ({start}); --end is exclusive")
+    first = Interval.D1.floor(lo)
+    last_end = Interval.D1.ceil(hi)
+    epoch = date(1970, 1, 1)
+    return epoch + timedelta(days=first // 86_400), epoch + timedelta(days=last_end // 86_400)
 
 
 def cmd_ohlcv(args: argparse.Namespace, settings: Settings) -> int:
@@ -245,8 +264,22 @@ def project_root() -> Path:
     raise SystemExit("candlekeep up: run it from the Candlekeep checkout (workspace.yaml not found)")
 
 
+def _dagster_env(settings: Settings, url: str, root: Path) -> dict[str, str]:
+    """DAGSTER_HOME (data_dir/dagster, with the repo's instance config) and CANDLEKEEP_DAGSTER_PG_URL:
+    the Dagster instance `up` serves, which `backfill` records its runs in too."""
+    from candlekeep.storage.db import ensure_database, with_database
+
+    dagster_url = settings.dagster_pg_url or ensure_database(with_database(url, "dagster"))
+    # dagster-postgres speaks psycopg2; SQLAlchemy 2.1 would pick psycopg 3 for a bare postgresql:// URL.
+    dagster_url = "postgresql+psycopg2://" + dagster_url.split("://", 1)[1]
+    dagster_home = (settings.data_dir / "dagster").resolve()
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(root / DAGSTER_YAML, dagster_home / "dagster.yaml")  # one source of truth: the repo's
+    return {"CANDLEKEEP_DAGSTER_PG_URL": dagster_url, "DAGSTER_HOME": str(dagster_home)}
+
+
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from candlekeep.storage.db import create_engine, ensure_database, with_database
+    from candlekeep.storage.db import create_engine
     from candlekeep.storage.instruments import InstrumentStore
 
     root = project_root()
@@ -254,14 +287,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     engine = create_engine(url)
     added = InstrumentStore(engine).register(Instrument.parse(i) for i in settings.instruments)
     engine.dispose()
-    dagster_url = settings.dagster_pg_url or ensure_database(with_database(url, "dagster"))
-    # dagster-postgres speaks psycopg2; SQLAlchemy 2.1 would pick psycopg 3 for a bare postgresql:// URL.
-    dagster_url = "postgresql+psycopg2://" + dagster_url.split("://", 1)[1]
-    dagster_home = (settings.data_dir / "dagster").resolve()
-    dagster_home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(root / DAGSTER_YAML, dagster_home / "dagster.yaml")  # one source of truth: the repo's
-    env = dict(os.environ, CANDLEKEEP_DATABASE_URL=url, CANDLEKEEP_DAGSTER_PG_URL=dagster_url,
-               DAGSTER_HOME=str(dagster_home))
+    env = dict(os.environ, CANDLEKEEP_DATABASE_URL=url, **_dagster_env(settings, url, root))
     redis_server = None
     if settings.redis_url is None:  # the embedded defaults: a real Redis from a wheel (candlekeep/embedded_redis.py)
         from candlekeep.embedded_redis import start_embedded_redis
