@@ -6,12 +6,11 @@ Prices and volumes are decimal strings with every digit the source gave; times a
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from candlekeep.bars import Bar, decimal_str
+from candlekeep.bars import Bar, decimal_str, iso_utc
 
 
 class BarPublic(BaseModel):
@@ -77,5 +76,4 @@ class HealthPublic(BaseModel):
     redis: str = Field(description="ok | not configured | error: ...", examples=["not configured"])
 
 
-def iso(ts_s: int) -> str:
-    return datetime.fromtimestamp(ts_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+iso = iso_utc  # the one formatter (candlekeep.bars)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from datetime import date, timedelta
 from pathlib import Path
 
-from candlekeep.bars import Interval, decimal_str
+from candlekeep.bars import Interval, decimal_str, iso_utc
 from candlekeep.instruments import Instrument, InstrumentError, resolve_instrument
 from candlekeep.query import QueryError, build_query
 from candlekeep.settings import Settings
@@ -247,8 +247,7 @@ def _print_table(columns: Sequence[str], rows: list[dict]) -> None:
         print("  ".join(str(row[c]).rjust(widths[c]) for c in columns))
 
 
-def _iso(ts_s: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts_s))
+_iso = iso_utc
 
 
 # --- up ------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from datetime import UTC, date, datetime
 import dagster as dg
 
 from candlekeep.backfill import BackfillResult, backfill
-from candlekeep.bars import Interval
+from candlekeep.bars import Interval, iso_utc
 from candlekeep.instruments import Instrument
 from pipelines.checks import bar_check_specs, check_completeness, check_ohlc
 from pipelines.partitions import (
@@ -281,6 +281,6 @@ def _summary(
 
 
 def _iso(ts: int) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_utc(ts)
 
 

@@ -57,7 +57,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy import Engine
 
-from candlekeep.bars import Interval
+from candlekeep.bars import Interval, iso_utc
 from candlekeep.instruments import Instrument
 from candlekeep.messages import (
     CONTROL,
@@ -471,7 +471,7 @@ class Coordinator:
 
 
 def _iso(ts_s: int | None) -> str:
-    return "-" if ts_s is None else datetime.fromtimestamp(ts_s, UTC).isoformat().replace("+00:00", "Z")
+    return "-" if ts_s is None else iso_utc(ts_s)
 
 
 # -- construction and entry point -----------------------------------------------------------------
