@@ -3,7 +3,10 @@
 Nothing connects at import: the engine (and the Redis client, when CANDLEKEEP_REDIS_URL is set) is
 built when the app starts and closed when it stops. The lifespan composes the serving core
 (candlekeep.serving) with the streaming side: on-demand requests reach the coordinator through
-`request_fetch` below (candlekeep/ imports nothing from streaming/).
+`request_fetch` below, as commands on `control` (of the in-process bus `create_app(bus=...)` is
+given by streaming/together.py, or of Kafka); api/ imports nothing from streaming/. Migrations run
+at start (`candlekeep up` / `migrate`), never here. Errors: api.limits turns PostgreSQL outages
+into JSON 503 and caps waiting and large requests.
 """
 
 from __future__ import annotations
