@@ -35,6 +35,7 @@ DAEMONS = ("producer", "aggregator", "coordinator", "dynamic")  # port base + in
 PROBE_TIMEOUT_S = 1.0
 KAFKA_TIMEOUT_S = 1.5
 BRIEF_TTL_S = 2.0
+KAFKA_OK_TTL_S = 5.0
 
 router = APIRouter(tags=["operations"])
 
@@ -75,7 +76,7 @@ def health(request: Request, engine: EngineDep, settings: SettingsDep,
     with ThreadPoolExecutor(max_workers=len(DAEMONS) + 1) as pool:
         daemon_futures = {name: pool.submit(_daemon_state, i, settings.stream_port_base)
                           for i, name in enumerate(DAEMONS)}  # fmt: skip
-        kafka_future = pool.submit(_kafka_state, settings.kafka_bootstrap_servers)
+        kafka_future = pool.submit(_kafka_state_cached, request.app.state, settings.kafka_bootstrap_servers)
         database, migrations = _database_state(engine)
         redis_state = _redis_state(settings.redis_url)
         kafka_state = kafka_future.result()
@@ -137,6 +138,18 @@ def _redis_state(url: str | None) -> str:
         return "ok"
     except redis.RedisError as exc:
         return f"error: {exc}"
+
+
+def _kafka_state_cached(state: object, bootstrap: str | None) -> str:
+    """`_kafka_state`, an "ok" kept for KAFKA_OK_TTL_S: a broker client per call costs more than the
+    rest of /health together, and a probe must stay cheap however often it is called."""
+    cached = getattr(state, "health_kafka", None)
+    if cached is not None and time.monotonic() - cached[0] < KAFKA_OK_TTL_S:
+        return cached[1]
+    value = _kafka_state(bootstrap)
+    if value == "ok":
+        state.health_kafka = (time.monotonic(), value)  # type: ignore[attr-defined]
+    return value
 
 
 def _kafka_state(bootstrap: str | None) -> str:
