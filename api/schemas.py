@@ -6,11 +6,11 @@ Prices and volumes are decimal strings with every digit the source gave; times a
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from candlekeep.bars import Bar, decimal_str
+from candlekeep.bars import Bar, decimal_str, iso_utc
 
 
 class BarPublic(BaseModel):
@@ -25,9 +25,12 @@ class BarPublic(BaseModel):
     trades: int | None = Field(description="trade count, null when the source does not count trades")
     source: str = Field(examples=["simulator", "cryptocompare", "stream"])
     final: bool = Field(description="false while the bar may still be revised")
+    state: Literal["forming", "provisional", "final"] = Field(
+        description="forming: its bucket is still open; provisional: closed by the live stream, may still be "
+                    "revised or replaced by the source's final bar; final: as the source gives it")  # fmt: skip
 
     @classmethod
-    def from_bar(cls, bar: Bar) -> BarPublic:
+    def from_bar(cls, bar: Bar, *, forming: bool = False) -> BarPublic:
         return cls(
             time=bar.start,
             start=iso(bar.start),
@@ -40,6 +43,7 @@ class BarPublic(BaseModel):
             trades=bar.trades,
             source=bar.source,
             final=bar.final,
+            state="final" if bar.final else "forming" if forming else "provisional",
         )
 
 
@@ -72,5 +76,4 @@ class HealthPublic(BaseModel):
     redis: str = Field(description="ok | not configured | error: ...", examples=["not configured"])
 
 
-def iso(ts_s: int) -> str:
-    return datetime.fromtimestamp(ts_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+iso = iso_utc  # the one formatter (candlekeep.bars)

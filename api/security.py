@@ -5,13 +5,19 @@
 
 Policy (decided here, tested in tests/api/test_security.py):
 - Keys come from CANDLEKEEP_API_KEYS and are sent as `X-API-Key: <key>` or `Authorization: Bearer <key>`
-  (WebSockets, which browsers cannot give headers, may also use `?api_key=<key>`). A presented key is
-  compared with every configured key by `hmac.compare_digest`, with no early exit.
-- Keys are *required* when the API listens beyond loopback (CANDLEKEEP_API_HOST not 127.0.0.1 / ::1 /
-  localhost) or when any key is configured. Listening beyond loopback with no key configured is refused
-  at start (InsecureConfiguration). When required, every client needs a key, loopback clients too: a
-  reverse proxy on the same host makes every request look local.
-- Open without a key: `/health` (states only, no market data), `/docs`, `/redoc`, `/openapi.json`
+  (WebSocket and TradingView UDF clients, which cannot always set headers, may also use
+  `?api_key=<key>`). The SHA-256 of a presented key is compared with that of every configured key by
+  `hmac.compare_digest`, with no early exit: equal lengths, so not even a key's length shows in the
+  timing, and no refusal names anything about the key.
+- Who needs a key follows the *peer address* of each connection (the ASGI scope's client), never the
+  configured bind: with keys configured, every client needs one, loopback clients too (a reverse proxy
+  on the same host makes every request look local); with no key configured, loopback peers are
+  answered and any other peer gets 401 naming CANDLEKEEP_API_KEYS, whatever address the server was
+  started on (`uvicorn --host 0.0.0.0` included). Setting CANDLEKEEP_API_HOST beyond loopback with no
+  key configured is still refused at start (InsecureConfiguration).
+- `scope["state"]["trusted"]` tells the routes whether the caller is loopback or holds a valid key
+  (`/health` gives its full detail only then).
+- Open without a key: `/health` (anonymous callers beyond loopback get only `status`), `/docs`, `/redoc`, `/openapi.json`
   (the schema, no data). `/metrics` is open to loopback clients only (the Prometheus scraper runs
   beside the API); others need a key. A wrong key is refused even on an open path.
 - Missing or invalid key: 401 with `WWW-Authenticate: Bearer realm="candlekeep"` (WebSocket: closed
@@ -35,6 +41,7 @@ import ipaddress
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -82,23 +89,27 @@ def is_loopback(host: str | None) -> bool:
 
 
 class KeyChecker:
-    """Constant-time membership of a presented key in the configured set (bytes, UTF-8)."""
+    """Constant-time membership of a presented key in the configured set (SHA-256 digests of UTF-8)."""
 
     def __init__(self, keys: Iterable[str]) -> None:
-        self._keys = [key.encode() for key in keys]
+        self._digests = [hashlib.sha256(key.encode()).digest() for key in keys]
 
     def __bool__(self) -> bool:
-        return bool(self._keys)
+        return bool(self._digests)
 
     def matches(self, presented: bytes) -> bool:
+        digest = hashlib.sha256(presented).digest()  # 32 bytes whatever was sent: the length never shows
         found = False
-        for key in self._keys:  # every key compared, no early exit
-            found |= hmac.compare_digest(presented, key)
+        for key in self._digests:  # every key compared, no early exit
+            found |= hmac.compare_digest(digest, key)
         return found
 
 
+QUERY_KEY_PREFIXES = ("/udf/",)  # HTTP paths whose clients (TradingView's datafeed) may send ?api_key=
+
+
 def presented_key(scope: Scope) -> bytes | None:
-    """The key a request carries: X-API-Key, else Authorization: Bearer, else (WebSocket) ?api_key=."""
+    """The key a request carries: X-API-Key, else Authorization: Bearer, else (WebSocket and UDF) ?api_key=."""
     bearer = None
     for name, value in scope.get("headers", ()):
         if name == b"x-api-key":
@@ -109,7 +120,7 @@ def presented_key(scope: Scope) -> bytes | None:
                 bearer = token.strip()
     if bearer is not None:
         return bearer
-    if scope["type"] == "websocket":
+    if scope["type"] == "websocket" or scope.get("path", "").startswith(QUERY_KEY_PREFIXES):
         values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("api_key")
         if values:
             return values[0].encode("latin-1")
@@ -254,8 +265,8 @@ def identity(scope: Scope, key: bytes | None) -> str:
 class SecurityMiddleware:
     """Pure ASGI (HTTP and WebSocket alike): rate limit, then key check, then the app."""
 
-    def __init__(self, app: ASGIApp, *, keys: KeyChecker, required: bool, limiter: RateLimiter | None) -> None:
-        self.app, self.keys, self.required, self.limiter = app, keys, required, limiter
+    def __init__(self, app: ASGIApp, *, keys: KeyChecker, limiter: RateLimiter | None) -> None:
+        self.app, self.keys, self.limiter = app, keys, limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -281,35 +292,74 @@ class SecurityMiddleware:
         if presented is not None and not valid:
             await _refuse(scope, send, 401, "invalid API key", {"www-authenticate": REALM})
             return
-        if self.required and not valid and not self._open(scope):
-            detail = "an API key is required: send it as `X-API-Key: <key>` or `Authorization: Bearer <key>`"
+        client = scope.get("client")
+        loopback = is_loopback(client[0] if client else None)
+        if not valid and not self._open(scope, loopback):
+            if self.keys:
+                detail = ("an API key is required: send it as `X-API-Key: <key>` or `Authorization: Bearer <key>`"
+                          " (`?api_key=` for WebSocket and UDF clients)")  # fmt: skip
+            else:
+                detail = ("this API answers loopback clients only: no API key is configured "
+                          "(set CANDLEKEEP_API_KEYS to serve other addresses)")  # fmt: skip
             await _refuse(scope, send, 401, detail, {"www-authenticate": REALM})
             return
+        state = scope.setdefault("state", {})
+        state["trusted"] = valid or (loopback and not self.keys)
+        state["identity"] = identity(scope, presented if valid else None)  # what caps count by (api.limits)
         await self.app(scope, receive, send)
 
-    @staticmethod
-    def _open(scope: Scope) -> bool:
+    def _open(self, scope: Scope, loopback: bool) -> bool:
+        """Whether a caller without a valid key may go on: open paths, and loopback peers without keys."""
         path = scope.get("path", "")
         if path in OPEN_PATHS:
             return True
         if scope["type"] == "http" and (path in STATIC_OPEN_PATHS or path.startswith(STATIC_OPEN_PREFIXES)):
-            return True
-        if path in LOOPBACK_ONLY_PATHS:
-            client = scope.get("client")
-            return is_loopback(client[0] if client else None)
+            return True  # the dashboard's files hold no data
+        if path in LOOPBACK_ONLY_PATHS or not self.keys:
+            return loopback
         return False
+
+
+def close_reason(text: str) -> str:
+    """`text` cut to fit a WebSocket close frame (a reason is at most 123 bytes of UTF-8), never mid-character."""
+    return text.encode()[:120].decode(errors="ignore")
 
 
 async def _refuse(scope: Scope, send: Send, status: int, detail: str, headers: dict[str, str]) -> None:
     if scope["type"] == "websocket":
         # Closing before accept: the server answers the handshake with HTTP 403.
-        await send({"type": "websocket.close", "code": 1008, "reason": detail[:120]})
+        await send({"type": "websocket.close", "code": 1008, "reason": close_reason(detail)})
         return
     body = json.dumps({"detail": detail}).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(name.encode(), value.encode()) for name, value in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+# --- logs ----------------------------------------------------------------------------------------
+
+_QUERY_KEY_RE = re.compile(r"(api_key=)[^&\s\"']*")
+SERVER_LOGGERS = ("uvicorn.access", "uvicorn.error")  # the access lines, and the WebSocket "accepted" lines
+
+
+class RedactKeys(logging.Filter):
+    """Replaces the value of every `api_key=` in a log record's message and arguments with `***`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "api_key=" in record.msg:
+            record.msg = _QUERY_KEY_RE.sub(r"\1***", record.msg)
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and "api_key=" in a for a in record.args):
+            record.args = tuple(_QUERY_KEY_RE.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def install_log_redaction() -> None:
+    """Keep `?api_key=` values out of the server's logs (idempotent)."""
+    for name in SERVER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactKeys) for f in logger.filters):
+            logger.addFilter(RedactKeys())
 
 
 # --- installation ----------------------------------------------------------------------------------
@@ -324,6 +374,7 @@ def install_security(app: FastAPI, settings: Settings) -> RateLimiter | None:
     """
     if getattr(app.state, "security_installed", False):  # installing twice is a no-op
         return app.state.rate_limiter
+    install_log_redaction()
     keys = KeyChecker(settings.api_keys)
     exposed = settings.api_host not in LOOPBACK_HOSTS
     if exposed and not keys:
@@ -338,7 +389,7 @@ def install_security(app: FastAPI, settings: Settings) -> RateLimiter | None:
         _close_on_shutdown(app, limiter)
     app.state.rate_limiter = limiter
     app.state.security_installed = True
-    app.add_middleware(SecurityMiddleware, keys=keys, required=exposed or bool(keys), limiter=limiter)
+    app.add_middleware(SecurityMiddleware, keys=keys, limiter=limiter)
     if settings.api_cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -347,8 +398,7 @@ def install_security(app: FastAPI, settings: Settings) -> RateLimiter | None:
             allow_headers=["X-API-Key", "Authorization", "Content-Type"],
             expose_headers=["Retry-After"],
         )
-    if keys:
-        _document_keys(app)
+    _document_security(app, keys=bool(keys), limited=limiter is not None)
     return limiter
 
 
@@ -366,17 +416,37 @@ def _close_on_shutdown(app: FastAPI, limiter: RateLimiter) -> None:
     app.router.lifespan_context = lifespan
 
 
-def _document_keys(app: FastAPI) -> None:
-    """Declare the two ways of sending a key in the OpenAPI schema, so /docs can "Authorize"."""
+def _document_security(app: FastAPI, *, keys: bool, limited: bool) -> None:
+    """The OpenAPI schema says what the middleware does: every operation may answer 401 (a wrong key,
+    or no key where one is needed) and, with rate limits on, 429; with keys configured, the two ways
+    of sending one are declared (so /docs can "Authorize") on the operations that need them, and
+    the open paths say `security: []`."""
     build = app.openapi
+    error = {"content": {"application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}},
+                                                          "required": ["detail"]}}}}  # fmt: skip
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = build()
-            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
-            schemes["ApiKeyHeader"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
-            schemes["BearerKey"] = {"type": "http", "scheme": "bearer", "description": "the API key as a bearer token"}
-            schema["security"] = [{"ApiKeyHeader": []}, {"BearerKey": []}]
+            if keys:
+                schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+                schemes["ApiKeyHeader"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+                schemes["BearerKey"] = {"type": "http", "scheme": "bearer", "description": "the API key as a bearer token"}
+                schemes["ApiKeyQuery"] = {"type": "apiKey", "in": "query", "name": "api_key",
+                                          "description": "UDF and WebSocket clients only"}  # fmt: skip
+            for path, item in schema.get("paths", {}).items():
+                for method, operation in item.items():
+                    if method not in ("get", "put", "post", "delete", "patch", "head", "options"):
+                        continue
+                    responses = operation.setdefault("responses", {})
+                    responses.setdefault("401", {"description": "a wrong API key, or none where one is needed "
+                                                                "(`WWW-Authenticate: Bearer`)", **error})  # fmt: skip
+                    if limited:
+                        responses.setdefault("429", {"description": "rate limit exceeded (`Retry-After`)", **error})
+                    if keys:
+                        open_path = path in OPEN_PATHS
+                        query = [{"ApiKeyQuery": []}] if path.startswith(QUERY_KEY_PREFIXES) else []
+                        operation["security"] = [] if open_path else [{"ApiKeyHeader": []}, {"BearerKey": []}, *query]
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -70,6 +70,11 @@ _INTERVAL_SECONDS = {
 SIDES = ("buy", "sell", "unknown")
 
 
+def iso_utc(ts_s: int) -> str:
+    """Unix seconds as ISO-8601 UTC, `2024-01-01T00:00:00Z`: the one time formatter of every output."""
+    return datetime.fromtimestamp(ts_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def decimal_str(value: Decimal) -> str:
     """Plain decimal text with every digit the source gave (`str()` alone would write 1E-8)."""
     text = str(value)  # plain notation, and twice as fast as format(), unless it has an exponent

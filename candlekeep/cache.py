@@ -33,13 +33,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from candlekeep.bars import Bar
+from candlekeep.bars import Bar, iso_utc
 from candlekeep.messages import decode_bar, encode_bar
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ DEFAULT_FORMING_TTL_S = 600
 
 
 def bucket_text(start: int) -> str:
-    return datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_utc(start)
 
 
 def bar_key(instrument: str, interval: str, start: int) -> str:

@@ -1,4 +1,4 @@
-"""The `candlekeep` command line: `up`, `migrate`, `backfill`, `ohlcv`, `stream`, `track`.
+"""The `candlekeep` command line: `up`, `migrate`, `backfill`, `ohlcv`, `stream`, `track`, `untrack`.
 
 The CLI is the composition root: it reads the settings once, resolves the database (embedded when
 none is configured) and wires the parts together. It is the one place in candlekeep/ that reaches
@@ -23,15 +23,16 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import IO
 
-from candlekeep.bars import Interval, decimal_str
+from candlekeep.bars import Interval, decimal_str, iso_utc
 from candlekeep.instruments import Instrument, InstrumentError, resolve_instrument
 from candlekeep.logs import configure as configure_logging
-from candlekeep.query import QueryError, build_query, query_ohlcv
+from candlekeep.query import QueryError, build_query
 from candlekeep.settings import Settings
 
 log = logging.getLogger("candlekeep")
 
 BACKFILL_INTERVALS = ("1m", "1h", "1d")
+DAGSTER_YAML = Path("pipelines") / "dagster.yaml"  # the instance config `up` copies into DAGSTER_HOME
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,10 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     migrate.set_defaults(run=cmd_migrate)
 
     backfill = commands.add_parser("backfill", help="backfill history through the Dagster assets, in-process")
-    backfill.add_argument("--instrument", required=True, help="e.g. cccagg:BTC-USD")
+    backfill.add_argument("--instrument", required=True, help="e.g. cccagg:BTC-USD (or BTCUSD / BTC-USD)")
     backfill.add_argument("--interval", default="1m", choices=BACKFILL_INTERVALS)
-    backfill.add_argument("--start", required=True, type=date.fromisoformat, help="first day, YYYY-MM-DD (UTC)")
-    backfill.add_argument("--end", required=True, type=date.fromisoformat, help="last day, inclusive, YYYY-MM-DD")
+    backfill.add_argument("--start", required=True, help="a date or ISO datetime (UTC unless an offset is given)")
+    backfill.add_argument("--end", required=True, help="EXCLUSIVE, as everywhere (the API, `ohlcv`): a date or ISO "
+                                                       "datetime; every UTC day touching [start, end) is filled whole")  # fmt: skip
     backfill.add_argument("--source", choices=("simulator", "cryptocompare"), help="default: CANDLEKEEP_SOURCE")
     backfill.set_defaults(run=cmd_backfill)
 
@@ -88,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     track.add_argument("instrument", help="e.g. coinbase:BTC-USD (or BTC-USD for the default venue)")
     track.set_defaults(run=cmd_track)
     _add_feeds_commands(commands)
+
+    untrack = commands.add_parser("untrack", help="stop tracking an instrument (live feed, Dagster partition); "
+                                                  "its stored bars stay")  # fmt: skip
+    untrack.add_argument("instrument", help="e.g. coinbase:BTC-USD (or BTC-USD for the default venue)")
+    untrack.set_defaults(run=cmd_untrack)
     return parser
 
 
@@ -120,38 +127,64 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
 
     from pipelines.assets import materialize_range  # the same asset code Dagster runs
 
-    instrument = Instrument.parse(args.instrument)
-    if args.end < args.start:
-        raise QueryError(f"--end ({args.end}) is before --start ({args.start})")
+    instrument = resolve_instrument(args.instrument)
+    first, end = backfill_days(args.start, args.end)
+    if first < settings.history_start:
+        raise QueryError(f"--start {args.start} is before CANDLEKEEP_HISTORY_START ({settings.history_start}), the "
+                         "first day offered as a partition: start later or set CANDLEKEEP_HISTORY_START")  # fmt: skip
+    last = end - timedelta(days=1)
     url = _database(settings)
     os.environ["CANDLEKEEP_DATABASE_URL"] = url  # the assets' resource reads the same database
-    days = (args.end - args.start).days + 1
+    if "DAGSTER_HOME" not in os.environ:  # the instance `up` serves: the UI shows these materializations
+        os.environ.update(_dagster_env(settings, url, project_root()))
+    days = (end - first).days
     unit = "day" if args.interval == "1m" else "month"
     with tqdm(total=None if unit == "month" else days, unit=unit, desc=f"{instrument.id} {args.interval}") as bar:
         results = materialize_range(
             instrument=instrument.id,
             interval=Interval(args.interval),
-            start=args.start,
-            end=args.end + timedelta(days=1),
+            start=first,
+            end=end,
             source=args.source,
             on_partition=lambda key: bar.update(1),
         )
     rows = sum(r.rows for r in results)
     gaps = sum(r.gaps for r in results)
-    print(f"backfilled {instrument.id} {args.interval} {args.start}..{args.end}: {rows} bars fetched, "
+    print(f"backfilled {instrument.id} {args.interval} {first}..{last} (whole UTC days): {rows} bars fetched, "
           f"{sum(r.inserted for r in results)} inserted, {sum(r.updated for r in results)} updated, "
           f"{sum(r.unchanged for r in results)} unchanged, {gaps} missing buckets")
     return 0
+
+
+def backfill_days(start: str, end: str) -> tuple[date, date]:
+    """The UTC days `[first, end)` touching `[start, end)`, from dates or ISO datetimes (end exclusive)."""
+    from candlekeep.query import parse_timestamp
+
+    lo, hi = parse_timestamp(start, name="--start"), parse_timestamp(end, name="--end")
+    if hi <= lo:
+        raise QueryError(f"--end ({end}) must be after --start ({start}); --end is exclusive")
+    first = Interval.D1.floor(lo)
+    last_end = Interval.D1.ceil(hi)
+    epoch = date(1970, 1, 1)
+    return epoch + timedelta(days=first // 86_400), epoch + timedelta(days=last_end // 86_400)
 
 
 def cmd_ohlcv(args: argparse.Namespace, settings: Settings) -> int:
     from candlekeep.storage.bars import BarStore
     from candlekeep.storage.db import create_engine
 
+    from candlekeep.cache import BarCache
+    from candlekeep.serving import OhlcvService
+
     query = build_query(instrument=args.instrument, interval=args.interval, start=args.start, end=args.end)
     engine = create_engine(_database(settings))
-    result = query_ohlcv(store=BarStore(engine), query=query, now=int(time.time()))
-    engine.dispose()
+    cache = BarCache.from_url(settings.redis_url) if settings.redis_url else None
+    try:  # the API's read path: stored bars, final over provisional, the forming bar last
+        result = OhlcvService(bar_store=BarStore(engine), cache=cache).read(query)
+    finally:
+        if cache is not None:
+            cache.close()
+        engine.dispose()
     columns = ("time", "open", "high", "low", "close", "volume", "quote_volume", "trades", "source", "final")
     rows = [
         {
@@ -194,9 +227,23 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_track(args: argparse.Namespace, settings: Settings) -> int:
     from streaming.runner import send_track
 
+    from candlekeep.sources.listing import make_listing
+
     instrument = resolve_instrument(args.instrument)
+    if (reason := make_listing(settings).unknown(instrument)) is not None:
+        print(f"candlekeep: unknown instrument {instrument.id}: {reason}; nothing tracked", file=sys.stderr)
+        return 2
     request_id = send_track(settings, instrument.id)
     print(f"track {instrument.id}: sent (request {request_id})")
+    return 0
+
+
+def cmd_untrack(args: argparse.Namespace, settings: Settings) -> int:
+    from streaming.runner import send_untrack
+
+    instrument = resolve_instrument(args.instrument)
+    request_id = send_untrack(settings, instrument.id)
+    print(f"untrack {instrument.id}: sent (request {request_id}); its stored bars stay")
     return 0
 
 
@@ -207,23 +254,38 @@ def _print_table(columns: Sequence[str], rows: list[dict]) -> None:
         print("  ".join(str(row[c]).rjust(widths[c]) for c in columns))
 
 
-def _iso(ts_s: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts_s))
+_iso = iso_utc
 
 
 # --- up ------------------------------------------------------------------------------------------
 
 
 def project_root() -> Path:
-    """The checkout holding workspace.yaml and dagster.yaml (the current directory, or this package's)."""
+    """The checkout holding workspace.yaml and pipelines/dagster.yaml (the current directory, or this
+    package's). The instance config lives under pipelines/, not in the root, so that a plain
+    `dagster dev` in the root runs on a temporary instance instead of failing on CANDLEKEEP_DAGSTER_PG_URL."""
     for candidate in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (candidate / "workspace.yaml").exists() and (candidate / "dagster.yaml").exists():
+        if (candidate / "workspace.yaml").exists() and (candidate / DAGSTER_YAML).exists():
             return candidate
     raise SystemExit("candlekeep up: run it from the Candlekeep checkout (workspace.yaml not found)")
 
 
+def _dagster_env(settings: Settings, url: str, root: Path) -> dict[str, str]:
+    """DAGSTER_HOME (data_dir/dagster, with the repo's instance config) and CANDLEKEEP_DAGSTER_PG_URL:
+    the Dagster instance `up` serves, which `backfill` records its runs in too."""
+    from candlekeep.storage.db import ensure_database, with_database
+
+    dagster_url = settings.dagster_pg_url or ensure_database(with_database(url, "dagster"))
+    # dagster-postgres speaks psycopg2; SQLAlchemy 2.1 would pick psycopg 3 for a bare postgresql:// URL.
+    dagster_url = "postgresql+psycopg2://" + dagster_url.split("://", 1)[1]
+    dagster_home = (settings.data_dir / "dagster").resolve()
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(root / DAGSTER_YAML, dagster_home / "dagster.yaml")  # one source of truth: the repo's
+    return {"CANDLEKEEP_DAGSTER_PG_URL": dagster_url, "DAGSTER_HOME": str(dagster_home)}
+
+
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from candlekeep.storage.db import create_engine, ensure_database, with_database
+    from candlekeep.storage.db import create_engine
     from candlekeep.storage.instruments import InstrumentStore
 
     root = project_root()
@@ -234,32 +296,45 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     engine = create_engine(url)
     added = InstrumentStore(engine).register(Instrument.parse(i) for i in settings.instruments)
     engine.dispose()
-    dagster_url = settings.dagster_pg_url or ensure_database(with_database(url, "dagster"))
-    # dagster-postgres speaks psycopg2; SQLAlchemy 2.1 would pick psycopg 3 for a bare postgresql:// URL.
-    dagster_url = "postgresql+psycopg2://" + dagster_url.split("://", 1)[1]
-    dagster_home = (settings.data_dir / "dagster").resolve()
-    dagster_home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(root / "dagster.yaml", dagster_home / "dagster.yaml")  # one source of truth: the repo's
-    env = dict(os.environ, CANDLEKEEP_DATABASE_URL=url, CANDLEKEEP_DAGSTER_PG_URL=dagster_url,
-               DAGSTER_HOME=str(dagster_home))
+    env = dict(os.environ, CANDLEKEEP_DATABASE_URL=url, **_dagster_env(settings, url, root))
+    redis_server = None
+    if settings.redis_url is None:  # the embedded defaults: a real Redis from a wheel (candlekeep/embedded_redis.py)
+        from candlekeep.embedded_redis import start_embedded_redis
+
+        redis_server = start_embedded_redis()
+        env["CANDLEKEEP_REDIS_URL"] = redis_server.url
     bin_dir = Path(sys.executable).parent
     workspace = str(root / "workspace.yaml")
     commands = {
         "dagster-webserver": [str(bin_dir / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1",
                               "-p", str(settings.dagster_port)],
         "dagster-daemon": [str(bin_dir / "dagster-daemon"), "run", "-w", workspace],
-        "api": [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", settings.api_host,
-                "--port", str(settings.api_port), "--log-level", "warning"],
-        # One process over the in-process bus, or a supervisor of one process per daemon with Kafka.
-        "streaming": [sys.executable, "-m", "streaming.runner", "all", "--port-base", str(settings.stream_port_base)],
     }
     if settings.log_format == "json":  # Dagster's own switch; ours reach the API and streaming by env
         for name in ("dagster-webserver", "dagster-daemon"):
             commands[name] += ["--log-format", "json"]
+    if settings.kafka_bootstrap_servers:  # the API, and a supervisor of one process per daemon
+        commands["api"] = api_command(settings)
+        commands["streaming"] = [sys.executable, "-m", "streaming.runner", "all", "--port-base",
+                                 str(settings.stream_port_base)]  # fmt: skip
+    else:  # one process: the API shares the in-process bus with the daemons (streaming/together.py)
+        commands["api+streaming"] = [sys.executable, "-m", "streaming.together", "--port-base",
+                                     str(settings.stream_port_base)]  # fmt: skip
     children = {name: subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True)
                 for name, cmd in commands.items()}
     if added:
         log.info("registered instruments %s", ", ".join(added))
+    ui = f"http://127.0.0.1:{settings.dagster_port}/server_info"
+    api = f"http://{_connect_host(settings.api_host)}:{settings.api_port}/openapi.json"
+    try:
+        answering = _wait_until_answering([ui, api], children, timeout_s=UP_TIMEOUT_S)
+    except KeyboardInterrupt:  # Ctrl-C while starting: stop what started
+        answering = False
+    if not answering:
+        _stop_children(children)
+        if redis_server is not None:
+            redis_server.stop()
+        return 1
     print(f"\nCandlekeep is up (source: {settings.source}, database: {_redact(url)})\n"
           f"  Dagster UI  http://127.0.0.1:{settings.dagster_port}   (Assets > bars_1m > Materialize to backfill)\n"
           f"  Dashboard   http://{settings.api_host}:{settings.api_port}/\n"
@@ -283,6 +358,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                 stopping, exit_code = True, 1
         time.sleep(0.5)
     _stop_children(children)
+    if redis_server is not None:
+        redis_server.stop()
     lock.close()  # the next `up` may start now
     return exit_code
 
@@ -310,6 +387,55 @@ def _lock_data_dir(data_dir: Path) -> IO[str] | None:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
+
+
+UP_TIMEOUT_S = 180.0
+
+
+def _connect_host(host: str) -> str:
+    """Where to reach a server listening on `host` from this machine."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def _wait_until_answering(urls: Sequence[str], children: dict[str, subprocess.Popen], *, timeout_s: float) -> bool:
+    """True once every URL answers HTTP (any status): the banner's links work when it is printed.
+    False, saying which, when a child exits first or `timeout_s` passes."""
+    import urllib.error
+    import urllib.request
+
+    pending = list(urls)
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        for name, child in children.items():
+            if child.poll() is not None:
+                log.error("%s exited with code %s while starting; stopping everything", name, child.returncode)
+                return False
+        for url in list(pending):
+            try:
+                with urllib.request.urlopen(url, timeout=2):  # noqa: S310 (our own loopback URLs)
+                    pending.remove(url)
+            except urllib.error.HTTPError:
+                pending.remove(url)  # it answered
+            except OSError:
+                pass
+        time.sleep(0.3)
+    if pending:
+        log.error("not answering after %.0f s: %s; stopping everything", timeout_s, ", ".join(pending))
+        return False
+    return True
+
+
+def api_command(settings: Settings, *, log_level: str = "warning") -> list[str]:
+    """The uvicorn command line of the API. Forwarded headers are believed only from the configured
+    proxies (uvicorn's default trusts any loopback peer, which lets a local client spoof its address
+    past the per-address rate limit)."""
+    command = [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", settings.api_host,
+               "--port", str(settings.api_port), "--log-level", log_level]
+    if settings.api_forwarded_allow_ips:
+        command += ["--proxy-headers", "--forwarded-allow-ips", ",".join(settings.api_forwarded_allow_ips)]
+    else:
+        command += ["--no-proxy-headers"]
+    return command
 
 
 def _stop_children(children: dict[str, subprocess.Popen]) -> None:

@@ -1,7 +1,8 @@
-"""OHLCV queries: validate a request, read stored bars, list what is missing.
+"""OHLCV queries: validate a request into an `OhlcvQuery` (instrument resolved, buckets aligned, caps).
 
-The CLI (`candlekeep ohlcv`) and the API (`GET /v1/ohlcv`) both answer through `query_ohlcv`, so
-they cannot disagree. Bad input raises `QueryError` with a message that names the problem.
+Every door (the CLI's `candlekeep ohlcv`, `GET /v1/ohlcv`, the UDF feed, `WS /v1/stream`) builds its
+query here and answers it through the one read path, `candlekeep.serving.OhlcvService.read`, so they
+cannot disagree. Bad input raises `QueryError` with a message that names the problem.
 """
 
 from __future__ import annotations
@@ -9,9 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Protocol
 
-from candlekeep.bars import Bar, Interval, missing_ranges
+from candlekeep.bars import Interval
 from candlekeep.instruments import Instrument, InstrumentError, resolve_instrument
 
 # No request may make the database run an unbounded query.
@@ -20,15 +20,11 @@ MAX_BARS_PER_QUERY = 100_000
 EARLIEST = int(datetime(2009, 1, 1, tzinfo=UTC).timestamp())
 LATEST = int(datetime(2100, 1, 1, tzinfo=UTC).timestamp())
 
-_UNIX_RE = re.compile(r"^\d{1,12}$")
+_UNIX_RE = re.compile(r"^[0-9]{1,12}$")  # ASCII digits only: `\d` would take "١٧٠٤" for unix seconds
 
 
 class QueryError(ValueError):
     """A query that cannot be answered as asked; the message says why."""
-
-
-class BarReader(Protocol):
-    def read_bars(self, instrument: str, interval: Interval, start: int, end: int, *, limit: int | None = None) -> list[Bar]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,17 +33,6 @@ class OhlcvQuery:
     interval: Interval
     start: int  # unix s, inclusive, on a bucket edge
     end: int  # unix s, exclusive, on a bucket edge
-
-
-@dataclass(frozen=True, slots=True)
-class OhlcvResult:
-    query: OhlcvQuery
-    bars: list[Bar]
-    gaps: list[tuple[int, int]]
-
-    @property
-    def complete(self) -> bool:
-        return not self.gaps
 
 
 def parse_timestamp(text: str, *, name: str) -> int:
@@ -102,13 +87,3 @@ def build_query(
             "(narrow the range or use a coarser interval)"
         )
     return OhlcvQuery(resolved, parsed_interval, bucket_start, bucket_end)
-
-
-def query_ohlcv(*, store: BarReader, query: OhlcvQuery, now: int | None = None) -> OhlcvResult:
-    """Stored bars of the query, ascending, and the missing buckets among those already closed."""
-    bars = store.read_bars(query.instrument.id, query.interval, query.start, query.end, limit=MAX_BARS_PER_QUERY)
-    closed_end = query.end
-    if now is not None:
-        closed_end = min(query.end, query.interval.floor(now))
-    gaps = missing_ranges((b.start for b in bars), query.interval, query.start, closed_end) if closed_end > query.start else []
-    return OhlcvResult(query, bars, gaps)

@@ -4,6 +4,7 @@
     stitched = service.read(query, limit=500)          # never fetches anything
     on_demand = OnDemand(service=service, request_fetch=..., tracked=InstrumentStore(engine).list_ids)
     stitched, fetching = on_demand.read(query, wait=10)
+    stitched, fetching = await on_demand.read_async(query, wait=10)   # the API: waits on the event loop
 
 The API (`GET /v1/ohlcv`, `/udf/history`, `WS /v1/stream`) answers through this module, so they cannot
 disagree. Nothing here imports FastAPI, Kafka or `streaming/`: the API hands `OnDemand` a
@@ -36,24 +37,30 @@ Stitching rules (DESIGN.md "Bar semantics", "Redis"):
   feed is still closing is no gap) without a complete bar: no bar at all; a coarse bar derived from
   only some of its minutes (served only where no stored complete 1h/1d bar exists); or a bucket
   holding part of a recorded outage whose bars are not final yet (the feed missed trades there).
-- `limit=N`: the N most recent bars of the range; the answered window (`Stitched.query.start`) then
-  begins at the first bar returned (or stays at the range start when the range has fewer bars).
+- `limit=N`: the first N bars of the range (SQL's LIMIT); the answered window (`Stitched.query.end`)
+  then ends after the last bar returned. `countback=N`: the last N bars (TradingView's countback);
+  the window then begins at the first bar returned. Either stays the range when it has fewer bars.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import anyio
+import anyio.to_thread
 import redis
 
 from candlekeep.bars import Bar, Interval, decimal_str, missing_ranges, rollup_bars
 from candlekeep.cache import BarCache, bar_key, forming_key
+from candlekeep.instruments import Instrument
 from candlekeep.messages import MessageError, decode_bar
 from candlekeep.query import MAX_BARS_PER_QUERY, OhlcvQuery, QueryError, build_query
 from candlekeep.storage.bars import BarStore
@@ -115,27 +122,43 @@ class OhlcvService:
 
     # -- public ------------------------------------------------------------------------------
 
-    def read(self, query: OhlcvQuery, *, limit: int | None = None) -> Stitched:
-        """Bars of `query` (the `limit` most recent ones when given); never fetches anything."""
-        if limit is not None and not 1 <= limit <= MAX_BARS_PER_QUERY:
-            raise QueryError(f"limit {limit} must be between 1 and {MAX_BARS_PER_QUERY} (the cap on bars per request)")
+    def read(self, query: OhlcvQuery, *, limit: int | None = None, countback: int | None = None) -> Stitched:
+        """Bars of `query`: the first `limit` of the range, or the last `countback`, when given (as in
+        SQL's LIMIT and TradingView's countback); never fetches anything."""
+        for name, n in (("limit", limit), ("countback", countback)):
+            if n is not None and not 1 <= n <= MAX_BARS_PER_QUERY:
+                raise QueryError(f"{name} {n} must be between 1 and {MAX_BARS_PER_QUERY} (the cap on bars per request)")
+        if limit is not None and countback is not None:
+            raise QueryError("give limit or countback, not both")
         now = int(self.clock())
-        if limit is not None:
-            query = self._limit_window(query, limit, now)
+        if countback is not None:
+            query = self._limit_window(query, countback, now)
+        elif limit is not None:
+            query = self._first_window(query, limit)
         bars, forming = self._stitch(query, now)
-        if limit is not None and len(bars) > limit:
-            bars = bars[-limit:]
+        if countback is not None and len(bars) > countback:
+            bars = bars[-countback:]
             query = replace(query, start=bars[0].start)
-        closed_end = min(query.end, query.interval.floor(int(self.clock() - self.closing_s)))
-        gaps = self._gaps(query, bars, closed_end) if closed_end > query.start else []
+        elif limit is not None and len(bars) > limit:
+            bars = bars[:limit]
+            query = replace(query, end=bars[-1].start + query.interval.seconds)
+            forming = forming if forming is not None and forming.start == bars[-1].start else None
+        closed_end = self._closed_end(query)
+        gaps = self._gaps(query, [b.start for b in bars], closed_end)
         return Stitched(query, bars, gaps, not gaps, forming)
 
-    def _gaps(self, query: OhlcvQuery, bars: list[Bar], closed_end: int) -> list[tuple[int, int]]:
+    def _closed_end(self, query: OhlcvQuery) -> int:
+        """End of the closed buckets of `query`: those that ended at least `closing_s` ago."""
+        return min(query.end, query.interval.floor(int(self.clock() - self.closing_s)))
+
+    def _gaps(self, query: OhlcvQuery, starts: list[int], closed_end: int) -> list[tuple[int, int]]:
         """Closed buckets of the window that lack a complete bar: no bar; a coarse bar derived from
         only some of its minutes; a bucket holding part of an outage whose bars are not final yet
         (the feed missed some of its trades: refilled by the coordinator, then final)."""
+        if closed_end <= query.start:
+            return []
         interval, instrument = query.interval, query.instrument.id
-        missing = missing_ranges((b.start for b in bars), interval, query.start, closed_end)
+        missing = missing_ranges(starts, interval, query.start, closed_end)
         bad = {b for lo, hi in missing for b in range(lo, hi, interval.seconds)}
         bad.update(b for b in self.bar_store.partial_buckets(instrument, interval, query.start, closed_end))
         if self.outages is not None:
@@ -144,7 +167,7 @@ class OhlcvService:
                 lo, hi = max(lo, query.start), min(hi, closed_end)
                 if lo < hi:
                     bad.update(interval.floor(m) for m in self.bar_store.provisional_starts(instrument, lo, hi))
-        present = [b.start for b in bars if b.start not in bad]
+        present = [start for start in starts if start not in bad]
         return missing_ranges(present, interval, query.start, closed_end)
 
     def latest_start(self, instrument: str, interval: Interval) -> int | None:
@@ -158,6 +181,15 @@ class OhlcvService:
             candidates.append(forming.start)
         found = [c for c in candidates if c is not None]
         return interval.floor(max(found)) if found else None
+
+    def closed_gaps(self, query: OhlcvQuery) -> list[tuple[int, int]]:
+        """The gaps of `query` as `read` reports them, as `[start, end)` ranges (what a CSV export
+        states before its rows; bucket starts only, no bars read)."""
+        closed_end = self._closed_end(query)
+        if closed_end <= query.start:
+            return []
+        starts = self.bar_store.bucket_starts(query.instrument.id, query.interval, query.start, closed_end)
+        return self._gaps(query, starts, closed_end)
 
     def csv_chunks(self, query: OhlcvQuery, *, chunk_bytes: int = 1 << 16) -> Iterator[bytes]:
         """The bars of `query` as CSV (header first), in chunks: one COPY for the closed buckets,
@@ -289,6 +321,20 @@ class OhlcvService:
 
     # -- limit -------------------------------------------------------------------------------
 
+    def _first_window(self, query: OhlcvQuery, limit: int) -> OhlcvQuery:
+        """A window starting at query.start holding the first `limit` bars (when the range has them)."""
+        step = query.interval.seconds
+        guess = min(query.end, query.start + limit * step)
+        if guess == query.end:
+            return query
+        instrument = query.instrument.id
+        if self.bar_store.count_bars(instrument, query.interval, query.start, guess) >= limit:
+            return replace(query, end=guess)
+        starts = self.bar_store.bucket_starts(instrument, query.interval, query.start, query.end)
+        if len(starts) <= limit:
+            return query
+        return replace(query, end=starts[limit - 1] + step)
+
     def _limit_window(self, query: OhlcvQuery, limit: int, now: int) -> OhlcvQuery:
         """A window ending at query.end holding the `limit` most recent bars (when the range has them)."""
         step = query.interval.seconds
@@ -305,8 +351,27 @@ class OhlcvService:
         return replace(query, start=starts[-limit])
 
 
+class UnknownInstrument(LookupError):
+    """The source does not know the instrument: nothing is tracked, fetched or created for it."""
+
+    def __init__(self, instrument: str, reason: str) -> None:
+        super().__init__(f"unknown instrument {instrument}: {reason}")
+        self.instrument, self.reason = instrument, reason
+
+
+class TrackLimitReached(Exception):
+    """A requester has added as many instruments as it may (OnDemand.max_tracks_per_requester)."""
+
+
 class OnDemand:
     """Reads that ask for missing data: track an untracked instrument, fetch the gaps, wait for them.
+
+    Before an untracked instrument is tracked, `unknown(instrument)` (candlekeep.sources.listing) must
+    say the source knows it; otherwise UnknownInstrument is raised and nothing is asked for. Verdicts
+    are kept (known: for the process's life; unknown: `unknown_ttl_s`), so a client repeating a
+    garbage instrument costs the source one call. A requester (the API's key or client address)
+    may add at most `max_tracks_per_requester` instruments (TrackLimitReached beyond), counted per
+    process.
 
     Single flight: per (instrument, start, end) — start = end = None for `track` — one request goes
     out, whatever the number of concurrent readers; the same key is not requested again for
@@ -328,8 +393,15 @@ class OnDemand:
         tracked_ttl_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        unknown: Callable[[Instrument], str | None] | None = None,
+        unknown_ttl_s: float = 600.0,
+        max_tracks_per_requester: int | None = None,
     ) -> None:
         self.request_fetch = request_fetch
+        self.unknown, self.unknown_ttl_s = unknown, unknown_ttl_s
+        self.max_tracks_per_requester = max_tracks_per_requester
+        self._verdicts: dict[str, tuple[float, str | None]] = {}  # id -> (when, reason or None)
+        self._tracks_by: dict[str, set[str]] = {}  # requester -> instruments it added
         self.service = service
         self.tracked = tracked
         self.poll_s, self.refetch_after_s, self.tracked_ttl_s = poll_s, refetch_after_s, tracked_ttl_s
@@ -338,26 +410,105 @@ class OnDemand:
         self._requested: dict[tuple[str, int | None, int | None], float] = {}
         self._failed: set[tuple[str, int | None, int | None]] = set()  # keys whose request failed
         self._tracked: tuple[float, frozenset[str]] | None = None
+        self._reads: dict[tuple[OhlcvQuery, int | None, int | None], asyncio.Future[Stitched]] = {}
         self.requests_sent = 0
 
-    def read(self, query: OhlcvQuery, *, wait: float = 10.0, limit: int | None = None) -> tuple[Stitched, bool]:
+    def read(self, query: OhlcvQuery, *, wait: float = 10.0, limit: int | None = None,
+             countback: int | None = None) -> tuple[Stitched, bool]:
         """(the answer, whether data was asked for on its behalf). Waits at most `wait` seconds."""
         if not 0 <= wait <= MAX_WAIT_S:
             raise QueryError(f"wait {wait} must be between 0 and {MAX_WAIT_S:.0f} seconds")
         deadline = self.clock() + wait
-        stitched = self.service.read(query, limit=limit)
-        instrument = query.instrument.id
-        asked = False
-        if not self._is_tracked(instrument):
-            asked |= self._once(instrument, None, None)
-        for lo, hi in stitched.gaps[:MAX_FETCHES]:  # each gap alone: never refetch live-covered minutes between them
-            asked |= self._once(instrument, lo, hi)
+        stitched = self.service.read(query, limit=limit, countback=countback)
+        asked = self._ask(query, stitched)
         if not asked:  # nothing will arrive: answer now
             return stitched, False
         while not stitched.complete and self.clock() + self.poll_s <= deadline:
             self.sleep(self.poll_s)
-            stitched = self.service.read(query, limit=limit)
+            stitched = self.service.read(query, limit=limit, countback=countback)
         return stitched, asked
+
+    async def read_async(
+        self,
+        query: OhlcvQuery,
+        *,
+        wait: float = 10.0,
+        limit: int | None = None,
+        countback: int | None = None,
+        waiting: Callable[[], AbstractAsyncContextManager[object]] | None = None,
+        requester: str | None = None,
+    ) -> tuple[Stitched, bool]:
+        """`read` for an event loop: each store read and request in a worker thread, the waits on the
+        loop (a waiting request holds no thread). `waiting()` is entered for the polling, only when
+        there is something to wait for (the API's cap on concurrent waits)."""
+        if not 0 <= wait <= MAX_WAIT_S:
+            raise QueryError(f"wait {wait} must be between 0 and {MAX_WAIT_S:.0f} seconds")
+        deadline = self.clock() + wait
+        stitched = await anyio.to_thread.run_sync(lambda: self.service.read(query, limit=limit, countback=countback))
+        asked = await anyio.to_thread.run_sync(self._ask, query, stitched, requester)
+        if not asked or stitched.complete or self.clock() + self.poll_s > deadline:
+            return stitched, asked
+        async with waiting() if waiting is not None else nullcontext():
+            while not stitched.complete and self.clock() + self.poll_s <= deadline:
+                # Sleep to the next tick of one poll grid, so that concurrent waiters of the same
+                # window wake together and share one read (_read_shared) instead of one read each.
+                await anyio.sleep(self.poll_s - time.monotonic() % self.poll_s)
+                stitched = await self._read_shared(query, limit, countback)
+        return stitched, asked
+
+    async def _read_shared(self, query: OhlcvQuery, limit: int | None, countback: int | None) -> Stitched:
+        """`service.read(query, ...)` in a worker thread, joined by every caller asking the same
+        while it runs (event-loop state: `_reads`, touched only from the loop)."""
+        key = (query, limit, countback)
+        running = self._reads.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[Stitched] = asyncio.get_running_loop().create_future()
+        self._reads[key] = future
+        try:
+            result = await anyio.to_thread.run_sync(lambda: self.service.read(query, limit=limit, countback=countback))
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody joined
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            del self._reads[key]
+
+    def _ask(self, query: OhlcvQuery, stitched: Stitched, requester: str | None = None) -> bool:
+        """Track an untracked instrument and fetch the gaps (once per key); True when data was asked for.
+        Raises UnknownInstrument / TrackLimitReached before anything is asked for an untracked one."""
+        instrument = query.instrument.id
+        asked = False
+        if not self._is_tracked(instrument):
+            self._admit(query.instrument, requester)
+            asked |= self._once(instrument, None, None)
+        for lo, hi in stitched.gaps[:MAX_FETCHES]:  # each gap alone: never refetch live-covered minutes between them
+            asked |= self._once(instrument, lo, hi)
+        return asked
+
+    def _admit(self, instrument: Instrument, requester: str | None) -> None:
+        """Raise unless `instrument` may be tracked on `requester`'s behalf (see the class doc)."""
+        if self.unknown is not None:
+            now = self.clock()
+            with self._lock:
+                verdict = self._verdicts.get(instrument.id)
+            if verdict is None or (verdict[1] is not None and now - verdict[0] >= self.unknown_ttl_s):
+                verdict = (now, self.unknown(instrument))  # may raise SourceError: could not ask
+                with self._lock:
+                    self._verdicts[instrument.id] = verdict
+            if verdict[1] is not None:
+                raise UnknownInstrument(instrument.id, verdict[1])
+        if requester is not None and self.max_tracks_per_requester is not None:
+            with self._lock:
+                added = self._tracks_by.setdefault(requester, set())
+                if instrument.id not in added and len(added) >= self.max_tracks_per_requester:
+                    raise TrackLimitReached(
+                        f"this API key (or client address) has added {len(added)} instruments, the most it may "
+                        f"(CANDLEKEEP_API_MAX_TRACKS_PER_KEY); {instrument.id} is not tracked")  # fmt: skip
+                added.add(instrument.id)
 
     def in_flight(self, instrument: str, start: int | None, end: int | None) -> bool:
         with self._lock:
@@ -416,6 +567,15 @@ def build_export_query(*, instrument: str, interval: str, start: str, end: str, 
     )
 
 
+def bar_state(bar: Bar, *, now: int) -> str:
+    """`final`; `forming` while its bucket is open (start <= now < end); else `provisional` (closed by
+    the stream, not yet replaced by the source's final bar). On the wire beside `final`, so that a
+    forming bar and a closed-but-provisional one are told apart."""
+    if bar.final:
+        return "final"
+    return "forming" if now < bar.start + Interval(bar.interval).seconds else "provisional"
+
+
 def csv_line(bar: Bar) -> str:
     trades = "" if bar.trades is None else str(bar.trades)
     source = bar.source if bar.source.isidentifier() else '"' + bar.source.replace('"', '""') + '"'
@@ -438,4 +598,5 @@ def _decode(raw: bytes, instrument: str, interval: str) -> Bar | None:
     return bar if bar.instrument == instrument and bar.interval == interval else None
 
 
-__all__: list[Any] = ["MAX_CSV_BARS", "OhlcvService", "OnDemand", "Stitched", "build_export_query", "csv_line"]
+__all__: list[Any] = ["MAX_CSV_BARS", "OhlcvService", "bar_state", "OnDemand", "Stitched", "TrackLimitReached", "UnknownInstrument",
+                      "build_export_query", "csv_line"]

@@ -50,6 +50,20 @@ class Settings(BaseSettings):
     api_rate_limit_per_minute: int = Field(600, ge=0)
     api_rate_burst: int = Field(120, gt=0)
     topic_prefix: str = ""
+    # Addresses of reverse proxies whose X-Forwarded-For / -Proto the API believes (uvicorn's
+    # forwarded_allow_ips); empty: forwarded headers are ignored, the peer address is the client.
+    api_forwarded_allow_ips: CommaList = []
+    # Requests waiting (`wait=`) for data asked on demand: at most this many at once, in total and per
+    # API key (or client address); beyond, 503 / 429. Waiting holds a slot, never a worker thread.
+    api_max_waits: int = Field(64, gt=0)
+    api_max_waits_per_key: int = Field(8, gt=0)
+    # Answers over `api_large_request_bars` bars built at once (each holds its bars in memory).
+    api_max_large_requests: int = Field(4, gt=0)
+    api_large_request_bars: int = Field(10_000, gt=0)
+    # Instruments one API key (or client address) may add by asking for them (on-demand `track`).
+    api_max_tracks_per_key: int = Field(10, ge=0)
+    # A CSV export whose client reads nothing for this long is dropped (its COPY cancelled).
+    api_send_timeout_s: float = Field(30.0, gt=0)
 
     simulator_seed: int = 0
     # First day (UTC) offered as a Dagster partition.
@@ -79,12 +93,18 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("instruments", "api_keys", "api_cors_origins", mode="before")
+    @field_validator("instruments", "api_keys", "api_cors_origins", "api_forwarded_allow_ips", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("redis_url", "kafka_bootstrap_servers", "dagster_pg_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `CANDLEKEEP_REDIS_URL=` (exported empty) means "not configured", not a URL named "".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("instruments")
     @classmethod

@@ -5,7 +5,7 @@ Each asset body is glue: the run's partitions → ranges per instrument → `can
 checks in checks.py. A backfill over many partitions is few runs (`BackfillPolicy.multi_run`: up
 to a month of days, or a year of months, per run); in a run, the keys are grouped by instrument and
 consecutive periods merged, so each range is one paged stream from the source. All three assets share the concurrency pool `cryptocompare` (limit 1 in
-dagster.yaml) so runs never hit CryptoCompare in parallel. Re-running a partition changes nothing:
+pipelines/dagster.yaml) so runs never hit CryptoCompare in parallel. Re-running a partition changes nothing:
 the store upserts, and the metadata reports the bars as unchanged.
 
 `materialize_range` runs the same assets in-process (for `candlekeep backfill`).
@@ -23,7 +23,7 @@ from datetime import UTC, date, datetime
 import dagster as dg
 
 from candlekeep.backfill import BackfillResult, backfill
-from candlekeep.bars import Interval
+from candlekeep.bars import Interval, iso_utc
 from candlekeep.instruments import Instrument
 from pipelines.checks import bar_check_specs, check_completeness, check_ohlc
 from pipelines.partitions import (
@@ -281,6 +281,6 @@ def _summary(
 
 
 def _iso(ts: int) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_utc(ts)
 
 

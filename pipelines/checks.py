@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC
 
 import dagster as dg
 from sqlalchemy import BigInteger, Engine, and_, cast, func, or_, select
 
 from candlekeep.backfill import COMPLETE, EMPTY, GAPS, OPEN, coverage_periods, missing_bucket_count, period_coverage
-from candlekeep.bars import Bar, Interval
+from candlekeep.bars import Bar, Interval, iso_utc
 from candlekeep.storage.tables import bars
 from pipelines.partitions import PartitionRange
 
@@ -170,4 +170,4 @@ def _describe(ranges: Sequence[PartitionRange]) -> str:
 
 
 def _iso(ts: int) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_utc(ts)

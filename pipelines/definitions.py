@@ -15,6 +15,7 @@ from pipelines.assets import bars_1d, bars_1h, bars_1m
 from pipelines.resources import CandlekeepResource
 from pipelines.schedules import bars_1m_job, bars_1m_refresh_schedule, bars_monthly_job, bars_monthly_refresh_schedule
 from pipelines.sensors import instruments_sensor
+from pipelines.views import ohlcv_1d, ohlcv_1h
 
 
 def _secret(name: str) -> dg.EnvVar | None:
@@ -23,7 +24,7 @@ def _secret(name: str) -> dg.EnvVar | None:
 
 
 defs = dg.Definitions(
-    assets=[bars_1m, bars_1h, bars_1d],
+    assets=[bars_1m, bars_1h, bars_1d, ohlcv_1h, ohlcv_1d],  # ohlcv_*: lineage of the served views
     jobs=[bars_1m_job, bars_monthly_job],
     schedules=[bars_1m_refresh_schedule, bars_monthly_refresh_schedule],
     sensors=[instruments_sensor],

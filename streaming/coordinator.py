@@ -57,7 +57,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy import Engine
 
-from candlekeep.bars import Interval
+from candlekeep.bars import Interval, iso_utc
 from candlekeep.instruments import Instrument
 from candlekeep.messages import (
     CONTROL,
@@ -407,12 +407,18 @@ class Coordinator:
             self._next_refill = now + self.refill_interval_s
 
     def _announce_tracked(self) -> None:
-        """A track command for each tracked instrument not announced in this run."""
+        """A track command for each tracked instrument not announced in this run, and an untrack for
+        each announced one no longer tracked in the table (untracked without a broker: the API's
+        DELETE /v1/instruments or `candlekeep untrack`), so the producer drops its feed."""
         self.tracked = set(self.instruments.list_ids(tracked_only=True))
         todo = sorted(self.tracked - self.announced)
-        if todo:
-            self._issue([ControlCommand("track", iid, f"coordinator-{uuid.uuid4().hex[:12]}") for iid in todo])
+        gone = sorted(self.announced - self.tracked)
+        commands = [ControlCommand("track", iid, f"coordinator-{uuid.uuid4().hex[:12]}") for iid in todo]
+        commands += [ControlCommand("untrack", iid, f"coordinator-{uuid.uuid4().hex[:12]}") for iid in gone]
+        if commands:
+            self._issue(commands)
             self.announced.update(todo)
+            self.announced.difference_update(gone)
 
     def _issue_refills(self) -> None:
         """A fetch command per instrument of each closed outage not refilled yet (once per run)."""
@@ -477,7 +483,7 @@ class Coordinator:
 
 
 def _iso(ts_s: int | None) -> str:
-    return "-" if ts_s is None else datetime.fromtimestamp(ts_s, UTC).isoformat().replace("+00:00", "Z")
+    return "-" if ts_s is None else iso_utc(ts_s)
 
 
 # -- construction and entry point -----------------------------------------------------------------

@@ -30,6 +30,7 @@ issues the track command itself within `scan_interval_s` (streaming/coordinator.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -415,12 +416,53 @@ def send_track(settings: Settings, instrument_id: str, *, bus: Bus | None = None
     return request_id
 
 
+def send_untrack(settings: Settings, instrument_id: str, *, bus: Bus | None = None, timeout: float = 30.0,
+                 engine: Any = None) -> str:
+    """Ask the coordinator to stop tracking `instrument_id`; returns the command's request id.
+
+    With a broker (or a `bus` given): an `untrack` command on `control` (the coordinator sets
+    tracked=false, the producer unsubscribes). Without: tracked=false in `instruments` at once, and
+    the coordinator of a running `stream all` issues the command within `scan_interval_s`. Stored
+    bars stay either way; pipelines/sensors.py removes the instrument's Dagster partition.
+    """
+    instrument = Instrument.parse(instrument_id)
+    request_id = uuid.uuid4().hex
+    if bus is None and not settings.kafka_bootstrap_servers:
+        from candlekeep.storage.db import create_engine
+        from candlekeep.storage.instruments import InstrumentStore
+
+        own_engine = engine is None  # the API passes its engine: no migration inside a request
+        engine = engine or create_engine(_database(settings))
+        try:
+            InstrumentStore(engine).set_tracked(instrument, False)
+        finally:
+            if own_engine:
+                engine.dispose()
+        log.info("untrack %s: tracked=false; the coordinator of `stream all` stops its feed", instrument.id)
+        return request_id
+    own = bus is None
+    bus = bus or make_bus(settings)
+    try:
+        control = topic_name(settings.topic_prefix, CONTROL)
+        bus.ensure_topics([control])
+        out = bus.producer(name="candlekeep-untrack")
+        out.publish(control, instrument.id, encode_control(ControlCommand("untrack", instrument.id, request_id)))
+        left = out.flush(timeout)
+        if left or out.failed or out.delivered != 1:
+            raise TrackFailed(f"untrack {instrument.id}: the bus did not acknowledge the command within {timeout:.0f} s")
+    finally:
+        if own:
+            bus.close()
+    log.info("untrack %s: command %s on %s", instrument.id, request_id, control)
+    return request_id
+
+
 # --- command line ----------------------------------------------------------------------------------
 
 
 def _time_ns(text: str) -> int:
     """`2024-03-01T12:00:00Z`, `2024-03-01` or unix seconds -> unix ns."""
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # str.isdigit alone takes Unicode digits such as "١٧٠٤"
         return int(text) * NS_PER_S
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
@@ -439,6 +481,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
+    try:
+        return _main(name, rest, settings)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        print(f"streaming {name}: a /health + /metrics port is already in use ({exc.strerror}); pass --port / "
+              "--port-base 0 (any free port) or set CANDLEKEEP_STREAM_PORT_BASE", file=sys.stderr)  # fmt: skip
+        return 2
+
+
+def _main(name: str, rest: list[str], settings: Settings) -> int:
     if name != "all":
         return run_daemon(name, settings, rest)
     parser = argparse.ArgumentParser(prog="python -m streaming.runner all", description=__doc__.splitlines()[0])
@@ -446,8 +499,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--start", type=_time_ns, default=None, help="simulator sim start (default: now)")
     parser.add_argument("--end", type=_time_ns, default=None, help="simulator sim end (default: never)")
     parser.add_argument("--host", default="127.0.0.1", help="/health and /metrics address")
-    parser.add_argument("--port-base", type=int, default=9101,
-                        help="ports base..base+3 (producer, aggregator, coordinator, dynamic); 0: any, -1: none")
+    parser.add_argument("--port-base", type=int, default=settings.stream_port_base,
+                        help="ports base..base+3 (producer, aggregator, coordinator, dynamic); 0: any, -1: none "
+                             "(default: CANDLEKEEP_STREAM_PORT_BASE)")  # fmt: skip
     parser.add_argument("--drain", type=float, default=10.0, help="embedded: seconds to drain the bus at stop")
     opts = parser.parse_args(rest)
     base = opts.port_base

@@ -1,12 +1,17 @@
 """`GET /health`: the database and its migrations, Redis, Kafka, and each streaming daemon's state.
 
 `status` (and the HTTP code: 200 ok, 503 degraded) says whether the API can serve: the database is
-reachable and migrated, and Redis and Kafka answer when they are configured. The daemons are
+reachable and migrated, and Kafka answers when it is configured. Redis is a cache: the API serves
+without it (slower), so Redis down is reported, never a 503. The daemons are
 reported, not judged: the API serves stored history without them, and a load balancer must not pull
 it out because a producer is reconnecting. Each daemon's own `/health` is read on
 127.0.0.1:CANDLEKEEP_STREAM_PORT_BASE + i (producer, aggregator, coordinator, dynamic); "unreachable"
 when nothing answers there. Every probe has a timeout of about a second, and the daemons are probed
 in parallel.
+
+Anonymous callers beyond loopback (no key; api.security marks the others `trusted`) get only
+`{"status": ...}`, from one database ping shared by every such caller for `BRIEF_TTL_S`: cheap and
+bounded, and no error text, socket path or daemon address reaches them.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import text
 
@@ -27,6 +34,8 @@ from candlekeep.storage.migrate import current_revision, head_revision
 DAEMONS = ("producer", "aggregator", "coordinator", "dynamic")  # port base + index (streaming.runner)
 PROBE_TIMEOUT_S = 1.0
 KAFKA_TIMEOUT_S = 1.5
+BRIEF_TTL_S = 2.0
+KAFKA_OK_TTL_S = 5.0
 
 router = APIRouter(tags=["operations"])
 
@@ -40,6 +49,10 @@ class DaemonPublic(BaseModel):
     detail: str | None = Field(default=None, description="why it is unreachable, when it is")
 
 
+class HealthBriefPublic(BaseModel):
+    status: str = Field(description="ok | degraded (the detail needs a key beyond loopback)", examples=["ok"])
+
+
 class HealthDetailPublic(_HealthBase):
     kafka: str = Field(description="ok | not configured | error: ...", examples=["not configured"])
     storage: str = Field(default="ok", description="ok | error: what the TimescaleDB license cannot serve "
@@ -49,15 +62,23 @@ class HealthDetailPublic(_HealthBase):
 
 @router.get(
     "/health",
-    response_model=HealthDetailPublic,
+    response_model=HealthDetailPublic | HealthBriefPublic,
     summary="Database, migrations, Redis, Kafka and streaming daemons",
-    responses={503: {"model": HealthDetailPublic, "description": "degraded: the API cannot serve fully"}},
-)
-def health(engine: EngineDep, settings: SettingsDep, response: Response) -> HealthDetailPublic:
+    description="The full detail for loopback callers and callers with a key; `status` alone for others.",
+    responses={503: {"model": HealthDetailPublic | HealthBriefPublic,
+                     "description": "degraded: the API cannot serve fully"}},
+)  # fmt: skip
+def health(request: Request, engine: EngineDep, settings: SettingsDep,
+           response: Response) -> HealthDetailPublic | HealthBriefPublic:  # fmt: skip
+    if not request.scope.get("state", {}).get("trusted", False):
+        ok = _brief(request.app.state, engine)
+        if not ok:
+            response.status_code = 503
+        return HealthBriefPublic(status="ok" if ok else "degraded")
     with ThreadPoolExecutor(max_workers=len(DAEMONS) + 1) as pool:
         daemon_futures = {name: pool.submit(_daemon_state, i, settings.stream_port_base)
                           for i, name in enumerate(DAEMONS)}  # fmt: skip
-        kafka_future = pool.submit(_kafka_state, settings.kafka_bootstrap_servers)
+        kafka_future = pool.submit(_kafka_state_cached, request.app.state, settings.kafka_bootstrap_servers)
         database, migrations = _database_state(engine)
         redis_state = _redis_state(settings.redis_url)
         kafka_state = kafka_future.result()
@@ -67,7 +88,6 @@ def health(engine: EngineDep, settings: SettingsDep, response: Response) -> Heal
         database == "ok"
         and storage in ("ok", "unknown")
         and migrations == "current"
-        and redis_state in ("ok", "not configured")
         and kafka_state in ("ok", "not configured")
     )
     if not healthy:
@@ -92,6 +112,19 @@ def _storage_state(engine: object) -> str:
     except Exception as exc:  # health reports failures; it never raises them
         return _error(exc)
     return "error: " + "; ".join(problems) if problems else "ok"
+_brief_lock = threading.Lock()
+
+
+def _brief(state: object, engine: object) -> bool:
+    """Database reachable and migrated, probed at most once per BRIEF_TTL_S for all anonymous callers."""
+    with _brief_lock:
+        cached = getattr(state, "health_brief", None)
+        if cached is not None and time.monotonic() - cached[0] < BRIEF_TTL_S:
+            return cached[1]
+        database, migrations = _database_state(engine)
+        ok = database == "ok" and migrations == "current"
+        state.health_brief = (time.monotonic(), ok)  # type: ignore[attr-defined]
+        return ok
 
 
 def _database_state(engine: object) -> tuple[str, str]:
@@ -119,6 +152,18 @@ def _redis_state(url: str | None) -> str:
         return "ok"
     except redis.RedisError as exc:
         return f"error: {exc}"
+
+
+def _kafka_state_cached(state: object, bootstrap: str | None) -> str:
+    """`_kafka_state`, an "ok" kept for KAFKA_OK_TTL_S: a broker client per call costs more than the
+    rest of /health together, and a probe must stay cheap however often it is called."""
+    cached = getattr(state, "health_kafka", None)
+    if cached is not None and time.monotonic() - cached[0] < KAFKA_OK_TTL_S:
+        return cached[1]
+    value = _kafka_state(bootstrap)
+    if value == "ok":
+        state.health_kafka = (time.monotonic(), value)  # type: ignore[attr-defined]
+    return value
 
 
 def _kafka_state(bootstrap: str | None) -> str:

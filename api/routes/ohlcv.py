@@ -5,22 +5,40 @@ forming bar last (final:false); gaps listed, `complete` false while a closed buc
 (candlekeep.serving has the rules). An untracked instrument or a range with gaps asks the coordinator
 for the data (once per instrument and range, however many requests wait for it) and waits up to
 `wait` seconds; an incomplete answer carries `Retry-After`. `format=csv` streams text/csv.
+
+The routes are async: the store is read in worker threads, and a request waiting for data waits on
+the event loop (candlekeep.serving.OnDemand.read_async), within the caps of api.limits (concurrent
+waits per key and in total, concurrent large answers). A CSV export is an api.limits.CsvResponse:
+primed before its header (a database that is down answers a JSON 503), released at once when the
+client goes away or stalls, and aborted, never ended cleanly, when the database fails mid-stream.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from enum import StrEnum
 from typing import Annotated
 
 import msgspec
 from fastapi import APIRouter, HTTPException, Query, Request, Response
-from fastapi.responses import StreamingResponse
+import anyio.to_thread
 
 from api.deps import OhlcvDep
+from api.limits import CsvResponse, identity_of
 from api.schemas import OhlcvPublic, OhlcvSeedPublic, iso
 from candlekeep.bars import Bar, Interval, decimal_str
 from candlekeep.query import MAX_BARS_PER_QUERY, OhlcvQuery, QueryError, build_query, parse_timestamp
-from candlekeep.serving import MAX_CSV_BARS, MAX_WAIT_S, OhlcvService, OnDemand, Stitched, build_export_query
+from candlekeep.serving import (
+    MAX_CSV_BARS,
+    MAX_WAIT_S,
+    OhlcvService,
+    OnDemand,
+    Stitched,
+    TrackLimitReached,
+    UnknownInstrument,
+    build_export_query,
+)
+from candlekeep.sources import SourceError
 
 router = APIRouter(prefix="/v1", tags=["ohlcv"])
 seed_router = APIRouter(tags=["ohlcv"])
@@ -29,12 +47,23 @@ RETRY_AFTER_FETCHING_S = 5  # data was asked for: try again soon
 RETRY_AFTER_IDLE_S = 60  # nothing could be asked for (no broker, or a request failed)
 
 _ERRORS = {
+    404: {"description": "an untracked instrument its source does not know; the detail names it and says why "
+                         "(nothing is tracked or created)"},
+    429: {"description": "rate limit, too many waiting requests for this key, or this key added its share of "
+                         "instruments (`Retry-After`)"},
+    503: {"description": "the database is unavailable, the server holds its share of waiting or large requests, "
+                         "or the source cannot be asked now (`Retry-After`)"},
     422: {"description": "invalid instrument, interval, range, limit, countback or wait; the detail says which "
                          f"(a range or limit over {MAX_BARS_PER_QUERY} bars, {MAX_CSV_BARS} for CSV, names the cap)"},
     200: {"content": {"text/csv": {"example": "time,open,high,low,close,volume,quote_volume,trades,source,final\n"
                                               "1704067200,42283.58,42298.62,42261.02,42298.61,12.3456,522109.41,37,"
                                               "cryptocompare,true\n"}},
-          "description": "the bars (JSON, or CSV with `format=csv`)"},
+          "description": "the bars (JSON, or CSV with `format=csv`: its completeness in X-Candlekeep-Complete, "
+                         "X-Candlekeep-Gaps `start-end,...` (unix s, first 100), X-Candlekeep-Gap-Count, and "
+                         "Retry-After while incomplete)",
+          "headers": {"X-Candlekeep-Complete": {"schema": {"type": "string", "enum": ["true", "false"]}},
+                      "X-Candlekeep-Gaps": {"schema": {"type": "string"}},
+                      "X-Candlekeep-Gap-Count": {"schema": {"type": "string"}}}},
 }  # fmt: skip
 
 
@@ -44,13 +73,14 @@ class Format(StrEnum):
 
 
 Wait = Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for missing data asked for on demand")]
-Limit = Annotated[int | None, Query(ge=1, description=f"the N most recent bars of the range (at most {MAX_BARS_PER_QUERY})")]
+Limit = Annotated[int | None, Query(ge=1, description=f"the first N bars of the range, as SQL's LIMIT (at most {MAX_BARS_PER_QUERY}); "
+                                                    "`countback` gives the last N")]
 Countback = Annotated[int | None, Query(ge=1, description=f"the N buckets ending at `end`; `start` is then optional and ignored "
                                                           f"(TradingView semantics; at most {MAX_BARS_PER_QUERY})")]  # fmt: skip
 
 
 @router.get("/ohlcv", response_model=OhlcvPublic, summary="OHLCV bars of one instrument", responses=_ERRORS)
-def get_ohlcv(
+async def get_ohlcv(
     request: Request,
     service: OhlcvDep,
     instrument: Annotated[str, Query(description="`venue:BASE-QUOTE`, or `BTC-USD` / `BTCUSD` (default venue cccagg)", examples=["cccagg:BTC-USD"])],
@@ -62,12 +92,12 @@ def get_ohlcv(
     format: Annotated[Format, Query(description="json, or csv (streamed, header line first)")] = Format.json,
     wait: Wait = 10.0,
 ) -> Response:
-    return _answer(request, service, instrument=instrument, interval=interval, start=start, end=end, limit=limit,
-                   countback=countback, fmt=format, wait=wait, seed=False)  # fmt: skip
+    return await _answer(request, service, instrument=instrument, interval=interval, start=start, end=end,
+                         limit=limit, countback=countback, fmt=format, wait=wait, seed=False)  # fmt: skip
 
 
 @seed_router.get("/ohlcv", response_model=OhlcvSeedPublic, summary="OHLCV bars, seed-style parameters", responses=_ERRORS)
-def get_ohlcv_seed(
+async def get_ohlcv_seed(
     request: Request,
     service: OhlcvDep,
     symbol: Annotated[str, Query(description="`BTCUSD`, `BTC-USD` or `venue:BASE-QUOTE`", examples=["BTCUSD"])],
@@ -78,12 +108,13 @@ def get_ohlcv_seed(
     format: Annotated[Format, Query(description="json, or csv")] = Format.json,
     wait: Wait = 10.0,
 ) -> Response:
-    return _answer(request, service, instrument=symbol, interval=interval, start=startDate, end=endDate, limit=limit,
-                   countback=None, fmt=format, wait=wait, seed=True)  # fmt: skip
+    return await _answer(request, service, instrument=symbol, interval=interval, start=startDate, end=endDate,
+                         limit=limit, countback=None, fmt=format, wait=wait, seed=True)  # fmt: skip
 
 
-def _answer(request: Request, service: OhlcvService, *, instrument: str, interval: str, start: str | None, end: str,
-            limit: int | None, countback: int | None, fmt: Format, wait: float, seed: bool) -> Response:  # fmt: skip
+async def _answer(request: Request, service: OhlcvService, *, instrument: str, interval: str, start: str | None,
+                  end: str, limit: int | None, countback: int | None, fmt: Format, wait: float,
+                  seed: bool) -> Response:  # fmt: skip
     for name, value in (("limit", limit), ("countback", countback)):
         if value is not None and value > MAX_BARS_PER_QUERY:
             raise HTTPException(422, f"{name} {value} is over the cap of {MAX_BARS_PER_QUERY} bars per request")
@@ -99,23 +130,71 @@ def _answer(request: Request, service: OhlcvService, *, instrument: str, interva
         else:
             query = build_query(instrument=instrument, interval=interval, start=start, end=end)
         if fmt is Format.csv and limit is None and countback is None:
-            return StreamingResponse(service.csv_chunks(query), media_type="text/csv; charset=utf-8",
-                                     headers={"Content-Disposition": f'inline; filename="{_filename(query)}"'})  # fmt: skip
-        on_demand: OnDemand | None = getattr(request.app.state, "on_demand", None)
+            settings, limits = request.app.state.settings, request.app.state.limits
+            release = await limits.acquire_large()  # an export holds a connection while it streams
+            try:
+                gaps = await anyio.to_thread.run_sync(service.closed_gaps, query)
+            except BaseException:
+                release()
+                raise
+            headers = {"Content-Disposition": f'inline; filename="{_filename(query)}"', **_gap_headers(gaps, False)}
+            csv = CsvResponse(service.csv_chunks(query), send_timeout_s=settings.api_send_timeout_s, release=release,
+                              headers=headers)  # fmt: skip
+            await csv.prime()  # releases on failure
+            return csv  # type: ignore[return-value]
+        limits = request.app.state.limits
         n = limit or countback
-        if on_demand is not None:
-            stitched, asked = on_demand.read(query, wait=wait, limit=n)
-        else:
-            stitched, asked = service.read(query, limit=n), False
+        buckets = (query.end - query.start) // query.interval.seconds
+        large = min(buckets, n or buckets) > limits.large_bars
+        async with limits.large() if large else nullcontext():
+            stitched, asked = await _read(request, service, query, wait=wait, limit=limit, countback=countback)
+            headers = {} if stitched.complete else {
+                "Retry-After": str(RETRY_AFTER_FETCHING_S if asked else RETRY_AFTER_IDLE_S)}  # fmt: skip
+            if fmt is Format.csv:
+                from candlekeep.serving import CSV_HEADER, csv_line
+
+                body = CSV_HEADER + "".join(csv_line(b) for b in stitched.bars)
+                return Response(body, media_type="text/csv; charset=utf-8",
+                                headers={**_gap_headers(stitched.gaps, asked), **headers})  # fmt: skip
+            encoded = await anyio.to_thread.run_sync(lambda: _json(stitched, requested=instrument, seed=seed))
+            return Response(encoded, media_type="application/json", headers=headers)
     except QueryError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from None
-    headers = {} if stitched.complete else {"Retry-After": str(RETRY_AFTER_FETCHING_S if asked else RETRY_AFTER_IDLE_S)}
-    if fmt is Format.csv:
-        from candlekeep.serving import CSV_HEADER, csv_line
+    except UnknownInstrument as exc:
+        raise HTTPException(status_code=404, detail=str(exc)) from None
+    except TrackLimitReached as exc:
+        raise HTTPException(status_code=429, detail=str(exc), headers={"Retry-After": "3600"}) from None
+    except SourceError as exc:  # the source could not be asked whether the instrument exists
+        raise HTTPException(status_code=503, detail=f"cannot check {instrument!r} with the source now: {exc}",
+                            headers={"Retry-After": str(RETRY_AFTER_IDLE_S)}) from None  # fmt: skip
 
-        body = CSV_HEADER + "".join(csv_line(b) for b in stitched.bars)
-        return Response(body, media_type="text/csv; charset=utf-8", headers=headers)
-    return Response(_json(stitched, requested=instrument, seed=seed), media_type="application/json", headers=headers)
+
+async def _read(request: Request, service: OhlcvService, query: OhlcvQuery, *, wait: float,
+                limit: int | None, countback: int | None) -> tuple[Stitched, bool]:  # fmt: skip
+    on_demand: OnDemand | None = getattr(request.app.state, "on_demand", None)
+    if on_demand is None:
+        return await anyio.to_thread.run_sync(lambda: service.read(query, limit=limit, countback=countback)), False
+    limits = request.app.state.limits
+    who = identity_of(request)
+    return await on_demand.read_async(query, wait=wait, limit=limit, countback=countback,
+                                      waiting=lambda: limits.waiting(who), requester=who)  # fmt: skip
+
+
+MAX_GAP_HEADER_RANGES = 100
+
+
+def _gap_headers(gaps: list[tuple[int, int]], asked: bool) -> dict[str, str]:
+    """A CSV's completeness in its headers, as the JSON's `gaps` / `complete` say it: X-Candlekeep-Complete,
+    X-Candlekeep-Gaps (`start-end` unix s, comma-separated, the first MAX_GAP_HEADER_RANGES),
+    X-Candlekeep-Gap-Count, and Retry-After while incomplete."""
+    if not gaps:
+        return {"X-Candlekeep-Complete": "true"}
+    return {
+        "X-Candlekeep-Complete": "false",
+        "X-Candlekeep-Gaps": ",".join(f"{s}-{e}" for s, e in gaps[:MAX_GAP_HEADER_RANGES]),
+        "X-Candlekeep-Gap-Count": str(len(gaps)),
+        "Retry-After": str(RETRY_AFTER_FETCHING_S if asked else RETRY_AFTER_IDLE_S),
+    }
 
 
 def _countback_query(*, instrument: str, interval: str, end: str, countback: int) -> OhlcvQuery:
@@ -138,7 +217,7 @@ def _json(stitched: Stitched, *, requested: str, seed: bool) -> bytes:
         "interval": q.interval.value,
         "start": q.start,
         "end": q.end,
-        "bars": [_bar(b, days) for b in stitched.bars],
+        "bars": [_bar(b, days, forming=b is stitched.forming) for b in stitched.bars],
         "gaps": [{"start": s, "end": e} for s, e in stitched.gaps],
         "complete": stitched.complete,
         "forming": stitched.forming is not None,
@@ -148,11 +227,12 @@ def _json(stitched: Stitched, *, requested: str, seed: bool) -> bytes:
     return msgspec.json.encode(body)
 
 
-def _bar(b: Bar, days: dict[int, str]) -> dict:
+def _bar(b: Bar, days: dict[int, str], *, forming: bool = False) -> dict:
     return {
         "time": b.start, "start": _iso(b.start, days), "open": decimal_str(b.open), "high": decimal_str(b.high),
         "low": decimal_str(b.low), "close": decimal_str(b.close), "volume": decimal_str(b.volume),
         "quote_volume": decimal_str(b.quote_volume), "trades": b.trades, "source": b.source, "final": b.final,
+        "state": "final" if b.final else "forming" if forming else "provisional",
     }  # fmt: skip
 
 

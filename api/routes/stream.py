@@ -14,8 +14,10 @@ Without Redis (not configured, unreachable, or lost mid-stream) the store is pol
 for anything inside that window.
 
 Messages (text frames, JSON):
-    {"type": "bar", "bar": {<the `bars` topic message: candlekeep.messages.encode_bar>}}
-        prices and volumes as decimal strings; `final` false for provisional stream bars;
+    {"type": "bar", "state": "forming" | "provisional" | "final", "bar": {<the `bars` topic message:
+            candlekeep.messages.encode_bar>}}
+        `state` tells the forming bar (its bucket still open) from a closed provisional stream bar;
+        prices and volumes as decimal strings; `final` false for both;
         `revision` counts published versions; the same `start` again replaces the earlier bar
     {"type": "live", "mode": "redis" | "poll", "snapshot": <bars sent in the snapshot>}
         once, between the snapshot and the live updates
@@ -36,12 +38,14 @@ from fastapi import APIRouter, WebSocket
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
+from api.security import close_reason
 from candlekeep.bars import Bar, Interval
 from candlekeep.cache import updates_channel
 from candlekeep.instruments import Instrument, InstrumentError, resolve_instrument
 from candlekeep.live_feed import Seam
 from candlekeep.messages import MessageError, decode_bar, encode_bar
 from candlekeep.query import OhlcvQuery, QueryError, parse_timestamp
+from candlekeep.serving import bar_state
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,7 @@ async def stream(websocket: WebSocket) -> None:
     try:
         instrument, interval, since = _params(websocket, now)
     except _Invalid as exc:
-        await websocket.close(code=POLICY_VIOLATION, reason=str(exc)[:120])  # a close reason is <= 123 bytes
+        await websocket.close(code=POLICY_VIOLATION, reason=close_reason(str(exc)))  # <= 123 bytes of UTF-8
         return
     feed = _Feed(websocket, instrument, interval)
     watcher = asyncio.create_task(_until_disconnect(websocket))
@@ -89,7 +93,7 @@ async def stream(websocket: WebSocket) -> None:
 
 def _params(websocket: WebSocket, now: int) -> tuple[Instrument, Interval, int]:
     params = websocket.query_params
-    unknown = set(params) - {"instrument", "interval", "since"}
+    unknown = set(params) - {"instrument", "interval", "since", "api_key"}  # api_key: read by api.security
     if unknown:
         raise _Invalid(f"unknown parameter(s): {', '.join(sorted(unknown))}")
     raw_instrument = params.get("instrument")
@@ -209,7 +213,8 @@ class _Feed:
     async def _offer(self, bar: Bar) -> int:
         if not self.seam.offer(bar):
             return 0
-        await self.websocket.send_text('{"type":"bar","bar":' + encode_bar(bar).decode() + "}")
+        state = bar_state(bar, now=int(time.time()))
+        await self.websocket.send_text(f'{{"type":"bar","state":"{state}","bar":' + encode_bar(bar).decode() + "}")
         return 1
 
     async def close(self) -> None:

@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from api.deps import BarStoreDep, EngineDep, OhlcvDep
 from candlekeep import udf
 from candlekeep.bars import Interval
-from candlekeep.instruments import Instrument
+from candlekeep.instruments import Instrument, resolve_instrument
 from candlekeep.storage.bars import BarStore
 from candlekeep.storage.instruments import InstrumentStore
 
@@ -132,7 +132,8 @@ def config(engine: EngineDep) -> UdfConfig:
 def symbols(
     engine: EngineDep,
     store: BarStoreDep,
-    symbol: Annotated[str, Query(description="an instrument id", examples=["coinbase:BTC-USD"])],
+    symbol: Annotated[str, Query(description="an instrument id, or `BTCUSD` / `BTC-USD` (default venue cccagg)",
+                                 examples=["coinbase:BTC-USD"])],
 ) -> UdfSymbol | UdfError:
     instrument = _known(engine, symbol)
     if instrument is None:
@@ -233,9 +234,10 @@ def server_time() -> str:
 
 
 def _known(engine, symbol: str) -> Instrument | None:
-    """The registered instrument `symbol` names, or None."""
+    """The registered instrument `symbol` names, or None. `symbol` resolves as `/v1/ohlcv`'s instrument
+    does (candlekeep.instruments.resolve_instrument: `BTCUSD` and `BTC-USD` mean `cccagg:BTC-USD`)."""
     try:
-        instrument = Instrument.parse(symbol)
+        instrument = resolve_instrument(symbol)
     except ValueError:
         return None
     return instrument if instrument.id in InstrumentStore(engine).list_ids() else None

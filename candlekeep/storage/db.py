@@ -51,7 +51,8 @@ def create_engine(url: str, **kw: Any) -> Engine:
     connect_args = kw.setdefault("connect_args", {})
     if "options" not in connect_args and "options=" not in url:
         connect_args["options"] = "-c TimeZone=UTC"
-    connect_args.setdefault("application_name", "candlekeep")
+    if "application_name=" not in url:  # a URL's own application_name wins
+        connect_args.setdefault("application_name", "candlekeep")
     return sqlalchemy.create_engine(sqlalchemy_url(url), **kw)
 
 

@@ -56,3 +56,8 @@ class InstrumentStore:
         sql = "SELECT id FROM instruments" + (" WHERE tracked" if tracked_only else "") + " ORDER BY id"
         with self.engine.connect() as conn:
             return list(conn.execute(text(sql)).scalars())
+
+    def tracked_flags(self) -> list[tuple[str, bool]]:
+        """(id, tracked) of every registered instrument, by id."""
+        with self.engine.connect() as conn:
+            return [(r[0], bool(r[1])) for r in conn.execute(text("SELECT id, tracked FROM instruments ORDER BY id"))]

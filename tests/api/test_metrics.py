@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.main import create_app
 from candlekeep.settings import Settings
+from tests.utils.net import LOOPBACK_PEER
 
 KEY = "ck_metrics_5d1f0c9a"
 
@@ -43,7 +44,7 @@ def labels(**kw: str) -> frozenset[tuple[str, str]]:
 
 
 def test_latency_is_recorded_per_route_template_not_per_path(database_url: str) -> None:
-    client = TestClient(make_app(database_url))
+    client = TestClient(make_app(database_url), client=LOOPBACK_PEER)
     for name in ("btc", "eth", "sol"):
         assert client.get(f"/v1/things/{name}").status_code == 200
 
@@ -57,7 +58,7 @@ def test_latency_is_recorded_per_route_template_not_per_path(database_url: str) 
 
 
 def test_unmatched_paths_share_one_series(database_url: str) -> None:
-    client = TestClient(make_app(database_url))
+    client = TestClient(make_app(database_url), client=LOOPBACK_PEER)
     for path in ("/wp-login.php", "/.env", "/v2/whatever"):
         assert client.get(path).status_code == 404
 
@@ -77,7 +78,7 @@ def test_refused_requests_are_counted_under_their_route(database_url: str) -> No
 
 def test_cache_and_on_demand_counters_are_exported(database_url: str) -> None:
     app = make_app(database_url)
-    client = TestClient(app)
+    client = TestClient(app, client=LOOPBACK_PEER)
     before = scrape(client)
     assert before[("candlekeep_api_cache_requests_total", labels(result="hit"))] == 0  # present from the start
     assert before[("candlekeep_api_ondemand_requests_total", labels(op="fetch"))] == 0
@@ -100,7 +101,7 @@ def test_cache_and_on_demand_counters_are_exported(database_url: str) -> None:
 
 
 def test_each_app_has_its_own_registry(database_url: str) -> None:
-    one, two = TestClient(make_app(database_url)), TestClient(make_app(database_url))
+    one, two = TestClient(make_app(database_url), client=LOOPBACK_PEER), TestClient(make_app(database_url), client=LOOPBACK_PEER)
     one.get("/v1/things/a")
     route = labels(method="GET", route="/v1/things/{name}")
     assert scrape(one)[("candlekeep_api_request_duration_seconds_count", route)] == 1

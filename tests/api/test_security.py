@@ -49,9 +49,47 @@ def make_app(database_url: str, **overrides: Any) -> FastAPI:
 # --- who needs a key ---------------------------------------------------------------------------------
 
 
-def test_loopback_api_without_keys_is_open(database_url: str) -> None:
-    client = TestClient(make_app(database_url), client=REMOTE)
-    assert client.get("/v1/probe").status_code == 200
+def test_without_keys_only_loopback_peers_are_answered(database_url: str) -> None:
+    """The peer address decides, not CANDLEKEEP_API_HOST: `uvicorn --host 0.0.0.0` with the default
+    settings (api_host 127.0.0.1, no keys) must not serve a remote peer."""
+    app = make_app(database_url)
+    assert TestClient(app, client=LOCAL).get("/v1/probe").status_code == 200
+    assert TestClient(app, client=("::1", 50000)).get("/v1/probe").status_code == 200
+    for peer in (REMOTE, ("10.0.0.5", 1234), ("192.168.1.20", 1234), ("2001:db8::1", 1234), ("testclient", 1)):
+        refused = TestClient(app, client=peer).get("/v1/ohlcv", params={"instrument": "cccagg:BTC-USD",
+                                                                        "interval": "1m", "start": "0", "end": "60"})
+        assert refused.status_code == 401, peer
+        assert "CANDLEKEEP_API_KEYS" in refused.json()["detail"]
+    with pytest.raises(WebSocketDisconnect) as ws_refused, TestClient(app, client=REMOTE).websocket_connect(
+            "/v1/ws-probe"):  # fmt: skip
+        pass
+    assert ws_refused.value.code == 1008
+
+
+def test_asgi_peer_beyond_loopback_is_refused_without_keys(database_url: str) -> None:
+    """At the ASGI level: the scope's client is all the middleware sees."""
+    app = make_app(database_url)
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def call(client: tuple[str, int]) -> int:
+        sent.clear()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+                 "scheme": "http", "path": "/v1/probe", "raw_path": b"/v1/probe", "query_string": b"",
+                 "root_path": "", "headers": [(b"host", b"api.example")], "client": client,
+                 "server": ("0.0.0.0", 8000), "state": {}}  # fmt: skip
+        await app(scope, receive, send)
+        return sent[0]["status"]
+
+    import anyio
+
+    assert anyio.run(call, ("198.51.100.23", 40000)) == 401
+    assert anyio.run(call, ("127.0.0.1", 40000)) == 200
 
 
 def test_an_exposed_api_without_keys_refuses_to_start(database_url: str) -> None:
@@ -102,8 +140,9 @@ def test_every_configured_key_works_and_near_misses_do_not(database_url: str) ->
 def test_open_paths(database_url: str, engine: object) -> None:
     app = make_app(database_url, api_host="0.0.0.0", api_keys=[KEY_A])
     with TestClient(app, client=REMOTE) as remote, TestClient(app, client=LOCAL) as local:
-        assert remote.get("/health").status_code in (200, 503)  # open: states, no market data
-        assert remote.get("/health").json()["database"] == "ok"
+        assert remote.get("/health").json() == {"status": "ok"}  # open: the verdict alone, no detail
+        assert remote.get("/health", headers={"X-API-Key": KEY_A}).json()["database"] == "ok"
+        assert local.get("/health").json() == {"status": "ok"}  # keys configured: loopback is anonymous too
         schema = remote.get("/openapi.json")
         assert schema.status_code == 200
         assert schema.json()["components"]["securitySchemes"]["ApiKeyHeader"]["name"] == "X-API-Key"
@@ -157,7 +196,7 @@ def test_in_process_bucket_per_key_and_per_address(database_url: str) -> None:
 
 
 def test_rate_limit_zero_turns_it_off(database_url: str) -> None:
-    client = TestClient(make_app(database_url, api_rate_limit_per_minute=0, api_rate_burst=1), client=REMOTE)
+    client = TestClient(make_app(database_url, api_rate_limit_per_minute=0, api_rate_burst=1), client=LOCAL)
     assert {client.get("/v1/probe").status_code for _ in range(5)} == {200}
 
 
@@ -189,7 +228,7 @@ def test_redis_down_falls_back_to_in_process_buckets_and_says_so(
 ) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
     app = make_app(database_url, redis_url=dead, api_rate_limit_per_minute=1, api_rate_burst=2)
-    client = TestClient(app, client=REMOTE)
+    client = TestClient(app, client=LOCAL)
 
     with caplog.at_level(logging.WARNING, logger="api.security"):
         statuses = [client.get("/v1/probe").status_code for _ in range(3)]
@@ -200,7 +239,7 @@ def test_redis_down_falls_back_to_in_process_buckets_and_says_so(
 
 
 def test_websocket_handshakes_are_rate_limited(database_url: str) -> None:
-    client = TestClient(make_app(database_url, api_rate_limit_per_minute=1, api_rate_burst=1), client=REMOTE)
+    client = TestClient(make_app(database_url, api_rate_limit_per_minute=1, api_rate_burst=1), client=LOCAL)
     with client.websocket_connect("/v1/ws-probe") as ws:
         assert ws.receive_json() == {"ok": True}
     with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect("/v1/ws-probe"):
@@ -234,10 +273,71 @@ def test_cors_headers_only_for_configured_origins(database_url: str) -> None:
 
 
 def test_no_cors_headers_without_configured_origins(database_url: str) -> None:
-    client = TestClient(make_app(database_url), client=REMOTE)
+    client = TestClient(make_app(database_url), client=LOCAL)
     response = client.get("/v1/probe", headers={"Origin": "https://charts.example.com"})
     assert response.status_code == 200
     assert not any(name.startswith("access-control-") for name in response.headers)
     preflight = client.options("/v1/probe", headers={"Origin": "https://charts.example.com",
                                                      "Access-Control-Request-Method": "GET"})  # fmt: skip
     assert "access-control-allow-origin" not in preflight.headers
+
+
+# --- ?api_key= for UDF and WebSocket clients, and what a refusal reveals -------------------------------
+
+
+def test_udf_clients_may_send_the_key_in_the_query(database_url: str) -> None:
+    client = TestClient(make_app(database_url, api_keys=[KEY_A]), client=REMOTE)
+    assert client.get("/udf/time").status_code == 401
+    assert client.get("/udf/time", params={"api_key": KEY_A}).status_code == 200
+    assert client.get("/udf/config", params={"api_key": KEY_A + "x"}).status_code == 401
+    # Only the UDF datafeed and WebSockets read it: elsewhere a key belongs in a header.
+    assert client.get("/v1/probe", params={"api_key": KEY_A}).status_code == 401
+
+
+def test_the_stream_accepts_api_key_in_the_query(database_url: str, engine: object) -> None:
+    app = make_app(database_url, api_keys=[KEY_A])
+    with TestClient(app, client=REMOTE) as client, client.websocket_connect(
+            f"/v1/stream?instrument=cccagg:BTC-USD&interval=1m&api_key={KEY_A}") as ws:  # fmt: skip
+        assert ws.receive_json()["type"] == "live"
+
+
+def test_refusals_say_nothing_about_the_key(database_url: str) -> None:
+    client = TestClient(make_app(database_url, api_keys=[KEY_A]), client=REMOTE)
+    bodies = {client.get("/v1/probe", headers={"X-API-Key": key}).text
+              for key in (KEY_A[:-1], KEY_A + "0", "x", "y" * len(KEY_A), "z" * 4096)}  # fmt: skip
+    assert bodies == {'{"detail": "invalid API key"}'}  # one answer whatever the length or content
+
+
+def test_a_non_ascii_bad_stream_parameter_closes_cleanly(database_url: str,
+                                                         engine: object) -> None:
+    app = make_app(database_url)
+    name = "é" * 100  # 200 bytes of UTF-8 in the reason: more than a close frame holds
+    with TestClient(app, client=LOCAL) as client:
+        with pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect(
+                f"/v1/stream?instrument=cccagg:BTC-USD&{name}=1") as ws:  # fmt: skip
+            ws.receive_json()
+    assert closed.value.code == 1008
+    assert closed.value.reason.startswith("unknown parameter(s): é")
+    assert len(closed.value.reason.encode()) <= 123
+
+
+# --- what the OpenAPI schema says ----------------------------------------------------------------------
+
+
+def test_openapi_documents_401_429_and_which_routes_are_open(database_url: str, engine: object) -> None:
+    app = make_app(database_url, api_keys=[KEY_A], api_rate_limit_per_minute=60)
+    schema = TestClient(app, client=LOCAL).get("/openapi.json").json()
+    assert "security" not in schema  # no blanket requirement: per operation
+    for path, item in schema["paths"].items():
+        for method, operation in item.items():
+            assert {"401", "429"} <= set(operation["responses"]), (method, path)
+            if path in ("/health", "/openapi.json", "/docs", "/redoc"):
+                assert operation["security"] == [], path
+            else:
+                assert {"ApiKeyHeader": []} in operation["security"], path
+    assert schema["paths"]["/health"]["get"]["security"] == []
+    assert {"ApiKeyQuery": []} in schema["paths"]["/udf/history"]["get"]["security"]
+    assert {"ApiKeyQuery": []} not in schema["paths"]["/v1/ohlcv"]["get"]["security"]
+    # and what it says holds: an open route answers without a key, a secured one does not
+    with TestClient(app, client=REMOTE) as remote:
+        assert remote.get("/health").status_code == 200 and remote.get("/v1/instruments").status_code == 401

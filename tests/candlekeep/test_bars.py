@@ -396,3 +396,13 @@ def test_rollup_of_1m_equals_aggregation_at_the_interval(
 def test_decimal_str_is_plain_text_with_every_digit(value: str, text: str) -> None:
     assert decimal_str(D(value)) == text
     assert D(decimal_str(D(value))) == D(value)
+
+
+# -- the one UTC time formatter ------------------------------------------------------------------
+
+
+@given(st.integers(min_value=0, max_value=4_102_444_800))  # 1970 .. 2100
+def test_iso_utc_matches_the_standard_librarys_isoformat(ts: int) -> None:
+    from candlekeep.bars import iso_utc
+
+    assert iso_utc(ts) == datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")

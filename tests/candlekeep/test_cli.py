@@ -29,14 +29,16 @@ DAY = int(datetime(2024, 3, 1, tzinfo=UTC).timestamp())
 
 
 @pytest.fixture
-def cli_env(monkeypatch: pytest.MonkeyPatch, engine: Engine, database_url: str) -> None:
+def cli_env(monkeypatch: pytest.MonkeyPatch, engine: Engine, database_url: str,
+            tmp_path_factory: pytest.TempPathFactory) -> None:
     monkeypatch.setenv("CANDLEKEEP_DATABASE_URL", database_url)
     monkeypatch.setenv("CANDLEKEEP_SOURCE", "simulator")
-    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    # A backfill records its runs in the instance `up` serves; here a throwaway one under tmp_path.
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path_factory.mktemp("dagster-home")))
 
 
 def test_backfill_then_ohlcv_prints_the_simulators_bars(cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["backfill", "--instrument", BTC.id, "--start", "2024-03-01", "--end", "2024-03-02"]) == 0
+    assert main(["backfill", "--instrument", BTC.id, "--start", "2024-03-01", "--end", "2024-03-03"]) == 0
     assert "2880 bars fetched" in capsys.readouterr().out
 
     assert main(["ohlcv", "--instrument", BTC.id, "--interval", "1h", "--start", "2024-03-01",
@@ -50,7 +52,7 @@ def test_backfill_then_ohlcv_prints_the_simulators_bars(cli_env: None, capsys: p
 
 
 def test_second_backfill_changes_nothing(cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["backfill", "--instrument", BTC.id, "--start", "2024-03-01", "--end", "2024-03-01"]
+    args = ["backfill", "--instrument", BTC.id, "--start", "2024-03-01", "--end", "2024-03-02"]
     assert main(args) == 0
     capsys.readouterr()
     assert main(args) == 0
@@ -73,13 +75,50 @@ def test_ohlcv_json_lists_gaps(cli_env: None, capsys: pytest.CaptureFixture[str]
         (["ohlcv", "--instrument", "BTC USD!", "--start", "2024-01-01", "--end", "2024-01-02"], "invalid instrument"),
         (["ohlcv", "--instrument", BTC.id, "--interval", "2m", "--start", "2024-01-01", "--end", "2024-01-02"], "invalid interval"),
         (["ohlcv", "--instrument", BTC.id, "--start", "2024-01-02", "--end", "2024-01-01"], "must be after start"),
-        (["backfill", "--instrument", BTC.id, "--start", "2024-01-02", "--end", "2024-01-01"], "before --start"),
+        (["backfill", "--instrument", BTC.id, "--start", "2024-01-02", "--end", "2024-01-01"], "must be after --start"),
+        (["backfill", "--instrument", BTC.id, "--start", "2023-06-01", "--end", "2024-01-02"],
+         "--start 2023-06-01 is before CANDLEKEEP_HISTORY_START (2024-01-01)"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(cli_env: None, capsys: pytest.CaptureFixture[str], args: list[str],
                                                  message: str) -> None:
     assert main(args) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err  # one line
+
+
+def test_backfill_takes_iso_datetimes_and_seed_symbols_and_fills_whole_days(
+        cli_env: None, engine: Engine, capsys: pytest.CaptureFixture[str]) -> None:
+    from candlekeep.storage.bars import BarStore
+
+    # 06:00 on Mar 1 up to (exclusive) 00:00 Mar 2: the whole of Mar 1, nothing of Mar 2
+    assert main(["backfill", "--instrument", "BTCUSD", "--start", "2024-03-01T06:00:00Z", "--end", "2024-03-02"]) == 0
+    assert "backfilled cccagg:BTC-USD 1m 2024-03-01..2024-03-01" in capsys.readouterr().out
+    stored = BarStore(engine).read_bars(BTC.id, Interval.M1, DAY - 86_400, DAY + 2 * 86_400)
+    truth = [b for page in Simulator(seed=0).bars(BTC, Interval.M1, DAY, DAY + 86_400) for b in page]
+    assert [(b.start, b.close) for b in stored] == [(b.start, b.close) for b in truth]
+
+
+def test_a_cli_backfill_is_a_materialization_in_the_instance_up_serves(
+        cli_env: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No DAGSTER_HOME (a user's shell): the backfill records its runs in data_dir/dagster, the instance
+    `candlekeep up` serves in the UI (runs and events in PostgreSQL), not in a throwaway one."""
+    import dagster as dg
+
+    monkeypatch.delenv("DAGSTER_HOME")
+    monkeypatch.setenv("CANDLEKEEP_DATA_DIR", str(tmp_path))
+    instrument = "coinbase:SOL-USD"  # the `dagster` database is shared by this server's tests: an instrument of its own
+    try:
+        assert main(["backfill", "--instrument", instrument, "--start", "2024-03-01", "--end", "2024-03-02"]) == 0
+        with dg.DagsterInstance.from_config(str(tmp_path / "dagster")) as instance:
+            events = instance.fetch_materializations(dg.AssetKey("bars_1m"), limit=1000).records
+            keys = {str(e.asset_materialization.partition) for e in events}
+            assert instance.has_dynamic_partition("instruments", instrument)
+    finally:
+        os.environ.pop("DAGSTER_HOME", None)  # set by the command for its own process
+        os.environ.pop("CANDLEKEEP_DAGSTER_PG_URL", None)
+    assert f"2024-03-01|{instrument}" in keys
 
 
 def test_bad_configuration_names_the_variable(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -97,6 +136,29 @@ def test_track_without_kafka_marks_the_instrument_tracked_for_the_running_coordi
 
     assert "track coinbase:ETH-USD: sent" in capsys.readouterr().out
     assert "coinbase:ETH-USD" in InstrumentStore(engine).list_ids(tracked_only=True)
+
+
+def test_track_refuses_an_instrument_the_source_does_not_know(
+        cli_env: None, engine: Engine, capsys: pytest.CaptureFixture[str]) -> None:
+    from candlekeep.storage.instruments import InstrumentStore
+
+    assert main(["track", "cccagg:FOO-BAR"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown instrument cccagg:FOO-BAR" in err and "nothing tracked" in err and "Traceback" not in err
+    assert InstrumentStore(engine).list_ids() == []
+
+
+def test_untrack_without_kafka_keeps_the_bars(cli_env: None, engine: Engine, capsys: pytest.CaptureFixture[str]) -> None:
+    from candlekeep.storage.bars import BarStore
+    from candlekeep.storage.instruments import InstrumentStore
+    from tests.utils.bars import make_bar
+
+    assert main(["track", "coinbase:ETH-USD"]) == 0
+    BarStore(engine).upsert_bars([make_bar("coinbase:ETH-USD", 1_704_067_200, "2300")])
+    assert main(["untrack", "coinbase:ETHUSD"]) == 0
+    assert "untrack coinbase:ETH-USD: sent" in capsys.readouterr().out
+    assert InstrumentStore(engine).list_ids(tracked_only=True) == []
+    assert len(BarStore(engine).read_bars("coinbase:ETH-USD", "1m", 1_704_067_200, 1_704_067_260)) == 1
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 
 from candlekeep.bars import Interval, rollup_bars
 from candlekeep.cache import BarCache, bar_key
-from candlekeep.query import build_query
+from candlekeep.query import QueryError, build_query
 from candlekeep.serving import OhlcvService, OnDemand
 from candlekeep.storage.bars import BarStore
 from candlekeep.storage.instruments import InstrumentStore
@@ -153,16 +153,32 @@ def test_redis_down_reads_the_database_alone(engine: Engine) -> None:
     assert closes(got.bars) == ["10", "11", "12"] and got.complete
 
 
-def test_limit_gives_the_most_recent_bars_even_across_gaps(engine: Engine) -> None:
+def test_countback_gives_the_most_recent_bars_even_across_gaps(engine: Engine) -> None:
     BarStore(engine).upsert_bars([make_bar(BTC, T0 + 60 * i, str(i + 1)) for i in (0, 1, 2, 7, 9)])
     svc = service(engine, None)
 
-    got = svc.read(q(T0, T0 + 600), limit=3)
+    got = svc.read(q(T0, T0 + 600), countback=3)
     assert closes(got.bars) == ["3", "8", "10"]
     assert got.query.start == T0 + 120 and got.gaps == [(T0 + 180, T0 + 420), (T0 + 480, T0 + 540)]
 
-    assert closes(svc.read(q(T0, T0 + 600), limit=2).bars) == ["8", "10"]
-    assert closes(svc.read(q(T0, T0 + 600), limit=50).bars) == ["1", "2", "3", "8", "10"]
+    assert closes(svc.read(q(T0, T0 + 600), countback=2).bars) == ["8", "10"]
+    assert closes(svc.read(q(T0, T0 + 600), countback=50).bars) == ["1", "2", "3", "8", "10"]
+
+
+def test_limit_gives_the_first_bars_of_the_range_as_sql_does(engine: Engine) -> None:
+    rows = [(i, str(i + 1)) for i in (0, 1, 2, 7, 9)]
+    BarStore(engine).upsert_bars([make_bar(BTC, T0 + 60 * i, c) for i, c in rows])
+    svc = service(engine, None)
+    truth = [c for _, c in sorted(rows)]  # ORDER BY start LIMIT n
+
+    for n in (1, 2, 3, 4, 5, 50):
+        got = svc.read(q(T0, T0 + 600), limit=n)
+        assert closes(got.bars) == truth[:n], n
+    four = svc.read(q(T0, T0 + 600), limit=4)
+    assert four.query.start == T0 and four.query.end == T0 + 480
+    assert four.gaps == [(T0 + 180, T0 + 420)]  # gaps within the answered window only
+    with pytest.raises(QueryError, match="not both"):
+        svc.read(q(T0, T0 + 600), limit=2, countback=2)
 
 
 def test_gaps_are_closed_buckets_only(engine: Engine) -> None:
@@ -230,7 +246,7 @@ def test_a_failed_request_is_not_waited_for(engine: Engine) -> None:
 
 
 def test_limit_over_the_cap_names_it(engine: Engine) -> None:
-    from candlekeep.query import MAX_BARS_PER_QUERY, QueryError
+    from candlekeep.query import MAX_BARS_PER_QUERY
 
     with pytest.raises(QueryError, match=str(MAX_BARS_PER_QUERY)):
         service(engine, None).read(q(T0, T0 + 60), limit=MAX_BARS_PER_QUERY + 1)

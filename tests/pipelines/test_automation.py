@@ -19,7 +19,7 @@ BINANCE_ETH = "binance:ETH-USDT"
 
 def test_sensor_adds_configured_and_stored_instruments_once(candlekeep, instance, engine, monkeypatch):
     monkeypatch.setenv("CANDLEKEEP_INSTRUMENTS", f"{BTC},{ETH}")
-    InstrumentStore(engine).register([BINANCE_ETH, SOL])
+    InstrumentStore(engine).register([BINANCE_ETH, SOL], tracked=True)
 
     with dg.build_sensor_context(instance=instance, cursor=None, resources={"candlekeep": candlekeep}) as context:
         result = instruments_sensor(context)
@@ -33,6 +33,23 @@ def test_sensor_adds_configured_and_stored_instruments_once(candlekeep, instance
     with dg.build_sensor_context(instance=instance, cursor=result.cursor, resources={"candlekeep": candlekeep}) as context:
         again = instruments_sensor(context)
     assert again.dynamic_partitions_requests == [] and again.skip_reason is not None
+
+
+def test_sensor_removes_the_partition_of_an_untracked_instrument(candlekeep, instance, engine, monkeypatch):
+    """Untracked (not configured): its partition goes, so no hourly refresh fails on it; bars stay."""
+    monkeypatch.setenv("CANDLEKEEP_INSTRUMENTS", BTC)
+    store = InstrumentStore(engine)
+    store.register([BINANCE_ETH, SOL], tracked=True)
+    instance.add_dynamic_partitions("instruments", [BTC, BINANCE_ETH, SOL])
+    store.set_tracked(SOL, False)  # what `candlekeep untrack` / DELETE /v1/instruments does without a broker
+    store.set_tracked(BTC, False)  # configured: stays a partition whatever its row says
+
+    with dg.build_sensor_context(instance=instance, cursor=None, resources={"candlekeep": candlekeep}) as context:
+        result = instruments_sensor(context)
+
+    (request,) = result.dynamic_partitions_requests
+    assert isinstance(request, dg.DeleteDynamicPartitionsRequest)
+    assert list(request.partition_keys) == [SOL]
 
 
 def test_sensor_still_adds_the_configured_instruments_without_a_database(instance, monkeypatch):

@@ -1,4 +1,4 @@
-"""The repo's dagster.yaml, as `candlekeep up` uses it: runs and events stored in PostgreSQL."""
+"""The repo's pipelines/dagster.yaml, as `candlekeep up` uses it: runs and events stored in PostgreSQL."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def dagster_pg_url(pg_admin_url: str) -> Iterator[str]:
 
 
 def test_runs_events_and_partitions_are_stored_in_postgres(dagster_pg_url, candlekeep, tmp_path, monkeypatch):
-    shutil.copyfile(ROOT / "dagster.yaml", tmp_path / "dagster.yaml")
+    shutil.copyfile(ROOT / "pipelines" / "dagster.yaml", tmp_path / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     monkeypatch.setenv("CANDLEKEEP_DAGSTER_PG_URL", dagster_storage_url(dagster_pg_url))
 

@@ -19,7 +19,9 @@ def test_definitions_validate_and_hold_the_bar_assets_checks_jobs_schedules_and_
     graph = defs.resolve_asset_graph()
 
     bar_keys = {dg.AssetKey(name) for name in ("bars_1m", "bars_1h", "bars_1d")}
-    assert set(graph.get_all_asset_keys()) == bar_keys
+    views = {dg.AssetKey("ohlcv_1h"), dg.AssetKey("ohlcv_1d")}  # lineage only (pipelines/views.py)
+    assert set(graph.get_all_asset_keys()) == bar_keys | views
+    assert all(not graph.get(v).is_materializable for v in views)
     assert {(k.asset_key.path[0], k.name) for k in graph.asset_check_keys} == {
         (asset, check) for asset in ("bars_1m", "bars_1h", "bars_1d") for check in ("ohlc_consistent", "complete")
     }

@@ -31,6 +31,7 @@ from candlekeep.messages import (
     DEADLETTER,
     ControlCommand,
     decode_bar,
+    decode_control,
     dynamic_topic,
     encode_bar,
     encode_control,
@@ -422,3 +423,23 @@ def test_the_dynamic_consumer_dead_letters_what_is_not_a_bar_of_its_topic(engine
     assert errors[2] == "key 'cccagg:BTC-USD' is not the instrument id 'coinbase:DOGE-USD'"
     assert [json.loads(r.value)["offset"] for r in letters] == [1, 3, 5]
     assert consumer.committed == {(name, 0): len(bars) + len(bad)}
+
+
+def test_an_instrument_untracked_in_the_table_is_untracked_on_control(engine: Engine) -> None:
+    """Without a broker, `candlekeep untrack` / DELETE /v1/instruments flip the row; the embedded
+    coordinator (announce) then puts `untrack` on control, which the producer follows."""
+    bus, prefix = InProcessBus(), "untrack."
+    InstrumentStore(engine).register([Instrument.parse("coinbase:ETH-USD")], tracked=True)
+    daemon = Running(coordinator(bus, engine, prefix, CountingSource(), announce=True, scan_interval_s=0.1))
+    try:
+        control = topic_name(prefix, CONTROL)
+        first = read_topic(bus, control, count=1)
+        assert [(decode_control(r.value).op, r.key) for r in first] == [("track", "coinbase:ETH-USD")]
+        InstrumentStore(engine).set_tracked("coinbase:ETH-USD", False)
+        records = read_topic(bus, control, count=2)
+        ops = [(decode_control(r.value).op, r.key) for r in records]
+        assert ops[:2] == [("track", "coinbase:ETH-USD"), ("untrack", "coinbase:ETH-USD")]
+        assert ops.count(("untrack", "coinbase:ETH-USD")) == 1  # once, not every scan
+    finally:
+        daemon.stop()
+        bus.close()

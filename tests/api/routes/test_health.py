@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from api.main import create_app
 from candlekeep.settings import Settings
 from streaming.health import HealthServer, StateMachine
-from tests.utils.net import free_port
+from tests.utils.net import LOOPBACK_PEER, free_port
 
 DAEMONS = ("producer", "aggregator", "coordinator", "dynamic")
 
@@ -51,7 +51,7 @@ def test_health_reports_database_migrations_and_redis(
 ) -> None:
     settings = Settings(database_url=database_url, redis_url=redis_url, kafka_bootstrap_servers=None,
                         stream_port_base=port_base)  # fmt: skip
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), client=LOOPBACK_PEER) as client:
         response = client.get("/health")
 
     assert response.status_code == 200, response.text
@@ -87,7 +87,7 @@ def test_health_reports_each_daemon_state(
     engine: Engine, database_url: str, port_base: int, daemon_servers: dict[str, StateMachine]
 ) -> None:
     settings = Settings(database_url=database_url, redis_url=None, stream_port_base=port_base)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), client=LOOPBACK_PEER) as client:
         response = client.get("/health")
 
     assert response.status_code == 200, response.text  # a daemon in error does not pull the API out
@@ -103,7 +103,7 @@ def test_health_reports_each_daemon_state(
 
 def test_health_with_daemon_ports_unknown(engine: Engine, database_url: str) -> None:
     settings = Settings(database_url=database_url, redis_url=None, stream_port_base=0)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), client=LOOPBACK_PEER) as client:
         daemons = client.get("/health").json()["daemons"]
     assert {d["state"] for d in daemons.values()} == {"unknown port"}
 
@@ -113,7 +113,7 @@ def test_health_is_503_when_kafka_is_configured_but_unreachable(
 ) -> None:
     settings = Settings(database_url=database_url, redis_url=None, stream_port_base=port_base,
                         kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")  # fmt: skip
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), client=LOOPBACK_PEER) as client:
         started = time.monotonic()
         response = client.get("/health")
         took = time.monotonic() - started
@@ -124,19 +124,20 @@ def test_health_is_503_when_kafka_is_configured_but_unreachable(
     assert took < 5, took  # probes are bounded
 
 
-def test_health_is_503_when_redis_is_unreachable(engine: Engine, database_url: str) -> None:
+def test_health_stays_200_when_only_redis_the_cache_is_unreachable(engine: Engine, database_url: str) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    with TestClient(create_app(Settings(database_url=database_url, redis_url=dead))) as client:
+    with TestClient(create_app(Settings(database_url=database_url, redis_url=dead)), client=LOOPBACK_PEER) as client:
         response = client.get("/health")
 
-    assert response.status_code == 503
+    assert response.status_code == 200  # the API serves from the database alone
+    assert response.json()["status"] == "ok"
     assert response.json()["redis"].startswith("error")
     assert response.json()["database"] == "ok"
 
 
 def test_health_is_503_when_the_database_is_down(engine: Engine) -> None:
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
-    with TestClient(create_app(Settings(database_url=dead))) as client:
+    with TestClient(create_app(Settings(database_url=dead)), client=LOOPBACK_PEER) as client:
         response = client.get("/health")
 
     assert response.status_code == 503
@@ -161,8 +162,37 @@ def test_health_reports_a_reachable_kafka(
 ) -> None:
     settings = Settings(database_url=database_url, redis_url=None, stream_port_base=port_base,
                         kafka_bootstrap_servers=kafka_bootstrap)  # fmt: skip
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), client=LOOPBACK_PEER) as client:
         response = client.get("/health")
 
     assert response.status_code == 200, response.text
     assert response.json()["kafka"] == "ok"
+
+
+def test_anonymous_remote_callers_get_the_status_alone(engine: Engine) -> None:
+    """Beyond loopback and without a key: `status` only (no error text, socket path or daemon URL)."""
+    dead = f"postgresql://postgres@/nothing?host=/tmp/candlekeep-no-such-socket-dir&port={free_port()}"
+    app = create_app(Settings(database_url=dead, api_keys=["k" * 24]))
+    with TestClient(app, client=("203.0.113.7", 50000)) as remote:
+        response = remote.get("/health")
+        assert response.status_code == 503
+        assert response.json() == {"status": "degraded"}
+        assert "candlekeep-no-such-socket-dir" not in response.text
+        full = remote.get("/health", headers={"X-API-Key": "k" * 24})
+        assert full.status_code == 503
+        assert full.json()["database"].startswith("error")
+        assert set(full.json()) >= {"daemons", "kafka", "redis", "migrations"}
+
+
+def test_anonymous_health_probes_the_database_once_per_ttl(engine: Engine, database_url: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import api.routes.health as health_route
+
+    probes = []
+    real = health_route._database_state
+    monkeypatch.setattr(health_route, "_database_state", lambda e: probes.append(1) or real(e))
+    app = create_app(Settings(database_url=database_url, redis_url=None, api_keys=["k" * 24]))
+    with TestClient(app, client=("203.0.113.7", 50000)) as remote:
+        bodies = [remote.get("/health").json() for _ in range(20)]
+    assert bodies == [{"status": "ok"}] * 20
+    assert len(probes) == 1  # 20 anonymous calls within BRIEF_TTL_S: one database ping

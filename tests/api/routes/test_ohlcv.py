@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import msgspec
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
@@ -12,6 +13,7 @@ from sqlalchemy import Engine
 from candlekeep.bars import Interval, rollup_bars
 from candlekeep.storage.bars import BarStore
 from tests.utils.bars import make_bar
+from tests.utils.net import LOOPBACK_PEER
 
 T0 = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp())
 BTC = "cccagg:BTC-USD"
@@ -118,6 +120,28 @@ def test_csv_streams_a_header_and_every_digit(client: TestClient, engine: Engine
     assert len(lines) == 4
 
 
+@pytest.mark.parametrize("interval", ["1m", "5m"])
+def test_an_incomplete_csv_says_so_in_its_headers_as_the_json_does(client: TestClient, engine: Engine,
+                                                                    interval: str) -> None:  # fmt: skip
+    minutes = [*range(0, 5), *range(12, 20), *range(27, 30)]
+    BarStore(engine).upsert_bars([make_bar(BTC, T0 + 60 * i, "100") for i in minutes])
+    params = {"instrument": BTC, "interval": interval, "start": T0, "end": T0 + 1800, "wait": 0}
+
+    as_json = client.get("/v1/ohlcv", params=params).json()
+    if interval == "1m":  # the minutes left out above
+        assert [(g["start"], g["end"]) for g in as_json["gaps"]] == [(T0 + 300, T0 + 720), (T0 + 1200, T0 + 1620)]
+    for extra in ({}, {"limit": 1000}):  # the streamed export, and the bounded one
+        csv = client.get("/v1/ohlcv", params={**params, **extra, "format": "csv"})
+        assert csv.status_code == 200
+        assert csv.headers["x-candlekeep-complete"] == "false"
+        gaps = [tuple(map(int, r.split("-"))) for r in csv.headers["x-candlekeep-gaps"].split(",")]
+        assert gaps == [(g["start"], g["end"]) for g in as_json["gaps"]] and gaps
+        assert int(csv.headers["x-candlekeep-gap-count"]) == len(gaps)
+        assert int(csv.headers["retry-after"]) >= 1
+    full = client.get("/v1/ohlcv", params={**params, "end": T0 + 300, "format": "csv"})
+    assert full.headers["x-candlekeep-complete"] == "true" and "x-candlekeep-gaps" not in full.headers
+
+
 def test_csv_of_a_derived_interval_matches_the_json(client: TestClient, engine: Engine) -> None:
     BarStore(engine).upsert_bars([make_bar(BTC, T0 + 60 * i, f"{100 + i}.5") for i in range(12)])
     params = {"instrument": BTC, "interval": "5m", "start": T0, "end": T0 + 900}
@@ -145,7 +169,9 @@ def test_limit_and_countback(client: TestClient, engine: Engine) -> None:
     by_limit = client.get("/v1/ohlcv", params={**base, "start": T0, "limit": 3}).json()
     by_countback = client.get("/v1/ohlcv", params={**base, "countback": 4}).json()
 
-    assert [b["close"] for b in by_limit["bars"]] == ["8", "9", "10"] and by_limit["start"] == T0 + 420
+    # limit: the FIRST N of the range, as SQL's LIMIT; countback: the last N.
+    assert [b["close"] for b in by_limit["bars"]] == ["1", "2", "3"]
+    assert by_limit["start"] == T0 and by_limit["end"] == T0 + 180 and by_limit["complete"]
     assert [b["close"] for b in by_countback["bars"]] == ["7", "8", "9", "10"] and by_countback["complete"]
 
 
@@ -200,7 +226,7 @@ def test_incomplete_answers_carry_retry_after_and_untracked_instruments_get_trac
 @pytest.fixture
 def redis_client(engine: Engine, database_url: str, redis_url: str) -> Iterator[TestClient]:
     redis.Redis.from_url(redis_url).flushdb()
-    with TestClient(create_app(Settings(database_url=database_url, redis_url=redis_url))) as test_client:
+    with TestClient(create_app(Settings(database_url=database_url, redis_url=redis_url)), client=LOOPBACK_PEER) as test_client:
         yield test_client
 
 
@@ -232,7 +258,7 @@ from candlekeep.serving import Stitched  # noqa: E402
 def _model_json(stitched: Stitched, *, requested: str, seed: bool) -> bytes:
     q = stitched.query
     fields = dict(instrument=q.instrument.id, requested=requested, interval=q.interval.value, start=q.start, end=q.end,
-                  bars=[BarPublic.from_bar(b) for b in stitched.bars],
+                  bars=[BarPublic.from_bar(b, forming=b is stitched.forming) for b in stitched.bars],
                   gaps=[GapPublic(start=s, end=e) for s, e in stitched.gaps],
                   complete=stitched.complete, forming=stitched.forming is not None)  # fmt: skip
     model = OhlcvSeedPublic(**fields, resolved=q.instrument.id) if seed else OhlcvPublic(**fields)
@@ -260,6 +286,8 @@ def test_fast_json_is_byte_for_byte_the_pydantic_model(seed: bool) -> None:
     assert fast == _model_json(stitched, requested="BTCUSD", seed=seed)
     model = OhlcvSeedPublic if seed else OhlcvPublic
     assert model.model_validate_json(fast).model_dump_json().encode() == fast  # and it validates as the model
+    states = [b["state"] for b in msgspec.json.decode(fast)["bars"]]
+    assert states == ["final", "final", "final", "forming"]  # the forming bar is told apart
 
 
 def test_fast_json_of_nothing_matches_the_model() -> None:

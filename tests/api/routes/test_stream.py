@@ -26,6 +26,7 @@ from candlekeep.cache import BarCache
 from candlekeep.settings import Settings
 from candlekeep.storage.bars import BarStore
 from tests.utils.bars import make_bar
+from tests.utils.net import LOOPBACK_PEER
 
 RECEIVE_TIMEOUT_S = 10
 
@@ -35,7 +36,7 @@ def _app(database_url: str, redis_url: str | None):
 
 
 def _client(app, redis_url: str | None) -> TestClient:
-    client = TestClient(app)
+    client = TestClient(app, client=LOOPBACK_PEER)
     client.__enter__()
     return client
 

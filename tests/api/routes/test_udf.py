@@ -20,6 +20,7 @@ from candlekeep.settings import Settings
 from candlekeep.storage.bars import BarStore
 from candlekeep.storage.instruments import InstrumentStore
 from tests.utils.bars import make_bar
+from tests.utils.net import LOOPBACK_PEER
 
 T0 = 1704067200  # 2024-01-01T00:00:00Z
 BTC = "coinbase:BTC-USD"
@@ -43,7 +44,7 @@ def client(engine: Engine, database_url: str, btc_bars: list[Bar]) -> Iterator[T
     store.upsert_bars(btc_bars)
     store.upsert_bars([make_bar(ETH, T0 + m * 60, f"2200.{m}25") for m in range(3)])
     app = create_app(Settings(database_url=database_url, redis_url=None, api_rate_limit_per_minute=0))
-    with TestClient(app) as test_client:
+    with TestClient(app, client=LOOPBACK_PEER) as test_client:
         yield test_client
 
 
@@ -107,6 +108,18 @@ def test_symbols_pricescale_follows_the_stored_decimals(client: TestClient) -> N
     assert client.get("/udf/symbols", params={"symbol": ETH}).json()["pricescale"] == 1000
     no_bars = client.get("/udf/symbols", params={"symbol": "cccagg:SOL-USD"}).json()
     assert no_bars["pricescale"] == 100 and no_bars["volume_precision"] == 8  # defaults
+
+
+@pytest.mark.parametrize("symbol", ["SOLUSD", "SOL-USD", "cccagg:SOL-USD"])
+def test_symbols_resolve_as_the_ohlcv_route_does(client: TestClient, symbol: str) -> None:
+    """One resolver for every door: `BTCUSD` means what it means for /v1/ohlcv (default venue cccagg)."""
+    body = client.get("/udf/symbols", params={"symbol": symbol}).json()
+    assert body["ticker"] == "cccagg:SOL-USD"
+    ohlcv = client.get("/v1/ohlcv", params={"instrument": symbol, "interval": "1m", "start": T0, "end": T0 + 60,
+                                            "wait": 0}).json()  # fmt: skip
+    assert ohlcv["instrument"] == body["ticker"]
+    assert client.get("/udf/history", params={"symbol": symbol, "resolution": "1", "from": T0,
+                                              "to": T0 + 60}).json()["s"] == "no_data"
 
 
 @pytest.mark.parametrize("symbol", ["kraken:BTC-USD", "nonsense", "BTCUSD"])
