@@ -70,7 +70,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from candlekeep.bars import EXACT, NS_PER_S, Bar, Disconnect, Heartbeat, Interval, TickRecord, Trade, trade_order_key
+from candlekeep.bars import (
+    EXACT,
+    NS_PER_S,
+    Bar,
+    Disconnect,
+    Heartbeat,
+    Interval,
+    TickRecord,
+    Trade,
+    iso_utc,
+    trade_order_key,
+)
 
 SOURCE = "stream"
 DEFAULT_LATENESS_NS = 2 * NS_PER_S
@@ -256,11 +267,11 @@ class BarBuilder:
         if ref is None:
             return
         if ts_ns - ref > self.max_ahead_ns:
-            raise Poison(f"{what} at {_iso(ts_ns)} is {(ts_ns - ref) // NS_PER_S} s ahead of the clock of "
-                         f"{self.instrument} ({_iso(ref)}); the bound is {self.max_ahead_ns // NS_PER_S} s")  # fmt: skip
+            raise Poison(f"{what} at {iso_utc(ts_ns // NS_PER_S)} is {(ts_ns - ref) // NS_PER_S} s ahead of the clock of "
+                         f"{self.instrument} ({iso_utc(ref // NS_PER_S)}); the bound is {self.max_ahead_ns // NS_PER_S} s")  # fmt: skip
         if ref - ts_ns > self.max_behind_ns:
-            raise Poison(f"{what} at {_iso(ts_ns)} is {(ref - ts_ns) // NS_PER_S} s behind the clock of "
-                         f"{self.instrument} ({_iso(ref)}); the bound is {self.max_behind_ns // NS_PER_S} s")  # fmt: skip
+            raise Poison(f"{what} at {iso_utc(ts_ns // NS_PER_S)} is {(ref - ts_ns) // NS_PER_S} s behind the clock of "
+                         f"{self.instrument} ({iso_utc(ref // NS_PER_S)}); the bound is {self.max_behind_ns // NS_PER_S} s")  # fmt: skip
 
     def _tick(self, ts_ns: int) -> list[Bar]:
         """A trade or heartbeat at `ts_ns` was applied: close an open gap, move the clock, close buckets."""
@@ -518,12 +529,6 @@ def _same(a: Bar, b: Bar) -> bool:
     return (a.open, a.high, a.low, a.close, a.volume, a.quote_volume, a.trades) == (
         b.open, b.high, b.low, b.close, b.volume, b.quote_volume, b.trades,
     )  # fmt: skip
-
-
-def _iso(ts_ns: int) -> str:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(ts_ns // NS_PER_S, UTC).isoformat().replace("+00:00", "Z")
 
 
 def bars_of_log(records: Iterable[TickRecord], **options) -> tuple[dict[tuple[str, int], Bar], list[Gap]]:

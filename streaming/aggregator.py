@@ -63,13 +63,12 @@ import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import Engine
 
-from candlekeep.bars import NS_PER_S, Bar, Interval, Trade, aggregate_trades
+from candlekeep.bars import NS_PER_S, Bar, Interval, Trade, aggregate_trades, iso_utc
 from candlekeep.cache import BarCache
 from candlekeep.live import DEFAULT_HORIZON, DEFAULT_LATENESS_NS, DEFAULT_MAX_AHEAD_NS, BarBuilder, Gap, Outcome, Poison
 from candlekeep.messages import BARS, DEADLETTER, TICKS, MessageError, decode_tick_record, encode_bar, encode_deadletter
@@ -477,7 +476,7 @@ class Aggregator:
             self._batch.bars[(bar.instrument, bar.start)] = bar
         self._republish(builder, stored)
         log.info("restored %s: %d stored trades, closed until %s, %d gaps, %d bars re-issued", instrument,
-                 len(trades), _iso_s(closed_until), len(gaps), len(fixes),
+                 len(trades), iso_utc(closed_until), len(gaps), len(fixes),
                  extra={"instrument": instrument, "trades": len(trades), "fixes": len(fixes)})  # fmt: skip
         return builder
 
@@ -549,17 +548,13 @@ class Aggregator:
             last_message_age_s=self.last_message_age_s,
             instruments=len(self._builders),
             open_gaps=sorted(i for i, b in self._builders.items() if b.gap_open),
-            clocks={i: _iso_s(b.clock_ns // NS_PER_S) for i, b in sorted(self._builders.items()) if b.clock_ns},
+            clocks={i: iso_utc(b.clock_ns // NS_PER_S) for i, b in sorted(self._builders.items()) if b.clock_ns},
             pending_trades=len(self._batch.trades),
             pending_bars=len(self._batch.bars),
             committed={f"{t}[{p}]": offset for (t, p), offset in sorted(self.committed.items())},
             cache={"available": self.cache.available, "backlog": self.cache.backlog} if self.cache else None,
             last_error=self.last_error,
         )
-
-
-def _iso_s(ts_s: int | None) -> str:
-    return "-" if ts_s is None else datetime.fromtimestamp(ts_s, UTC).isoformat().replace("+00:00", "Z")
 
 
 # -- construction and entry point -----------------------------------------------------------------

@@ -49,7 +49,7 @@ from uuid import uuid4
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy import Engine
 
-from candlekeep.bars import NS_PER_S, Disconnect, Heartbeat, Trade
+from candlekeep.bars import NS_PER_S, Disconnect, Heartbeat, Trade, iso_utc
 from candlekeep.instruments import Instrument
 from candlekeep.books import BookDelta, BookSnapshot
 from candlekeep.messages import (
@@ -176,7 +176,7 @@ class SimulatorPlayback:
         `heartbeat_s * speed` of sim time (at least one sim second)."""
         if self._wall0 is None:
             self._wall0 = self._clock()
-        start = datetime.fromtimestamp(self.start_ns / NS_PER_S, UTC).isoformat()
+        start = iso_utc(self.start_ns // NS_PER_S)
         yield StreamStatus("connecting", f"simulator seed {self.seed} at x{self.speed:g}")
         yield StreamStatus("subscribing", ", ".join(self.instruments))
         yield StreamStatus("streaming", f"sim time from {start}")
