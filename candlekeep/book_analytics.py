@@ -11,9 +11,9 @@ descending, asks ascending, sizes positive (what an L2 book holds). Times are bo
 the records), passed in: nothing here reads a clock.
 
 Arithmetic. Sums, differences, products and halvings are exact (candlekeep.bars.EXACT traps any
-rounding). Divisions that do not terminate are rounded, each where documented, in `RATIO`: 28
-significant digits, ROUND_HALF_EVEN. These are the imbalances, the heatmap intensities, the weighted
-mid and the microprice. The mid, `(best bid + best ask) / 2`, is exact.
+rounding). Divisions that do not terminate are rounded, each where documented: the imbalances, the
+weighted mid and the microprice in `RATIO` (28 significant digits, ROUND_HALF_EVEN); the heatmap
+intensities to 6 decimal places, half up (`intensity`). The mid, `(best bid + best ask) / 2`, is exact.
 
 Bucket rule (one rule, both sides): the bucket of `price` for width `w` is `floor(price / w) * w`,
 the half-open interval `[k*w, (k+1)*w)`. A price exactly on an edge `k*w` belongs to the bucket it
@@ -217,14 +217,14 @@ class HeatmapPoint:
 def heatmap_slice(ts_ns: int, bids: Sequence[Level], asks: Sequence[Level]) -> list[HeatmapPoint]:
     """The points of one time slice from bucketed bids and asks; intensity normalized in this slice.
 
-    intensity = size / max size over both sides of the slice, rounded in RATIO (28 significant
-    digits, half even); the largest cell is exactly 1. An empty slice gives no points.
+    intensity = size / max size over both sides of the slice, rounded to 6 decimal places, half up
+    (`intensity`); the largest cell is exactly 1. An empty slice gives no points.
     """
     largest = max((s for _, s in (*bids, *asks)), default=_ZERO)
     if largest == 0:
         return []
-    out = [HeatmapPoint(ts_ns, p, "bid", s, RATIO.divide(s, largest)) for p, s in bids]
-    out += [HeatmapPoint(ts_ns, p, "ask", s, RATIO.divide(s, largest)) for p, s in asks]
+    out = [HeatmapPoint(ts_ns, p, "bid", s, intensity(s, largest)) for p, s in bids]
+    out += [HeatmapPoint(ts_ns, p, "ask", s, intensity(s, largest)) for p, s in asks]
     return out
 
 
@@ -343,3 +343,50 @@ def consolidate(pair: str, books: Iterable[VenueBook], *, now_ns: int, stale_ns:
 
 def _seconds(ns: int) -> str:
     return str(Decimal(ns).scaleb(-9).normalize(EXACT))
+
+
+# --- one output of the books daemon -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BookOutput:
+    """Everything the books daemon stores for one instrument at one output time (book time)."""
+
+    instrument: str
+    ts_ns: int
+    sequence: int | None
+    verified: bool
+    source: str
+    summary: BookSummary
+    metrics: BookMetrics
+    width: Decimal
+    bid_buckets: tuple[Level, ...]  # ascending bucket price
+    ask_buckets: tuple[Level, ...]
+
+
+def book_output(instrument: str, ts_ns: int, bids: Sequence[Level], asks: Sequence[Level], *, sequence: int | None,
+                verified: bool, source: str, width: Decimal, depth: int = 25) -> BookOutput:  # fmt: skip
+    """The snapshot summary, metrics and buckets of one sorted book at `ts_ns`."""
+    return BookOutput(instrument, ts_ns, sequence, verified, source, summarize(bids, asks, depth=depth),
+                      book_metrics(bids, asks), width, price_buckets(bids, width), price_buckets(asks, width))  # fmt: skip
+
+
+def width_for(instrument: str, widths: Mapping[str, Decimal], price: Decimal | None) -> Decimal:
+    """The configured width of `instrument` (its id first, then its BASE-QUOTE), else one sized to
+    `price` (default_bucket_width), else 1 when the book is empty."""
+    inst = Instrument.parse(instrument)
+    width = widths.get(inst.id) or widths.get(f"{inst.base}-{inst.quote}")
+    if width is not None:
+        return width
+    return default_bucket_width(price) if price is not None and price > 0 else Decimal(1)
+
+
+INTENSITY_PLACES = 6
+
+
+def intensity(size: Decimal, largest: Decimal) -> Decimal:
+    """size / largest rounded to 6 decimal places, half up (what the heatmap query computes in SQL
+    as `div(2 * 10^6 * size + largest, 2 * largest) * 0.000001`, exactly the same digits)."""
+    scale = 10**INTENSITY_PLACES
+    with decimal.localcontext(EXACT):
+        return ((2 * scale * size + largest) // (2 * largest)) * Decimal(1).scaleb(-INTENSITY_PLACES)

@@ -16,6 +16,7 @@ from candlekeep.book_analytics import (
     consolidate,
     default_bucket_width,
     heatmap_slice,
+    intensity,
     pair_members,
     price_buckets,
     summarize,
@@ -118,9 +119,11 @@ def test_default_widths_follow_the_price() -> None:
 def test_heatmap_intensity_per_slice() -> None:
     points = heatmap_slice(5, ((D("100"), D("3")), (D("90"), D("1"))), ((D("110"), D("6")),))
     assert {(p.side, p.price): p.intensity for p in points} == {
-        ("bid", D("100")): D("0.5"), ("bid", D("90")): D(1) / D(6), ("ask", D("110")): D("1")}  # fmt: skip
+        ("bid", D("100")): D("0.5"), ("bid", D("90")): D("0.166667"), ("ask", D("110")): D("1")}  # fmt: skip
     assert max(p.intensity for p in points) == 1 and all(0 <= p.intensity <= 1 for p in points)
     assert heatmap_slice(5, (), ()) == []
+    assert intensity(D("1"), D("2000000")) == D("0.000001")  # 0.0000005 exactly: half up
+    assert intensity(D("1"), D("2000001")) == D("0")
 
 
 def _venue(iid: str, bids: tuple, asks: tuple, updated: int, verified: bool = True) -> VenueBook:
