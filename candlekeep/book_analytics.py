@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from candlekeep.bars import EXACT
+from candlekeep.bars import EXACT, decimal_str
 from candlekeep.books import Level
 from candlekeep.instruments import Instrument
 
@@ -342,7 +342,7 @@ def consolidate(pair: str, books: Iterable[VenueBook], *, now_ns: int, stale_ns:
 
 
 def _seconds(ns: int) -> str:
-    return str(Decimal(ns).scaleb(-9).normalize(EXACT))
+    return decimal_str(Decimal(ns).scaleb(-9).normalize(EXACT))
 
 
 # --- one output of the books daemon -------------------------------------------------------------------
