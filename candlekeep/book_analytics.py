@@ -390,3 +390,46 @@ def intensity(size: Decimal, largest: Decimal) -> Decimal:
     scale = 10**INTENSITY_PLACES
     with decimal.localcontext(EXACT):
         return ((2 * scale * size + largest) // (2 * largest)) * Decimal(1).scaleb(-INTENSITY_PLACES)
+
+
+# --- the 1-minute roll-up (Dagster's book_metrics_1m) --------------------------------------------------
+
+MINUTE_NS = 60 * 1_000_000_000
+MetricSample = tuple[int, Decimal | None, Decimal | None, Decimal | None, Decimal | None, Decimal | None]
+# (ts_ns, mid, spread, imbalance_5, bid_depth_50, ask_depth_50), as candlekeep.storage.books.metric_rows gives
+
+
+@dataclass(frozen=True, slots=True)
+class MinuteSummary:
+    """OHLC-style summary of one UTC minute of stored outputs `[bucket, bucket + 60 s)`; exact (no division)."""
+
+    instrument: str
+    bucket_ns: int
+    samples: int
+    mid: tuple[Decimal | None, Decimal | None, Decimal | None, Decimal | None]  # open, high, low, close
+    spread: tuple[Decimal | None, Decimal | None, Decimal | None, Decimal | None]
+    imbalance_5: tuple[Decimal | None, Decimal | None, Decimal | None, Decimal | None]
+    bid_depth_50: tuple[Decimal | None, Decimal | None]  # min, max
+    ask_depth_50: tuple[Decimal | None, Decimal | None]
+
+
+def _ohlc(values: list[Decimal | None]) -> tuple[Decimal | None, Decimal | None, Decimal | None, Decimal | None]:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None, None, None
+    return present[0], max(present), min(present), present[-1]
+
+
+def rollup_minutes(instrument: str, samples: Iterable[MetricSample]) -> list[MinuteSummary]:
+    """One summary per UTC minute holding samples (time order within each); minutes without any are absent."""
+    minutes: dict[int, list[MetricSample]] = {}
+    for sample in samples:
+        minutes.setdefault(sample[0] // MINUTE_NS * MINUTE_NS, []).append(sample)
+    out = []
+    for bucket in sorted(minutes):
+        rows = sorted(minutes[bucket], key=lambda r: r[0])
+        o = _ohlc([r[4] for r in rows])
+        a = _ohlc([r[5] for r in rows])
+        out.append(MinuteSummary(instrument, bucket, len(rows), _ohlc([r[1] for r in rows]), _ohlc([r[2] for r in rows]),
+                                 _ohlc([r[3] for r in rows]), (o[2], o[1]), (a[2], a[1])))  # fmt: skip
+    return out

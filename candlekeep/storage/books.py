@@ -341,3 +341,30 @@ def _utc_us(ts_us: int) -> datetime:
 
 def _utc_ns(ts_ns: int) -> datetime:
     return _utc_us(-(-ts_ns // NS_PER_US))
+
+
+# --- book_metrics_1m (the Dagster roll-up) ---------------------------------------------------------
+
+_MINUTE_COLS = ("instrument, bucket, samples, mid_open, mid_high, mid_low, mid_close, spread_open, spread_high,"
+                " spread_low, spread_close, imbalance_5_open, imbalance_5_high, imbalance_5_low, imbalance_5_close,"
+                " bid_depth_50_min, bid_depth_50_max, ask_depth_50_min, ask_depth_50_max")  # fmt: skip
+
+
+def replace_minutes(engine: Engine, instrument: str, start_ns: int, end_ns: int, summaries: Sequence[Any]) -> int:
+    """Make `book_metrics_1m` of `instrument` in `[start_ns, end_ns)` exactly `summaries`
+    (candlekeep.book_analytics.MinuteSummary): one transaction, so a re-run leaves the same rows."""
+    lines = []
+    for m in summaries:
+        values = (*m.mid, *m.spread, *m.imbalance_5, *m.bid_depth_50, *m.ask_depth_50)
+        lines.append(f"{_escape(instrument)}\t{_ts_text(m.bucket_ns)}\t{m.samples}\t" + "\t".join(_num(v) for v in values)
+                     + "\n")  # fmt: skip
+    with engine.begin() as conn:
+        driver = conn.connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        with driver.cursor() as cur:
+            cur.execute("DELETE FROM book_metrics_1m WHERE instrument = %s AND bucket >= %s AND bucket < %s",
+                        (instrument, _utc_ns(start_ns), _utc_ns(end_ns)))  # fmt: skip
+            if lines:
+                with cur.copy(f"COPY book_metrics_1m ({_MINUTE_COLS}) FROM STDIN") as copy:
+                    copy.write("".join(lines))
+    return len(lines)
