@@ -30,6 +30,7 @@ import decimal
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from itertools import takewhile
 
 from candlekeep.bars import EXACT, decimal_str
 from candlekeep.books import Level
@@ -95,9 +96,20 @@ def depth_within(bids: Sequence[Level], asks: Sequence[Level], mid: Decimal, bps
     with decimal.localcontext(EXACT):
         reach = mid * bps / _BPS  # exact: dividing by 10^4 only shifts the exponent
         low, high = mid - reach, mid + reach
-        bid = sum((s for p, s in bids if p >= low), _ZERO)
-        ask = sum((s for p, s in asks if p <= high), _ZERO)
+        bid = sum((s for _, s in takewhile(lambda level: level[0] >= low, bids)), _ZERO)  # sorted: stop at the edge
+        ask = sum((s for _, s in takewhile(lambda level: level[0] <= high, asks)), _ZERO)
     return bid, ask
+
+
+def within(bids: Sequence[Level], asks: Sequence[Level], mid: Decimal | None,
+           bps: int) -> tuple[Sequence[Level], Sequence[Level]]:  # fmt: skip
+    """The levels within `bps` of `mid`, edges included, exactly (all of them when `mid` is None)."""
+    if mid is None:
+        return bids, asks
+    with decimal.localcontext(EXACT):
+        reach = mid * bps / _BPS
+        low, high = mid - reach, mid + reach
+    return list(takewhile(lambda lv: lv[0] >= low, bids)), list(takewhile(lambda lv: lv[0] <= high, asks))
 
 
 def summarize(bids: Sequence[Level], asks: Sequence[Level], *, depth: int = 25,
@@ -364,11 +376,21 @@ class BookOutput:
     ask_buckets: tuple[Level, ...]
 
 
+BUCKET_RANGE_BPS = 200
+
+
 def book_output(instrument: str, ts_ns: int, bids: Sequence[Level], asks: Sequence[Level], *, sequence: int | None,
-                verified: bool, source: str, width: Decimal, depth: int = 25) -> BookOutput:  # fmt: skip
-    """The snapshot summary, metrics and buckets of one sorted book at `ts_ns`."""
-    return BookOutput(instrument, ts_ns, sequence, verified, source, summarize(bids, asks, depth=depth),
-                      book_metrics(bids, asks), width, price_buckets(bids, width), price_buckets(asks, width))  # fmt: skip
+                verified: bool, source: str, width: Decimal, depth: int = 25,
+                bucket_range_bps: int = BUCKET_RANGE_BPS) -> BookOutput:  # fmt: skip
+    """The snapshot summary, metrics and buckets of one sorted book at `ts_ns`.
+
+    Buckets cover the levels within `bucket_range_bps` (default 200 bps = 2 %) of the mid, edges
+    included (the heatmap's band; a 1000-level book reaches far past what a heatmap shows); all
+    levels when a side is empty (no mid)."""
+    summary = summarize(bids, asks, depth=depth)
+    band_bids, band_asks = within(bids, asks, summary.mid, bucket_range_bps)
+    return BookOutput(instrument, ts_ns, sequence, verified, source, summary, book_metrics(bids, asks), width,
+                      price_buckets(band_bids, width), price_buckets(band_asks, width))  # fmt: skip
 
 
 def width_for(instrument: str, widths: Mapping[str, Decimal], price: Decimal | None) -> Decimal:

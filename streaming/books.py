@@ -37,6 +37,7 @@ State (one block):
 from __future__ import annotations
 
 import argparse
+import decimal
 import logging
 import signal
 import threading
@@ -49,9 +50,17 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import Engine
 
-from candlekeep.bars import NS_PER_S
-from candlekeep.book_analytics import BookOutput, book_output, mid_price, width_for
-from candlekeep.books import BookDelta, BookSnapshot
+from candlekeep.bars import EXACT, NS_PER_S
+from candlekeep.book_analytics import (
+    BUCKET_RANGE_BPS,
+    DEPTH_BPS,
+    IMBALANCE_LEVELS,
+    BookOutput,
+    book_output,
+    mid_price,
+    width_for,
+)
+from candlekeep.books import BookDelta, BookSnapshot, Level
 from candlekeep.bus import Bus, BusConsumer, BusProducer, Record, publish_waiting
 from candlekeep.messages import BOOKS, DEADLETTER, MessageError, decode_book, encode_deadletter
 from candlekeep.messages import topic as topic_name
@@ -263,7 +272,7 @@ class BooksDaemon:
         live.dirty = True
 
     def _emit(self, instrument: str, live: _Live) -> None:
-        bids, asks = live.book.bids(), live.book.asks()
+        bids, asks = _band(live.book, max(self.depth, IMBALANCE_LEVELS[-1]), max(BUCKET_RANGE_BPS, DEPTH_BPS[-1]))
         price = mid_price(bids, asks) or next((side[0][0] for side in (bids, asks) if side), None)
         width = width_for(instrument, self.widths, price)
         ts_ns = (live.interval + 1) * self.interval_ns
@@ -347,6 +356,32 @@ class BooksDaemon:
             committed={f"{t}[{p}]": offset for (t, p), offset in sorted(self.committed.items())},
             last_error=self.last_error,
         )
+
+
+def _band(book: OrderBook, top: int, bps: int) -> tuple[tuple[Level, ...], tuple[Level, ...]]:
+    """The best `top` levels of each side and every level within `bps` of the mid: all that an output
+    reads (summary, depth within 100 bps, imbalance, buckets within 200 bps), without copying a
+    1000-level book each interval. Exact edges, as book_analytics.within."""
+    best_bid, best_ask = book.best_bid(), book.best_ask()
+    if best_bid is None or best_ask is None:
+        return book.bids(), book.asks()
+    with decimal.localcontext(EXACT):
+        mid = (best_bid[0] + best_ask[0]) / 2
+        reach = mid * bps / 10_000
+        low, high = mid - reach, mid + reach
+    n = max(top, 64)
+    while True:
+        bids = book.bids(n)
+        if len(bids) < n or bids[-1][0] < low:
+            break
+        n *= 4
+    n = max(top, 64)
+    while True:
+        asks = book.asks(n)
+        if len(asks) < n or asks[-1][0] > high:
+            break
+        n *= 4
+    return bids, asks
 
 
 # -- construction and entry point -----------------------------------------------------------------

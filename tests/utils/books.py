@@ -9,7 +9,7 @@ candlekeep.orderbook), applies the daemon's documented rules (a delta before a s
 sequence break waits; the book is cut to its last snapshot's larger side; an output per interval
 of book time with updates, at the interval's end, before the first record of a later interval),
 and computes each output with pandas: top N, mid, spread, depth within 10/50/100 bps, buckets
-(floor(price / width) * width, summed), imbalance over 1/5/10 levels and 10/50 bps, microprice.
+(floor(price / width) * width, summed, over the levels within 200 bps of the mid), imbalance over 1/5/10 levels and 10/50 bps, microprice.
 Floats are used only where the comparison allows a tolerance (ratios); sums and prices stay Decimal.
 """
 
@@ -73,7 +73,8 @@ def _output(instrument: str, ts_ns: int, bids: dict, asks: dict, width: Decimal,
         depth_sums[f"bid_{bps}"] = b[b.price >= mid - reach]["size"].sum()
         depth_sums[f"ask_{bps}"] = a[a.price <= mid + reach]["size"].sum()
     buckets = {}
-    for side, frame in (("bid", b), ("ask", a)):
+    band = mid * 200 / 10_000  # the daemon's bucket band: 200 bps of the mid, edges included
+    for side, frame in (("bid", b[b.price >= mid - band]), ("ask", a[a.price <= mid + band])):
         cells = frame.assign(bucket=frame.price.map(lambda p: Decimal(math.floor(p / width)) * width))
         for bucket, size in cells.groupby("bucket")["size"].sum().items():
             buckets[(side, bucket)] = size
