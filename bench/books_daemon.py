@@ -118,11 +118,12 @@ INSERT INTO book_snapshots (instrument, ts, sequence, bids, asks, mid, spread, b
 SELECT %(i)s, %(t0)s + s * INTERVAL '1 second', s, '[]', '[]', 60000, 1, 0, 0, 0, 0, 0, 0, true, 'bench'
 FROM generate_series(0, 86399) AS s"""
 LOAD_BUCKETS = """
-INSERT INTO book_buckets (instrument, ts, side, price, size, width)
+INSERT INTO book_buckets (instrument, ts, side, price, size, width, intensity)
 SELECT %(i)s, %(t0)s + s * INTERVAL '1 second', CASE WHEN b < %(half)s THEN 'bid' ELSE 'ask' END,
-       59800 + b * 10 + (s / 600) * 10, round((1 + ((s * 7919 + b * 104729) %% 1000)) / 1000.0, 8), 10
+       59800 + b * 10 + (s / 600) * 10, round((1 + ((s * 7919 + b * 104729) %% 1000)) / 1000.0, 8), 10,
+       round((1 + ((s * 7919 + b * 104729) %% 1000)) / 1000.0, 6)  -- a stand-in in 0..1: this case measures reads
 FROM generate_series(0, 86399) AS s, generate_series(0, %(levels)s - 1) AS b"""
-BARE = """SELECT (extract(epoch FROM ts) * 1000000)::bigint, side, price::text, size::text FROM book_buckets
+BARE = """SELECT (extract(epoch FROM ts) * 1000)::bigint, side, price::text, size::text, intensity::text FROM book_buckets
 WHERE instrument = %s AND ts >= %s AND ts < %s"""
 
 

@@ -196,10 +196,10 @@ def heatmap(*, store: BookStore, instrument: str, start: str, end: str, bucket: 
     if any(width % w != 0 for w in stored):
         raise BookQueryError(f"bucket {decimal_str(width)} is not a multiple of the stored bucket width "
                              f"{', '.join(decimal_str(w) for w in stored)}")  # fmt: skip
-    rows = store.heatmap_text(iid, start_s * NS_PER_S, end_s * NS_PER_S, step, width)
+    rows = store.heatmap_text(iid, start_s * NS_PER_S, end_s * NS_PER_S, step, width,
+                              stored_width=stored == [width])  # fmt: skip
     return {"instrument": iid, "start": start_s, "end": end_s, "resolution": resolution, "bucket": decimal_str(width),
-            "columns": ["t_ms", "side", "price", "size", "intensity"],
-            "points": [[ts // 1_000_000, side, p, s, i] for ts, side, p, s, i in rows]}  # fmt: skip
+            "columns": ["t_ms", "side", "price", "size", "intensity"], "points": rows}  # fmt: skip
 
 
 def book_diff(old: StoredSnapshot, new: StoredSnapshot, depth: int) -> dict[str, list[list[str]]]:

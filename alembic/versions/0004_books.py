@@ -58,6 +58,7 @@ CREATE TABLE book_buckets (
     price numeric NOT NULL,
     size numeric NOT NULL,
     width numeric NOT NULL,
+    intensity numeric NOT NULL,
     CONSTRAINT book_buckets_pkey PRIMARY KEY (instrument, ts, side, price),
     CONSTRAINT book_buckets_side_valid CHECK (side IN ('bid','ask'))
 )"""

@@ -31,7 +31,7 @@ import psycopg
 from sqlalchemy import Engine
 
 from candlekeep.bars import decimal_str
-from candlekeep.book_analytics import BookOutput
+from candlekeep.book_analytics import BookOutput, intensity
 from candlekeep.books import Level
 from candlekeep.storage import partitions
 
@@ -39,7 +39,7 @@ NS_PER_US = 1_000
 TABLES = ("book_snapshots", "book_buckets", "book_metrics")
 _SNAP_COLS = ("instrument, ts, sequence, bids, asks, mid, spread, bid_depth_10, ask_depth_10, bid_depth_50,"
               " ask_depth_50, bid_depth_100, ask_depth_100, verified, source")  # fmt: skip
-_BUCKET_COLS = "instrument, ts, side, price, size, width"
+_BUCKET_COLS = "instrument, ts, side, price, size, width, intensity"
 _METRIC_COLS = ("instrument, ts, mid, spread, imbalance_1, imbalance_5, imbalance_10, imbalance_10bps,"
                 " imbalance_50bps, weighted_mid, microprice")  # fmt: skip
 _COLUMNS = {"book_snapshots": _SNAP_COLS, "book_buckets": _BUCKET_COLS, "book_metrics": _METRIC_COLS}
@@ -83,6 +83,18 @@ SELECT (extract(epoch FROM ts) * 1000000)::bigint, side, price{t}, size{t},
        (div(2000000 * size + max(size) OVER w, 2 * max(size) OVER w) * 0.000001){t}
 FROM cells WINDOW w AS (PARTITION BY ts)
 ORDER BY ts, side, price"""
+# The heatmap at the stored width: the intensities stored with each output are the slot's (one output
+# per slot: its last), so the cells are the stored rows themselves, read in primary-key order.
+_HEATMAP_STORED = """
+WITH slots AS (
+    SELECT max(ts) AS ts FROM book_snapshots
+    WHERE instrument = %(instrument)s AND ts >= %(start)s AND ts < %(end)s
+    GROUP BY floor(extract(epoch FROM ts) / %(step)s)
+)
+SELECT (extract(epoch FROM b.ts) * 1000)::bigint, b.side, b.price::text, b.size::text, b.intensity::text
+FROM book_buckets AS b JOIN slots USING (ts)
+WHERE b.instrument = %(instrument)s AND b.ts >= %(start)s AND b.ts < %(end)s
+ORDER BY b.ts, b.side, b.price"""
 _WIDTHS = """
 SELECT DISTINCT width FROM book_buckets WHERE instrument = %(instrument)s AND ts >= %(start)s AND ts < %(end)s"""
 
@@ -153,9 +165,11 @@ class BookStore:
             lines["book_metrics"].append(_metrics_line(out, ts))
             inst, width = _escape(out.instrument), decimal_str(out.width)
             bucket_lines = lines["book_buckets"]
+            largest = max((s for _, s in (*out.bid_buckets, *out.ask_buckets)), default=None)
             for side, buckets in (("bid", out.bid_buckets), ("ask", out.ask_buckets)):
                 for price, size in buckets:
-                    bucket_lines.append(f"{inst}\t{ts}\t{side}\t{decimal_str(price)}\t{decimal_str(size)}\t{width}\n")
+                    bucket_lines.append(f"{inst}\t{ts}\t{side}\t{decimal_str(price)}\t{decimal_str(size)}\t{width}\t"
+                                        f"{decimal_str(intensity(size, largest))}\n")  # type: ignore[arg-type]
         lo = min(o.ts_ns for o in batch) // NS_PER_US
         hi = max(o.ts_ns for o in batch) // NS_PER_US
         for attempt in (1, 2):
@@ -247,13 +261,18 @@ class BookStore:
         return [HeatmapRow(ts_us * NS_PER_US, side, price, size, level)
                 for ts_us, side, price, size, level in self._rows(_HEATMAP.format(t=""), params)]  # fmt: skip
 
-    def heatmap_text(self, instrument: str, start_ns: int, end_ns: int, resolution_s: int,
-                     width: Decimal) -> list[tuple[int, str, str, str, str]]:  # fmt: skip
-        """`heatmap` with the numbers as PostgreSQL's exact text (no Decimal round trip): for serving."""
+    def heatmap_text(self, instrument: str, start_ns: int, end_ns: int, resolution_s: int, width: Decimal,
+                     *, stored_width: bool = False) -> list[tuple[int, str, str, str, str]]:  # fmt: skip
+        """`heatmap` as (unix ms, side, price, size, intensity) with the numbers as PostgreSQL's exact
+        text (no Decimal round trip): for serving. `stored_width`: `width` is the only stored width of
+        the range, so the stored rows and intensities are the cells (one query, no re-bucketing)."""
         params = {"instrument": instrument, "start": _utc_ns(start_ns), "end": _utc_ns(end_ns),
                   "step": resolution_s, "width": width}  # fmt: skip
-        rows = self._rows(_HEATMAP.format(t="::text"), params)
-        return [(ts_us * NS_PER_US, side, p, s, i) for ts_us, side, p, s, i in rows]
+        if stored_width:
+            return self._rows(_HEATMAP_STORED, params)
+        sql = _HEATMAP.format(t="::text").replace("(extract(epoch FROM ts) * 1000000)::bigint",
+                                                  "(extract(epoch FROM ts) * 1000)::bigint")
+        return self._rows(sql, params)
 
     def _rows(self, sql: str, params: Any) -> list[tuple]:
         with self.engine.connect() as conn:

@@ -140,6 +140,7 @@ book_buckets = Table(
     Column("price", Numeric, nullable=False),  # the bucket's lower edge (candlekeep.book_analytics)
     Column("size", Numeric, nullable=False),
     Column("width", Numeric, nullable=False),
+    Column("intensity", Numeric, nullable=False),  # size / the output's largest bucket (book_analytics.intensity)
     PrimaryKeyConstraint("instrument", "ts", "side", "price", name="book_buckets_pkey"),
     CheckConstraint("side IN ('bid','ask')", name="book_buckets_side_valid"),
     postgresql_partition_by="RANGE (ts)",

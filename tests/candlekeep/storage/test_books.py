@@ -82,8 +82,13 @@ def test_heatmap_matches_pandas_over_the_stored_buckets(engine: Engine) -> None:
     assert [p.intensity for p in heatmap_slice(0, bids, asks)] == [r.intensity for r in one_slot
                                                                    if r.side == "bid"] + [r.intensity for r in one_slot if r.side == "ask"]  # fmt: skip
     as_text = store.heatmap_text(BTC.id, start * NS_PER_S, (start + 40) * NS_PER_S, 10, width)
-    assert [(t, s, D(p), D(z), D(i)) for t, s, p, z, i in as_text] == [(r.ts_ns, r.side, r.price, r.size, r.intensity)
-                                                                      for r in got]  # fmt: skip
+    assert [(t, s, D(p), D(z), D(i)) for t, s, p, z, i in as_text] == [
+        (r.ts_ns // 1_000_000, r.side, r.price, r.size, r.intensity) for r in got]
+    # At the stored width the stored intensities are the cells: the same as the general query's.
+    general = store.heatmap(BTC.id, start * NS_PER_S, (start + 40) * NS_PER_S, 10, D("10"))
+    stored = store.heatmap_text(BTC.id, start * NS_PER_S, (start + 40) * NS_PER_S, 10, D("10"), stored_width=True)
+    assert len(general) > 40 and [(t, s, D(p), D(z), D(i)) for t, s, p, z, i in stored] == [
+        (r.ts_ns // 1_000_000, r.side, r.price, r.size, r.intensity) for r in general]
 
 
 def test_metrics_per_interval_take_the_last_sample(engine: Engine) -> None:
