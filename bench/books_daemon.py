@@ -114,8 +114,8 @@ def daemon_run(url: str, records: list, encoded: list[bytes]) -> tuple[float, in
 
 LOAD_SNAPSHOTS = """
 INSERT INTO book_snapshots (instrument, ts, sequence, bids, asks, mid, spread, bid_depth_10, ask_depth_10,
-                            bid_depth_50, ask_depth_50, bid_depth_100, ask_depth_100, verified, source)
-SELECT %(i)s, %(t0)s + s * INTERVAL '1 second', s, '[]', '[]', 60000, 1, 0, 0, 0, 0, 0, 0, true, 'bench'
+                            bid_depth_50, ask_depth_50, bid_depth_100, ask_depth_100, verified, source, bucket_width)
+SELECT %(i)s, %(t0)s + s * INTERVAL '1 second', s, '[]', '[]', 60000, 1, 0, 0, 0, 0, 0, 0, true, 'bench', 10
 FROM generate_series(0, 86399) AS s"""
 LOAD_BUCKETS = """
 INSERT INTO book_buckets (instrument, ts, side, price, size, width, intensity)

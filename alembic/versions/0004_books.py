@@ -47,6 +47,7 @@ CREATE TABLE book_snapshots (
     ask_depth_100 numeric NOT NULL,
     verified boolean NOT NULL,
     source text NOT NULL,
+    bucket_width numeric NOT NULL,
     CONSTRAINT book_snapshots_pkey PRIMARY KEY (instrument, ts)
 )"""
 

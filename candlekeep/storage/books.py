@@ -42,8 +42,9 @@ _SNAP_COLS = ("instrument, ts, sequence, bids, asks, mid, spread, bid_depth_10, 
 _BUCKET_COLS = "instrument, ts, side, price, size, width, intensity"
 _METRIC_COLS = ("instrument, ts, mid, spread, imbalance_1, imbalance_5, imbalance_10, imbalance_10bps,"
                 " imbalance_50bps, weighted_mid, microprice")  # fmt: skip
-_COLUMNS = {"book_snapshots": _SNAP_COLS, "book_buckets": _BUCKET_COLS, "book_metrics": _METRIC_COLS}
 _SNAP_SELECT = f"SELECT (extract(epoch FROM ts) * 1000000)::bigint, {_SNAP_COLS.split(', ', 2)[2]}"
+_SNAP_COLS += ", bucket_width"  # written, not read back into StoredSnapshot
+_COLUMNS = {"book_snapshots": _SNAP_COLS, "book_buckets": _BUCKET_COLS, "book_metrics": _METRIC_COLS}
 _LATEST = f"{_SNAP_SELECT}, instrument FROM book_snapshots WHERE instrument = %s ORDER BY ts DESC LIMIT 1"
 _LATEST_MANY = f"""
 SELECT DISTINCT ON (instrument) {_SNAP_SELECT.removeprefix('SELECT ')}, instrument
@@ -95,8 +96,17 @@ SELECT (extract(epoch FROM b.ts) * 1000)::bigint, b.side, b.price::text, b.size:
 FROM book_buckets AS b JOIN slots USING (ts)
 WHERE b.instrument = %(instrument)s AND b.ts >= %(start)s AND b.ts < %(end)s
 ORDER BY b.ts, b.side, b.price"""
+# Every stored output is the last of its slot (outputs no denser than the resolution): the cells are
+# simply the stored rows of the range, in primary-key order.
+_HEATMAP_ALL = """
+SELECT (extract(epoch FROM ts) * 1000)::bigint, side, price::text, size::text, intensity::text
+FROM book_buckets WHERE instrument = %(instrument)s AND ts >= %(start)s AND ts < %(end)s
+ORDER BY ts, side, price"""
+_ONE_PER_SLOT = """
+SELECT count(*) = count(DISTINCT floor(extract(epoch FROM ts) / %(step)s)) FROM book_snapshots
+WHERE instrument = %(instrument)s AND ts >= %(start)s AND ts < %(end)s"""
 _WIDTHS = """
-SELECT DISTINCT width FROM book_buckets WHERE instrument = %(instrument)s AND ts >= %(start)s AND ts < %(end)s"""
+SELECT DISTINCT bucket_width FROM book_snapshots WHERE instrument = %(instrument)s AND ts >= %(start)s AND ts < %(end)s"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +279,8 @@ class BookStore:
         params = {"instrument": instrument, "start": _utc_ns(start_ns), "end": _utc_ns(end_ns),
                   "step": resolution_s, "width": width}  # fmt: skip
         if stored_width:
-            return self._rows(_HEATMAP_STORED, params)
+            one_per_slot = self._rows(_ONE_PER_SLOT, params)[0][0]
+            return self._rows(_HEATMAP_ALL if one_per_slot else _HEATMAP_STORED, params)
         sql = _HEATMAP.format(t="::text").replace("(extract(epoch FROM ts) * 1000000)::bigint",
                                                   "(extract(epoch FROM ts) * 1000)::bigint")
         return self._rows(sql, params)
@@ -323,7 +334,8 @@ def _snapshot_line(out: BookOutput, ts: str) -> str:
     depth = "\t".join(f"{_num(s.bid_depth[b])}\t{_num(s.ask_depth[b])}" for b in (10, 50, 100))
     seq = "\\N" if out.sequence is None else str(out.sequence)
     return (f"{_escape(out.instrument)}\t{ts}\t{seq}\t{_levels_json(s.bids)}\t{_levels_json(s.asks)}\t"
-            f"{_num(s.mid)}\t{_num(s.spread)}\t{depth}\t{'t' if out.verified else 'f'}\t{_escape(out.source)}\n")  # fmt: skip
+            f"{_num(s.mid)}\t{_num(s.spread)}\t{depth}\t{'t' if out.verified else 'f'}\t{_escape(out.source)}\t"
+            f"{decimal_str(out.width)}\n")  # fmt: skip
 
 
 def _metrics_line(out: BookOutput, ts: str) -> str:

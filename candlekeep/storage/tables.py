@@ -127,6 +127,7 @@ book_snapshots = Table(
     *(Column(f"{side}_depth_{bps}", Numeric, nullable=False) for bps in (10, 50, 100) for side in ("bid", "ask")),
     Column("verified", Boolean, nullable=False),
     Column("source", Text, nullable=False),
+    Column("bucket_width", Numeric, nullable=False),  # the width of this output's rows in book_buckets
     PrimaryKeyConstraint("instrument", "ts", name="book_snapshots_pkey"),
     postgresql_partition_by="RANGE (ts)",
 )
