@@ -7,6 +7,7 @@ message naming the variable.
 from __future__ import annotations
 
 from datetime import date
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -93,6 +94,18 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # --- order books (issue 11: streaming/books.py, api/routes/book.py) ---
+    # Outputs every `book_interval_s` of BOOK time (the records' timestamps), top `book_depth` levels.
+    book_interval_s: float = Field(1.0, gt=0)
+    book_depth: int = Field(25, gt=0, le=1000)
+    # Bucket widths per pair or instrument, `BTC-USD=10,kraken:ETH-USD=0.5`; others: sized to the price.
+    book_bucket_widths: CommaList = []
+    # A venue with no update for this long (book time) leaves the consolidated book, named.
+    book_stale_s: float = Field(10.0, gt=0)
+    # Quotes counted as another in the consolidated book, `USDT=USD`; none by default: never mixed.
+    book_quote_map: CommaList = []
+    book_retention_days: int = Field(30, gt=0)
+
     @field_validator("instruments", "api_keys", "api_cors_origins", "api_forwarded_allow_ips", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
@@ -105,6 +118,43 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         # `CANDLEKEEP_REDIS_URL=` (exported empty) means "not configured", not a URL named "".
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("book_bucket_widths", "book_quote_map", mode="before")
+    @classmethod
+    def _split_book_lists(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("book_bucket_widths")
+    @classmethod
+    def _valid_widths(cls, value: list[str]) -> list[str]:
+        for item in value:
+            key, sep, width = item.partition("=")
+            try:
+                ok = bool(sep and key) and Decimal(width) > 0
+            except ArithmeticError:
+                ok = False
+            if not ok:
+                raise ValueError(f"CANDLEKEEP_BOOK_BUCKET_WIDTHS: {item!r} is not PAIR=positive-width, e.g. BTC-USD=10")
+        return value
+
+    @field_validator("book_quote_map")
+    @classmethod
+    def _valid_quote_map(cls, value: list[str]) -> list[str]:
+        for item in value:
+            src, sep, dst = item.partition("=")
+            if not (sep and src.isalnum() and dst.isalnum()):
+                raise ValueError(f"CANDLEKEEP_BOOK_QUOTE_MAP: {item!r} is not QUOTE=QUOTE, e.g. USDT=USD")
+        return value
+
+    def bucket_widths(self) -> dict[str, Decimal]:
+        """`book_bucket_widths` as {pair or instrument id: width}."""
+        return {k.strip(): Decimal(w) for k, _, w in (i.partition("=") for i in self.book_bucket_widths)}
+
+    def quote_map(self) -> dict[str, str]:
+        """`book_quote_map` as {quote: the quote it counts as}."""
+        return {k.strip().upper(): v.strip().upper() for k, _, v in (i.partition("=") for i in self.book_quote_map)}
 
     @field_validator("instruments")
     @classmethod

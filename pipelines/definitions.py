@@ -12,6 +12,7 @@ import os
 import dagster as dg
 
 from pipelines.assets import bars_1d, bars_1h, bars_1m
+from pipelines.book_assets import book_instruments_sensor, book_metrics_1m
 from pipelines.resources import CandlekeepResource
 from pipelines.schedules import bars_1m_job, bars_1m_refresh_schedule, bars_monthly_job, bars_monthly_refresh_schedule
 from pipelines.sensors import instruments_sensor
@@ -24,10 +25,10 @@ def _secret(name: str) -> dg.EnvVar | None:
 
 
 defs = dg.Definitions(
-    assets=[bars_1m, bars_1h, bars_1d, ohlcv_1h, ohlcv_1d],  # ohlcv_*: lineage of the served views
+    assets=[bars_1m, bars_1h, bars_1d, ohlcv_1h, ohlcv_1d, book_metrics_1m],  # ohlcv_*: lineage of the served views
     jobs=[bars_1m_job, bars_monthly_job],
     schedules=[bars_1m_refresh_schedule, bars_monthly_refresh_schedule],
-    sensors=[instruments_sensor],
+    sensors=[instruments_sensor, book_instruments_sensor],
     resources={
         "candlekeep": CandlekeepResource(cryptocompare_api_key=_secret("CANDLEKEEP_CRYPTOCOMPARE_API_KEY")),
     },

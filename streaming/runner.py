@@ -53,6 +53,7 @@ from candlekeep.messages import CONTROL, ControlCommand, encode_control
 from candlekeep.messages import topic as topic_name
 from candlekeep.settings import Settings
 from streaming import aggregator, coordinator, dynamic, producer
+from streaming import books  # the books daemon (issue 11)
 from candlekeep.bus import Bus, InProcessBus, make_bus
 from streaming.health import HealthServer
 
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 
 DAEMONS = ("producer", "aggregator", "coordinator", "dynamic")
 DEFAULT_PORTS = {"producer": 9101, "aggregator": 9102, "coordinator": 9103, "dynamic": 9104}
+# The books daemon (issue 11): `books` topic -> book_snapshots / book_buckets / book_metrics.
+DAEMONS += ("books",)
+DEFAULT_PORTS["books"] = books.DEFAULT_PORT
 
 
 class TrackFailed(RuntimeError):
@@ -83,6 +87,8 @@ def run_daemon(name: str, settings: Settings, argv: Sequence[str]) -> int:
         return aggregator.main(list(argv))  # reads CANDLEKEEP_* itself
     if name == "coordinator":
         return coordinator.main(argv, settings)
+    if name == "books":
+        return books.main(list(argv))  # reads CANDLEKEEP_* itself
     return dynamic.main(argv, settings)
 
 
@@ -167,20 +173,21 @@ class Embedded:
         self.aggregator = aggregator.build(settings, self.bus, self.engine, self.cache)
         self.coordinator = coordinator.build(settings, self.bus, self.engine, announce=True)
         self.dynamic = dynamic.build(settings, self.bus, self.engine)
+        self.books = books.build(settings, self.bus, self.engine)
         self.servers: dict[str, HealthServer] = {}
         self.clean: dict[str, bool] = {}  # after run(): how each daemon stopped
 
     @property
     def daemons(self) -> dict[str, Any]:
         return {"producer": self.producer, "aggregator": self.aggregator, "coordinator": self.coordinator,
-                "dynamic": self.dynamic}  # fmt: skip
+                "dynamic": self.dynamic, "books": self.books}  # fmt: skip
 
     def run(self, stop: threading.Event, *, ready: Callable[[Embedded], object] | None = None) -> int:
         for name, daemon in self.daemons.items():
             if (port := self.ports[name]) >= 0:
                 self.servers[name] = HealthServer(daemon.registry, daemon.health, host=self.host, port=port).start()
                 log.info("%s /health and /metrics on %s", name, self.servers[name].url)
-        events = {name: threading.Event() for name in ("aggregator", "coordinator", "dynamic")}
+        events = {name: threading.Event() for name in ("aggregator", "coordinator", "dynamic", "books")}
         threads = [
             _Thread("producer", threading.Thread(target=self.producer.run, name="producer"), self.producer.stop),
             *(_Thread(name, threading.Thread(target=self.daemons[name].run, args=(events[name],), name=name),
@@ -215,7 +222,8 @@ class Embedded:
             self.clean["producer"] = not producer_thread.is_alive() and self.producer.health()["buffered"] == 0
             self._stop(threads["coordinator"])
             self.clean["coordinator"] = not threads["coordinator"].thread.is_alive()
-            drains = {"aggregator": ("lag", "pending_trades", "pending_bars"), "dynamic": ("lag", "retrying")}
+            drains = {"aggregator": ("lag", "pending_trades", "pending_bars"), "dynamic": ("lag", "retrying"),
+                      "books": ("lag", "pending_outputs")}
             for name, keys in drains.items():
                 drained = self._drain(self.daemons[name].health, keys)
                 self._stop(threads[name])
@@ -500,7 +508,7 @@ def _main(name: str, rest: list[str], settings: Settings) -> int:
     parser.add_argument("--end", type=_time_ns, default=None, help="simulator sim end (default: never)")
     parser.add_argument("--host", default="127.0.0.1", help="/health and /metrics address")
     parser.add_argument("--port-base", type=int, default=settings.stream_port_base,
-                        help="ports base..base+3 (producer, aggregator, coordinator, dynamic); 0: any, -1: none "
+                        help="ports base..base+4 (producer, aggregator, coordinator, dynamic, books); 0: any, -1: none "
                              "(default: CANDLEKEEP_STREAM_PORT_BASE)")  # fmt: skip
     parser.add_argument("--drain", type=float, default=10.0, help="embedded: seconds to drain the bus at stop")
     opts = parser.parse_args(rest)

@@ -18,6 +18,8 @@ from datetime import UTC, date, datetime, timedelta
 from sqlalchemy import Connection, Engine, text
 
 _PERIOD = {"bars": "month", "ticks": "day"}
+# Order books (migration 0004): daily, like ticks.
+_PERIOD.update({"book_snapshots": "day", "book_buckets": "day", "book_metrics": "day"})
 
 _lock = threading.Lock()
 _ensured: weakref.WeakKeyDictionary[Engine, dict[str, set[date]]] = weakref.WeakKeyDictionary()

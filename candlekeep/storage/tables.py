@@ -30,6 +30,7 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 
 metadata = MetaData()
 
@@ -126,9 +127,68 @@ stream_state = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
+# --- order books (migration 0004; candlekeep.storage.books) --------------------------------------
+# Keyed by (instrument, ts[, side, price]): the books daemon rewrites the same rows on a replay.
+# `bids` / `asks` are JSON arrays of [price, size] decimal strings, best first.
+book_snapshots = Table(
+    "book_snapshots",
+    metadata,
+    Column("instrument", Text, nullable=False),
+    Column("ts", DateTime(timezone=True), nullable=False),
+    Column("sequence", BigInteger),
+    Column("bids", JSONB, nullable=False),
+    Column("asks", JSONB, nullable=False),
+    Column("mid", Numeric),
+    Column("spread", Numeric),
+    *(Column(f"{side}_depth_{bps}", Numeric, nullable=False) for bps in (10, 50, 100) for side in ("bid", "ask")),
+    Column("verified", Boolean, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("bucket_width", Numeric, nullable=False),  # the width of this output's rows in book_buckets
+    PrimaryKeyConstraint("instrument", "ts", name="book_snapshots_pkey"),
+    postgresql_partition_by="RANGE (ts)",
+)
+
+book_buckets = Table(
+    "book_buckets",
+    metadata,
+    Column("instrument", Text, nullable=False),
+    Column("ts", DateTime(timezone=True), nullable=False),
+    Column("side", Text, nullable=False),
+    Column("price", Numeric, nullable=False),  # the bucket's lower edge (candlekeep.book_analytics)
+    Column("size", Numeric, nullable=False),
+    Column("width", Numeric, nullable=False),
+    Column("intensity", Numeric, nullable=False),  # size / the output's largest bucket (book_analytics.intensity)
+    PrimaryKeyConstraint("instrument", "ts", "side", "price", name="book_buckets_pkey"),
+    CheckConstraint("side IN ('bid','ask')", name="book_buckets_side_valid"),
+    postgresql_partition_by="RANGE (ts)",
+)
+
+book_metrics = Table(
+    "book_metrics",
+    metadata,
+    Column("instrument", Text, nullable=False),
+    Column("ts", DateTime(timezone=True), nullable=False),
+    *(Column(name, Numeric) for name in ("mid", "spread", "imbalance_1", "imbalance_5", "imbalance_10",
+                                         "imbalance_10bps", "imbalance_50bps", "weighted_mid", "microprice")),
+    PrimaryKeyConstraint("instrument", "ts", name="book_metrics_pkey"),
+    postgresql_partition_by="RANGE (ts)",
+)
+
+book_metrics_1m = Table(
+    "book_metrics_1m",
+    metadata,
+    Column("instrument", Text, nullable=False),
+    Column("bucket", DateTime(timezone=True), nullable=False),
+    Column("samples", Integer, nullable=False),
+    *(Column(f"{m}_{k}", Numeric) for m in ("mid", "spread", "imbalance_5") for k in ("open", "high", "low", "close")),
+    *(Column(f"{side}_depth_50_{k}", Numeric) for side in ("bid", "ask") for k in ("min", "max")),
+    PrimaryKeyConstraint("instrument", "bucket", name="book_metrics_1m_pkey"),
+)
+
 # Tables that exist in the database but not in this metadata, on purpose: native partitions (made on
 # demand) and the continuous aggregates of the TimescaleDB path. Alembic's comparison skips them.
-UNMANAGED_TABLE = re.compile(r"^(bars_p\d{6}|ticks_p\d{8}|bars_1h_cagg|bars_1d_cagg)$")
+UNMANAGED_TABLE = re.compile(r"^(bars_p\d{6}|ticks_p\d{8}|bars_1h_cagg|bars_1d_cagg"
+                             r"|book_(snapshots|buckets|metrics)_p\d{8})$")
 
 
 def is_managed(name: str | None, type_: str, parent_names: object = None) -> bool:

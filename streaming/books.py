@@ -1,0 +1,445 @@
+"""The books daemon: `books` topic -> per-instrument L2 books -> `book_snapshots`, `book_buckets`, `book_metrics`.
+
+    python -m streaming.books [--port 9105] [--interval 1] [--depth 25] [--flush-interval 0.5]
+    candlekeep stream books
+
+Consumer group `books` (with the topic prefix) on `books`. Each record is decoded (bad ones go to
+`deadletter` with the reason) and applied to its instrument's candlekeep.orderbook.OrderBook:
+- a snapshot replaces the book (and sets its depth: after each delta the book is cut to the
+  snapshot's larger side, since a venue such as Kraken sends no delete for a level pushed out);
+- a delta before any snapshot of its instrument waits: it is dropped and counted, the instrument
+  stays `waiting` until its first snapshot; a delta whose `prev_sequence` is not the sequence
+  the book is at is a break: the book is dropped, and the instrument waits for the next snapshot.
+Outputs follow BOOK time, the records' `ts_ns`, never the wall clock. Time is cut into intervals
+of `interval` (default 1 s, UTC-aligned); when an instrument's record falls in a later interval
+than the one its book was last changed in, the book as it stood at the end of that interval
+(every record with ts_ns < its end applied) is summarized (candlekeep.book_analytics.book_output,
+ts = the interval's end) before the record is applied. Intervals without an update emit nothing.
+So the outputs are a function of the log alone.
+
+Durability and restart (kdb+ `r.q`: startup is recovery). Every `flush_interval` (or `flush_max`
+outputs) the outputs are written (BookStore, COPY, idempotent on (instrument, ts)), and only then
+is each partition's offset committed, at the offset of the OLDEST snapshot a live book of that
+partition was built from (the next offset when no book is live). A restart reads from there: every
+book is rebuilt from a snapshot, instruments whose snapshot comes later wait for it, and each output
+is computed again from the same records, so it is the same row, already stored (DO NOTHING). `kill -9`
+at any moment, then a restart, leaves exactly the outputs of an uninterrupted run. A venue that
+publishes a snapshot every N seconds bounds the replay to about N seconds of its records.
+
+State (one block):
+    state      idle | syncing | consuming | error (StateMachine; every transition logged): syncing
+               while some instrument seen waits for a snapshot, consuming when every one has a book
+    _books     instrument -> _Live (book, sequence, interval, base offset, partition) or None: waiting
+    _outputs   outputs not yet written; _offsets the next offset per partition read so far
+    committed  the offsets this member committed last, per partition
+"""
+
+from __future__ import annotations
+
+import argparse
+import decimal
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from sqlalchemy import Engine
+
+from candlekeep.bars import EXACT, NS_PER_S
+from candlekeep.book_analytics import (
+    BUCKET_RANGE_BPS,
+    DEPTH_BPS,
+    IMBALANCE_LEVELS,
+    BookOutput,
+    book_output,
+    mid_price,
+    width_for,
+)
+from candlekeep.books import BookDelta, BookSnapshot, Level
+from candlekeep.bus import Bus, BusConsumer, BusProducer, Record, publish_waiting
+from candlekeep.messages import BOOKS, DEADLETTER, MessageError, decode_book, encode_deadletter
+from candlekeep.messages import topic as topic_name
+from candlekeep.orderbook import OrderBook
+from candlekeep.settings import Settings
+from candlekeep.storage.books import BookStore
+from streaming.health import HealthServer, StateMachine
+
+log = logging.getLogger(__name__)
+
+GROUP = "books"
+DEFAULT_PORT = 9105
+TRANSITIONS = {
+    "idle": {"syncing", "consuming", "error"},
+    "syncing": {"consuming", "error", "idle"},
+    "consuming": {"syncing", "error", "idle"},
+    "error": {"syncing", "consuming", "idle"},
+}
+
+
+@dataclass
+class _Live:
+    """One instrument's live book and where it came from."""
+
+    book: OrderBook
+    sequence: int | None
+    verified: bool
+    source: str
+    interval: int  # index of the interval (ts_ns // interval_ns) of its last applied change
+    dirty: bool  # changed since its last output
+    base: tuple[str, int, int]  # (topic, partition, offset) of the snapshot it was built from
+
+
+class BooksDaemon:
+    def __init__(
+        self,
+        bus: Bus,
+        store: BookStore,
+        *,
+        prefix: str = "",
+        interval_ns: int = NS_PER_S,
+        depth: int = 25,
+        widths: Mapping[str, Decimal] | None = None,
+        flush_interval_s: float = 0.5,
+        flush_max: int = 5_000,
+        max_records: int = 5_000,
+        poll_timeout_s: float = 0.1,
+        max_backoff_s: float = 30.0,
+        group: str | None = None,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if interval_ns <= 0:
+            raise ValueError("interval must be positive")
+        self.bus, self.store = bus, store
+        self.books_topic = topic_name(prefix, BOOKS)
+        self.deadletter_topic = topic_name(prefix, DEADLETTER)
+        self.interval_ns, self.depth, self.widths = interval_ns, depth, dict(widths or {})
+        self.flush_interval_s, self.flush_max, self.max_records = flush_interval_s, flush_max, max_records
+        self.poll_timeout_s, self.max_backoff_s = poll_timeout_s, max_backoff_s
+        self.group = group or topic_name(prefix, GROUP)
+        self.registry = registry or CollectorRegistry()
+        self.state = StateMachine("books", TRANSITIONS, initial="idle", registry=self.registry)
+        self._clock = clock
+        self._books: dict[str, _Live | None] = {}
+        self._partition: dict[str, tuple[str, int]] = {}
+        self._outputs: list[BookOutput] = []
+        self._offsets: dict[tuple[str, int], int] = {}
+        self._consumer: BusConsumer | None = None
+        self._producer: BusProducer | None = None
+        self._retry: list[Record] = []
+        self._failures = 0
+        self._last_flush = clock()
+        self._lag = 0
+        self._last_lag_at = 0.0
+        self.committed: dict[tuple[str, int], int] = {}
+        self.last_error: str | None = None
+        self._metrics()
+
+    def _metrics(self) -> None:
+        r, p = self.registry, "candlekeep_books"
+        self.m_records = Counter(f"{p}_records", "Records consumed from books", ["kind"], registry=r)
+        self.m_waiting = Counter(f"{p}_deltas_waiting", "Deltas dropped: their instrument has no snapshot yet",
+                                 registry=r)  # fmt: skip
+        self.m_breaks = Counter(f"{p}_sequence_breaks", "Deltas that did not chain; the book waits for a snapshot",
+                                registry=r)  # fmt: skip
+        self.m_deadletters = Counter(f"{p}_deadletters", "Records sent to deadletter", registry=r)
+        self.m_outputs = Counter(f"{p}_outputs", "Outputs made (snapshot + buckets + metrics each)", registry=r)
+        self.m_written = Counter(f"{p}_outputs_stored", "Outputs newly stored (replays store nothing)", registry=r)
+        self.m_flush = Histogram(f"{p}_flush_seconds", "Seconds to write a batch and commit", registry=r)
+        self.m_lag = Gauge(f"{p}_consumer_lag", "Records in held partitions not yet consumed", registry=r)
+        self.m_books = Gauge(f"{p}_instruments", "Instruments by book state", ["book"], registry=r)
+        self.m_books.labels("live").set_function(lambda: sum(1 for b in self._books.values() if b is not None))
+        self.m_books.labels("waiting").set_function(lambda: sum(1 for b in self._books.values() if b is None))
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until `stop` is set; then write, commit and leave the group."""
+        while not stop.is_set():
+            try:
+                if self._consumer is None:
+                    self._start()
+                self.step()
+                if self._failures:
+                    self._failures = 0
+                    self._sync_state("recovered")
+            except Exception as exc:  # any failure: error state, back off, retry; never exit
+                self._failures += 1
+                self.last_error = self.state.fail(exc, failures=self._failures, logger=log)
+                stop.wait(min(self.max_backoff_s, 0.5 * 2 ** min(self._failures - 1, 16)))
+        self._shutdown()
+
+    def step(self) -> None:
+        assert self._consumer is not None
+        if self._retry:
+            records, self._retry = self._retry, []
+        else:
+            records = self._consumer.poll_batch(max_records=self.max_records, timeout=self.poll_timeout_s)
+        for i, record in enumerate(records):
+            try:
+                self._ingest(record)
+            except Exception:
+                self._retry = list(records[i:])
+                raise
+            self._offsets[(record.topic, record.partition)] = record.offset + 1
+        if records:
+            self._sync_state("records")
+        if self._producer is not None:
+            self._producer.poll(0)
+        self._measure_lag()
+        if len(self._outputs) >= self.flush_max or self._clock() - self._last_flush >= self.flush_interval_s:
+            self.flush()
+
+    def _start(self) -> None:
+        self.bus.ensure_topics([self.books_topic, self.deadletter_topic])
+        self._producer = self._producer or self.bus.producer(name="books")
+        self._consumer = self.bus.consumer(group=self.group, topics=[self.books_topic],
+                                           on_assign=self._on_assign, on_revoke=self._on_revoke)  # fmt: skip
+        self.state.to("syncing", reason="started", topic=self.books_topic, group=self.group)
+
+    def _sync_state(self, reason: str) -> None:
+        waiting = [i for i, b in self._books.items() if b is None]
+        target = "syncing" if waiting or not self._books else "consuming"
+        self.state.to(target, reason=reason, waiting=len(waiting))
+
+    def _shutdown(self) -> None:
+        try:
+            if self._consumer is not None:
+                self.flush()
+                self._consumer.close()
+                self._consumer = None
+            if self._producer is not None:
+                self._producer.flush(10)
+        except Exception as exc:  # nothing committed: the next run reads these records again
+            log.error("books daemon stopped without flushing: %s", exc, extra={"error": str(exc)})
+        if self.state.state != "idle":
+            self.state.to("idle", reason="stopped")
+
+    # -- records -----------------------------------------------------------------------------
+
+    def _ingest(self, record: Record) -> None:
+        try:
+            update = decode_book(record.value)
+        except MessageError as exc:
+            self._deadletter(record, str(exc))
+            return
+        if record.key != update.instrument:
+            self._deadletter(record, f"key {record.key!r} is not the instrument id {update.instrument!r}")
+            return
+        self.apply(update, (record.topic, record.partition, record.offset))
+
+    def apply(self, update: BookSnapshot | BookDelta, position: tuple[str, int, int]) -> None:
+        """One record of the log, at `position` (topic, partition, offset), in log order."""
+        instrument = update.instrument
+        self._partition[instrument] = position[:2]
+        live = self._books.get(instrument)
+        interval = update.ts_ns // self.interval_ns
+        if live is not None and live.dirty and interval > live.interval:
+            self._emit(instrument, live)
+        if isinstance(update, BookSnapshot):
+            self.m_records.labels("snapshot").inc()
+            book = OrderBook(instrument)
+            book.replace(update.bids, update.asks)
+            book.depth = max(book.bid_count, book.ask_count) or None
+            self._books[instrument] = _Live(book, update.sequence, update.verified, update.source,
+                                            max(interval, live.interval if live else interval), True, position)  # fmt: skip
+            return
+        self.m_records.labels("delta").inc()
+        if live is None:
+            if instrument not in self._books:
+                log.info("%s: deltas wait for the first snapshot", instrument)
+            self._books[instrument] = None
+            self.m_waiting.inc()
+            return
+        if update.prev_sequence is not None and live.sequence is not None and update.prev_sequence != live.sequence:
+            self.m_breaks.inc()
+            log.warning("%s: sequence break (delta after %s, book at %s): waiting for the next snapshot", instrument,
+                        update.prev_sequence, live.sequence,
+                        extra={"instrument": instrument, "prev_sequence": update.prev_sequence,
+                               "sequence": live.sequence})  # fmt: skip
+            self._books[instrument] = None
+            return
+        live.book.update(update.bids, update.asks)
+        live.book.truncate()
+        live.sequence = update.sequence if update.sequence is not None else live.sequence
+        live.verified, live.source = update.verified, update.source
+        live.interval = max(live.interval, interval)
+        live.dirty = True
+
+    def _emit(self, instrument: str, live: _Live) -> None:
+        bids, asks = _band(live.book, max(self.depth, IMBALANCE_LEVELS[-1]), max(BUCKET_RANGE_BPS, DEPTH_BPS[-1]))
+        price = mid_price(bids, asks) or next((side[0][0] for side in (bids, asks) if side), None)
+        width = width_for(instrument, self.widths, price)
+        ts_ns = (live.interval + 1) * self.interval_ns
+        self._outputs.append(book_output(instrument, ts_ns, bids, asks, sequence=live.sequence,
+                                         verified=live.verified, source=live.source, width=width,
+                                         depth=self.depth))  # fmt: skip
+        live.dirty = False
+        self.m_outputs.inc()
+
+    def _deadletter(self, record: Record, error: str) -> None:
+        assert self._producer is not None
+        self.m_deadletters.inc()
+        log.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, error,
+                    extra={"topic": record.topic, "partition": record.partition, "offset": record.offset,
+                           "error": error})  # fmt: skip
+        value = encode_deadletter(topic_name=record.topic, partition=record.partition, offset=record.offset,
+                                  error=error, payload=record.value)  # fmt: skip
+        publish_waiting(self._producer, self.deadletter_topic, record.key or "", value)
+
+    # -- durability --------------------------------------------------------------------------
+
+    def restart_offsets(self) -> dict[tuple[str, int], int]:
+        """Per partition read: where a restart must read from (module doc)."""
+        out = dict(self._offsets)
+        for instrument, live in self._books.items():
+            if live is not None:
+                tp = live.base[:2]
+                if tp in out:
+                    out[tp] = min(out[tp], live.base[2])
+        return out
+
+    def flush(self) -> None:
+        """Write the outputs made so far, then commit where a restart must read from."""
+        started = time.perf_counter()
+        if self._outputs:
+            written = self.store.insert(self._outputs)
+            self.m_written.inc(written)
+            self._outputs = []
+        if self._producer is not None and self._producer.flush(10):
+            raise RuntimeError("dead letters not delivered; not committing")
+        offsets = {tp: o for tp, o in self.restart_offsets().items() if o > self.committed.get(tp, -1)}
+        if offsets and self._consumer is not None:
+            self._consumer.commit(offsets)
+            self.committed.update(offsets)
+        self._last_flush = self._clock()
+        self.m_flush.observe(time.perf_counter() - started)
+
+    def _on_assign(self, partitions: list[tuple[str, int]]) -> None:
+        log.info("books: assigned %s", partitions)
+
+    def _on_revoke(self, partitions: list[tuple[str, int]]) -> None:
+        gone = set(partitions)
+        try:
+            self.flush()
+        except Exception as exc:  # nothing committed for them: their next owner reads them again
+            log.error("books: flush on revoke failed: %s", exc)
+        for instrument in [i for i, tp in self._partition.items() if tp in gone]:
+            self._books.pop(instrument, None)
+            self._partition.pop(instrument, None)
+        self._offsets = {tp: o for tp, o in self._offsets.items() if tp not in gone}
+        self._outputs = [o for o in self._outputs if o.instrument in self._books]
+        self._retry = [r for r in self._retry if (r.topic, r.partition) not in gone]
+
+    # -- health ------------------------------------------------------------------------------
+
+    def _measure_lag(self) -> None:
+        if self._consumer is not None and time.monotonic() - self._last_lag_at >= 1.0:
+            self._last_lag_at = time.monotonic()
+            try:
+                self._lag = self._consumer.lag()
+            except Exception as exc:  # observability only
+                log.debug("consumer lag unavailable: %s", exc)
+                return
+            self.m_lag.set(self._lag)
+
+    def health(self) -> dict[str, Any]:
+        return self.state.health(
+            lag=self._lag,
+            instruments={i: ("live" if b is not None else "waiting") for i, b in sorted(self._books.items())},
+            pending_outputs=len(self._outputs),
+            committed={f"{t}[{p}]": offset for (t, p), offset in sorted(self.committed.items())},
+            last_error=self.last_error,
+        )
+
+
+def _band(book: OrderBook, top: int, bps: int) -> tuple[tuple[Level, ...], tuple[Level, ...]]:
+    """The best `top` levels of each side and every level within `bps` of the mid: all that an output
+    reads (summary, depth within 100 bps, imbalance, buckets within 200 bps), without copying a
+    1000-level book each interval. Exact edges, as book_analytics.within."""
+    best_bid, best_ask = book.best_bid(), book.best_ask()
+    if best_bid is None or best_ask is None:
+        return book.bids(), book.asks()
+    with decimal.localcontext(EXACT):
+        mid = (best_bid[0] + best_ask[0]) / 2
+        reach = mid * bps / 10_000
+        low, high = mid - reach, mid + reach
+    n = max(top, 64)
+    while True:
+        bids = book.bids(n)
+        if len(bids) < n or bids[-1][0] < low:
+            break
+        n *= 4
+    n = max(top, 64)
+    while True:
+        asks = book.asks(n)
+        if len(asks) < n or asks[-1][0] > high:
+            break
+        n *= 4
+    return bids, asks
+
+
+# -- construction and entry point -----------------------------------------------------------------
+
+
+def build(settings: Settings, bus: Bus, engine: Engine, **kw: Any) -> BooksDaemon:
+    """The books daemon of `settings` on `bus` and `engine` (streaming.runner and `main` share it)."""
+    options: dict[str, Any] = {"interval_ns": int(Decimal(str(settings.book_interval_s)) * NS_PER_S),
+                               "depth": settings.book_depth, "widths": settings.bucket_widths()}  # fmt: skip
+    options.update(kw)
+    return BooksDaemon(bus, BookStore(engine), prefix=settings.topic_prefix, **options)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m streaming.books`: settings from CANDLEKEEP_* (database, Kafka, prefix, book_*)."""
+    from candlekeep.bus import KafkaBus, make_bus
+    from candlekeep.storage.db import create_engine, resolve_database_url
+    from candlekeep.storage.migrate import upgrade
+
+    parser = argparse.ArgumentParser(prog="streaming.books", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="/health and /metrics address")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="/health and /metrics port (0: any, -1: none)")
+    parser.add_argument("--interval", type=float, default=None, help="output interval, seconds of book time")
+    parser.add_argument("--depth", type=int, default=None, help="levels per side in book_snapshots")
+    parser.add_argument("--flush-interval", type=float, default=0.5, help="seconds between writes")
+    parser.add_argument("--instance-id", help="Kafka static group membership: a restart takes over at once")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    overrides: dict[str, Any] = {"flush_interval_s": args.flush_interval}
+    if args.interval is not None:
+        overrides["interval_ns"] = int(Decimal(str(args.interval)) * NS_PER_S)
+    if args.depth is not None:
+        overrides["depth"] = args.depth
+    url = resolve_database_url(settings)
+    upgrade(url)
+    engine = create_engine(url)
+    if settings.kafka_bootstrap_servers and args.instance_id:
+        bus: Bus = KafkaBus(settings.kafka_bootstrap_servers, consumer_config={"group.instance.id": args.instance_id})
+    else:
+        bus = make_bus(settings)
+    daemon = build(settings, bus, engine, **overrides)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    server = None
+    if args.port >= 0:
+        server = HealthServer(daemon.registry, daemon.health, host=args.host, port=args.port).start()
+        log.info("books /health and /metrics on %s", server.url)
+    try:
+        daemon.run(stop)
+    finally:
+        if server is not None:
+            server.stop()
+        bus.close()
+        engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,228 @@
+"""The books daemon on real PostgreSQL and Kafka, driven by books from the real recordings.
+
+Truth: tests.utils.books.reference, an independent pandas rebuild of the same books; for kill -9,
+the outputs of one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer
+from sqlalchemy import Engine, text
+
+from candlekeep.bars import NS_PER_S
+from candlekeep.books import BookDelta, BookSnapshot
+from candlekeep.bus import Bus, InProcessBus, KafkaBus
+from candlekeep.messages import BOOKS, DEADLETTER, encode_book, topic
+from candlekeep.instruments import Instrument
+from candlekeep.sources.simulator import Simulator
+from candlekeep.sources.simulator_book import SimulatorBooks
+from candlekeep.storage.books import BookStore
+from streaming.books import TRANSITIONS, BooksDaemon
+from tests.utils.books import WIDTHS, recorded_books, reference
+from tests.utils.wait import eventually
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _publish(bus: Bus, prefix: str, records, *, raw: list[tuple[str, bytes]] = ()) -> None:
+    name = topic(prefix, BOOKS)
+    bus.ensure_topics([name, topic(prefix, DEADLETTER)])
+    producer = bus.producer(name="test-books")
+    for key, value in raw:
+        producer.publish(name, key, value)
+    for r in records:
+        producer.publish(name, r.instrument, encode_book(r))
+    assert producer.flush(30) == 0
+
+
+def _drain(daemon: BooksDaemon, *, idle_polls: int = 5) -> None:
+    if daemon._consumer is None:
+        daemon._start()
+    quiet = 0
+    while quiet < idle_polls:
+        before = daemon.m_records.labels("delta")._value.get() + daemon.m_records.labels("snapshot")._value.get()
+        daemon.step()
+        after = daemon.m_records.labels("delta")._value.get() + daemon.m_records.labels("snapshot")._value.get()
+        quiet = quiet + 1 if after == before else 0
+    daemon.flush()
+
+
+def _stored(engine: Engine) -> dict[str, list]:
+    with engine.connect() as conn:
+        snaps = conn.execute(text(
+            "SELECT instrument, (extract(epoch FROM ts) * 1e9)::bigint, sequence, bids, asks, mid::text, spread::text,"
+            " bid_depth_10, ask_depth_10, bid_depth_50, ask_depth_50, bid_depth_100, ask_depth_100, verified, source"
+            " FROM book_snapshots ORDER BY 1, 2")).all()  # fmt: skip
+        buckets = conn.execute(text("SELECT instrument, (extract(epoch FROM ts) * 1e9)::bigint, side, price, size,"
+                                    " width FROM book_buckets ORDER BY 1, 2, 3, 4")).all()  # fmt: skip
+        metrics = conn.execute(text("SELECT instrument, (extract(epoch FROM ts) * 1e9)::bigint, imbalance_1,"
+                                    " imbalance_5, imbalance_10, imbalance_10bps, imbalance_50bps, microprice,"
+                                    " weighted_mid FROM book_metrics ORDER BY 1, 2")).all()  # fmt: skip
+    return {"snapshots": [tuple(r) for r in snaps], "buckets": [tuple(r) for r in buckets],
+            "metrics": [tuple(r) for r in metrics]}  # fmt: skip
+
+
+def test_recorded_books_match_the_pandas_reference(engine: Engine, topic_prefix: str) -> None:
+    records = recorded_books(5.0)
+    assert {r.instrument for r in records} == set(WIDTHS)
+    bus = InProcessBus()
+    _publish(bus, topic_prefix, records)
+    daemon = BooksDaemon(bus, BookStore(engine), prefix=topic_prefix, widths=WIDTHS, depth=25, flush_max=50)
+    _drain(daemon)
+    expected = reference(records, NS_PER_S, WIDTHS, depth=25)
+    stored = _stored(engine)
+    assert len(expected) > 100 and len(stored["snapshots"]) == len(expected)
+    by_key = {(r[0], r[1]): r for r in stored["snapshots"]}
+    metrics = {(r[0], r[1]): r for r in stored["metrics"]}
+    buckets: dict[tuple, dict] = {}
+    for inst, ts, side, price, size, width in stored["buckets"]:
+        assert width == WIDTHS[inst]
+        buckets.setdefault((inst, ts), {})[(side, price)] = size
+    for ref in expected:
+        row = by_key[(ref.instrument, ref.ts_ns)]
+        assert [(Decimal(p), Decimal(s)) for p, s in row[3]] == ref.bids
+        assert [(Decimal(p), Decimal(s)) for p, s in row[4]] == ref.asks
+        assert float(row[5]) == pytest.approx(ref.mid, rel=1e-15) and Decimal(row[6]) == ref.spread
+        assert list(row[7:13]) == [ref.depth[f"{side}_{bps}"] for bps in (10, 50, 100) for side in ("bid", "ask")]
+        assert buckets[(ref.instrument, ref.ts_ns)] == ref.buckets
+        m = metrics[(ref.instrument, ref.ts_ns)]
+        for got, key in zip(m[2:7], ("1", "5", "10", "10bps", "50bps"), strict=True):
+            if ref.imbalance[key] is None:
+                assert got is None
+            else:
+                assert float(got) == pytest.approx(ref.imbalance[key], rel=1e-9, abs=1e-12)
+        assert float(m[7]) == pytest.approx(ref.microprice, rel=1e-12)
+    assert daemon.state.state == "consuming"
+    assert daemon.health()["instruments"] == dict.fromkeys(sorted(WIDTHS), "live")
+
+
+def _simulated(seconds: int = 200) -> list[BookSnapshot | BookDelta]:
+    """The simulator's books: a sequence chain (sequence = second) and a snapshot every 60 s."""
+    sim = SimulatorBooks(Simulator(2, now=lambda: 4e9), levels=25, snapshot_every_s=60)
+    start = 1_700_000_040  # a multiple of 60
+    return list(sim.updates(Instrument.parse(SIM), start * NS_PER_S, (start + seconds) * NS_PER_S))
+
+
+SIM = "cccagg:BTC-USD"
+SIM_WIDTHS = {SIM: Decimal("10")}
+
+
+def test_a_delta_before_any_snapshot_waits_and_a_break_waits_for_the_next_snapshot(
+    engine: Engine, topic_prefix: str
+) -> None:
+    books = _simulated()
+    snapshots = [i for i, r in enumerate(books) if isinstance(r, BookSnapshot)]
+    assert snapshots == [0, 60, 120, 180]
+    # Deltas before the first snapshot, then a break: the delta at 70 claims a wrong predecessor.
+    early = [replace(d, ts_ns=books[0].ts_ns - NS_PER_S) for d in books[1:6]]
+    tampered = list(books)
+    tampered[70] = replace(books[70], prev_sequence=books[70].prev_sequence - 1)
+    bus = InProcessBus()
+    _publish(bus, topic_prefix, early + tampered, raw=[(SIM, b"not json")])
+    daemon = BooksDaemon(bus, BookStore(engine), prefix=topic_prefix, widths=SIM_WIDTHS)
+    _drain(daemon)
+    # The truth: the reference over the feed with everything from the break to the next snapshot removed.
+    truth = reference(books[:70] + books[120:], NS_PER_S, SIM_WIDTHS)
+    stored = _stored(engine)
+    assert [r[1] for r in stored["snapshots"]] == [r.ts_ns for r in truth]
+    assert len(truth) == 70 + 79  # 1 s intervals: one output per second but the broken stretch and the last
+    assert daemon.m_waiting._value.get() == len(early) + 49 and daemon.m_breaks._value.get() == 1
+    assert daemon.m_deadletters._value.get() == 1
+    by_ts = {r[1]: r for r in stored["snapshots"]}
+    for ref in truth:
+        assert [(Decimal(p), Decimal(s)) for p, s in by_ts[ref.ts_ns][3]] == ref.bids
+
+
+def test_states_and_health(engine: Engine, topic_prefix: str) -> None:
+    bus = InProcessBus()
+    books = _simulated(30)
+    _publish(bus, topic_prefix, books[1:4])
+    daemon = BooksDaemon(bus, BookStore(engine), prefix=topic_prefix, widths=SIM_WIDTHS)
+    assert daemon.state.state == "idle" and set(TRANSITIONS) == {"idle", "syncing", "consuming", "error"}
+    _drain(daemon)
+    assert daemon.state.state == "syncing" and daemon.health()["instruments"] == {SIM: "waiting"}
+    _publish(bus, topic_prefix, books)
+    _drain(daemon)
+    assert daemon.state.state == "consuming"
+    stop = threading.Event()
+    stop.set()
+    daemon.run(stop)
+    assert daemon.state.state == "idle"
+
+
+def test_kill_9_then_restart_gives_the_outputs_of_an_uninterrupted_run(
+    kafka_bootstrap: str, engine: Engine, database_url: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    rng = random.Random(11)
+    records = recorded_books(2.0)
+    widths = ",".join(f"{k}={v}" for k, v in WIDTHS.items())
+    # The uninterrupted run, in process, on the same records: its rows are the truth.
+    clean_bus = InProcessBus()
+    _publish(clean_bus, topic_prefix, records)
+    clean = BooksDaemon(clean_bus, BookStore(engine), prefix=topic_prefix, widths=WIDTHS)
+    _drain(clean)
+    restart_at = clean.restart_offsets()[(topic(topic_prefix, BOOKS), 0)]
+    truth = _stored(engine)
+    assert len(truth["snapshots"]) > 100
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE book_snapshots, book_buckets, book_metrics"))
+
+    env = {**os.environ, "CANDLEKEEP_DATABASE_URL": database_url, "CANDLEKEEP_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+           "CANDLEKEEP_TOPIC_PREFIX": topic_prefix, "CANDLEKEEP_BOOK_BUCKET_WIDTHS": widths,
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    log_path = tmp_path / "books.log"
+
+    def launch() -> subprocess.Popen:
+        with log_path.open("ab") as log:
+            return subprocess.Popen([sys.executable, "-m", "streaming.books", "--port", "-1", "--flush-interval", "0.1",
+                                     "--instance-id", "kill-test"],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)  # fmt: skip
+
+    bus = KafkaBus(kafka_bootstrap)
+    probe = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"{topic_prefix}books"})
+    from confluent_kafka import TopicPartition
+
+    def committed() -> int:
+        return probe.committed([TopicPartition(topic(topic_prefix, BOOKS), 0)], timeout=5)[0].offset
+
+    chunks = [records[i:i + 100] for i in range(0, len(records), 100)]
+    kills = sorted(rng.sample(range(2, len(chunks) - 1), 3))
+    proc = launch()
+    try:
+        for k, chunk in enumerate(chunks):
+            _publish(bus, topic_prefix, chunk)
+            if k == 1:
+                eventually(lambda: committed() > 0, timeout=60, what="first commit")
+            time.sleep(rng.uniform(0.1, 0.5))
+            if k in kills:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(10)
+                proc = launch()
+        # Done when the group committed where the uninterrupted run would restart from (writes come first).
+        eventually(lambda: committed() == restart_at, timeout=120, what="the final commit")
+        got = _stored(engine)
+        for name in truth:
+            assert len(got[name]) == len(truth[name]), name
+        assert got == truth
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        probe.close()
+        if proc.poll() is None:
+            proc.kill()
+        bus.close()
+    assert log_path.read_text().count("books /health") == 0  # --port -1: no server; sanity of the log
+    json.dumps(truth["snapshots"][0][3])  # stored levels are JSON arrays of decimal strings
