@@ -69,6 +69,7 @@ from candlekeep.settings import Settings
 from candlekeep.sources.cryptocompare_stream import BadFrame, StreamStatus, SubscriptionFailed
 from candlekeep.sources.exchanges.base import IntegrityEvent
 from candlekeep.sources.simulator import Simulator
+from candlekeep.sources.simulator_book import SimulatorBooks
 from candlekeep.bus import Bus, BufferFull, BusConsumer, BusProducer
 from streaming.health import HealthServer, InvalidTransition, StateMachine
 
@@ -128,6 +129,7 @@ class SimulatorPlayback:
         wall_ns: Callable[[], int] = time.time_ns,
         wait: Callable[[float], object] | None = None,
         heartbeat_s: float = 1.0,
+        book_depth: int | None = None,
     ) -> None:
         if speed <= 0:
             raise ValueError(f"speed must be positive, got {speed}")
@@ -140,6 +142,8 @@ class SimulatorPlayback:
         self._closed = threading.Event()
         self._wait = wait or self._closed.wait
         self._sim = Simulator(seed, now=lambda: self._UNBOUNDED_S)
+        # The simulator's L2 books on `books` too, `book_depth` levels a side (None: trades only).
+        self.books = SimulatorBooks(self._sim, levels=book_depth) if book_depth else None
         self._lock = threading.Lock()
         self._wanted = {Instrument.parse(i).id for i in instruments}
         self._cursor = self.start_ns  # sim time up to which trades have been generated
@@ -195,18 +199,21 @@ class SimulatorPlayback:
             beats.append((chunk_end, ""))
             # Merged by time; heapq.merge is stable, so one instrument's trades keep their order, and
             # a trade at a beat's time comes before the beat (it is covered by it).
+            books = [self._book_updates(i, self._cursor, chunk_end) for i in wanted] if self.books else []
             chunk = heapq.merge(
                 *(((t.ts_ns, t) for t in self._sim.trades(Instrument.parse(i), self._cursor, chunk_end))
                   for i in wanted),
+                *books,
                 beats,
                 key=lambda item: (item[0], item[1] == ""),
             )  # fmt: skip
             for ts_ns, item in chunk:
                 if not self._until(ts_ns):
                     return
-                if isinstance(item, Trade):
+                if isinstance(item, Trade | BookSnapshot | BookDelta):
                     if item.instrument in self._wanted:
-                        quiet[item.instrument] = False
+                        if isinstance(item, Trade):
+                            quiet[item.instrument] = False
                         yield item
                     continue
                 boundary = ts_ns % minute == 0  # always beat there: the minute closes on time
@@ -217,6 +224,21 @@ class SimulatorPlayback:
             self._cursor = chunk_end
             if not self._until(chunk_end):  # a new subscription joins here, at the boundary
                 return
+
+    def _book_updates(self, instrument: str, start_ns: int, end_ns: int) -> Iterator[tuple[int, object]]:
+        """The simulator's book of `instrument` over [start, end): every second's snapshot or delta
+        at up to real-time speed; faster, a snapshot every `speed` sim seconds (one a wall second),
+        so the books never hold the playback back."""
+        assert self.books is not None
+        ins = Instrument.parse(instrument)
+        if self.speed <= 1:
+            for update in self.books.updates(ins, start_ns, end_ns):
+                yield update.ts_ns, update
+            return
+        step = int(self.speed) * NS_PER_S
+        for ts in range(-(-start_ns // step) * step, end_ns, step):
+            bids, asks = self.books.book_at(ins, ts // NS_PER_S)
+            yield ts, BookSnapshot(ins.id, ts, ts, ts // NS_PER_S, None, bids, asks, self.name, True)
 
     def _until(self, sim_ns: int) -> bool:
         """Wait until sim time reaches `sim_ns`; False when closed meanwhile."""
@@ -316,6 +338,7 @@ def _configured_source(
         return SimulatorPlayback(
             instruments=settings.instruments, seed=settings.simulator_seed, start_ns=start_ns, end_ns=end_ns,
             speed=speed, heartbeat_s=settings.heartbeat_s,
+            book_depth=settings.book_depth,
         )  # fmt: skip
     from candlekeep.sources.cryptocompare_stream import StreamerClient
 

@@ -450,3 +450,46 @@ def test_cryptocompare_stream_through_the_producer(bus: Bus, topic_prefix: str) 
     lost_at = next(k for k, i in enumerate(btc_log) if isinstance(i, Disconnect) and i.reason not in
                    ("producer started", "producer stopped"))  # fmt: skip
     assert btc_log.index(got[2]) > lost_at
+
+
+def test_the_simulator_publishes_its_books_which_bracket_its_trades() -> None:
+    """Offline, the simulator's L2 books go to `books` beside its trades: a snapshot first, then one
+    delta a second chained by sequence; each second's best bid and ask bracket the simulator's own
+    trades of that second (the independent truth: Simulator.trades)."""
+    from candlekeep.books import BookDelta, BookSnapshot
+    from candlekeep.messages import BOOKS, decode_book
+
+    clock = FakeClock()
+    btc = INSTRUMENTS[0]
+    start, end = START, START + 2 * MINUTE
+    playback = SimulatorPlayback(instruments=[btc], start_ns=start, end_ns=end, speed=1, clock=clock, wait=clock.wait,
+                                 book_depth=10)  # fmt: skip
+    bus = InProcessBus()
+    Producer(bus, playback).run()
+    records = consume(bus, topic("", BOOKS), count=120)
+    updates = [decode_book(r.value) for r in records]
+    assert len(updates) == 120 and isinstance(updates[0], BookSnapshot)
+    assert all(isinstance(u, BookDelta) == (u.ts_ns % MINUTE != 0) for u in updates)  # a snapshot a minute
+    for prev, cur in zip(updates, updates[1:], strict=False):
+        assert cur.sequence == prev.sequence + 1 and (cur.prev_sequence is None or cur.prev_sequence == prev.sequence)
+    book: dict[str, dict] = {"bids": {}, "asks": {}}
+    trades = defaultdict(list)
+    for t in expected([btc], start, end)[btc]:
+        trades[t.ts_ns // NS_PER_S].append(t.price)
+    checked = 0
+    for u in updates:
+        for side in ("bids", "asks"):
+            if isinstance(u, BookSnapshot):
+                book[side] = {}
+            for price, size in getattr(u, side):
+                if size == 0:
+                    book[side].pop(price, None)
+                else:
+                    book[side][price] = size
+        best_bid, best_ask = max(book["bids"]), min(book["asks"])
+        assert best_bid < best_ask
+        for price in trades.get(u.ts_ns // NS_PER_S, []):
+            assert best_bid <= price <= best_ask
+            checked += 1
+    assert checked > 10
+    bus.close()
