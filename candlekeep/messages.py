@@ -151,6 +151,26 @@ def decode_tick(raw: bytes) -> Trade:
     return record
 
 
+# --- replay: stored trades straight to `ticks` bytes ----------------------------------------------
+# The replayer sends millions of stored trades. It reads their decimals as PostgreSQL's exact text
+# and writes the very bytes `encode_tick` writes for the same trade (received_ns null: not stored),
+# without building a Trade and a dict per record (tests/candlekeep/test_replay_messages.py holds
+# the two to byte equality over real trades).
+
+
+def encode_stored_trade(instrument: str, ts_ns: int, price: str, size: str, side: str, trade_id: str,
+                        source: str) -> bytes:  # fmt: skip
+    return (f'{{"v":1,"kind":"trade","instrument":{_json_text(instrument)},"ts_ns":{ts_ns},"price":"{price}",'
+            f'"size":"{size}","side":"{side}","trade_id":{_json_text(trade_id)},"source":{_json_text(source)},'
+            f'"received_ns":null}}').encode()  # fmt: skip
+
+
+def _json_text(value: str) -> str:
+    if value.isascii() and value.replace("-", "").replace(":", "").replace("_", "").replace(".", "").isalnum():
+        return f'"{value}"'
+    return json.dumps(value)
+
+
 # --- books ---------------------------------------------------------------------------------------
 
 

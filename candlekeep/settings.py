@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     # Streaming daemons' /health and /metrics: base, base+1, ... (0: any free port).
     stream_port_base: int = Field(9101, ge=0, lt=65533)
 
+    # Replay sessions (candlekeep/replay.py): at most this many active at once (created, running,
+    # paused, error); each closes with a heartbeat at its end plus this lateness (the aggregator's).
+    replay_max_sessions: int = Field(8, gt=0)
+    replay_lateness_s: float = Field(2.0, ge=0)
+
     @field_validator("instruments", "api_keys", "api_cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

@@ -62,7 +62,7 @@ def session_engine(database_url: str) -> Iterator[Engine]:
 def engine(session_engine: Engine) -> Engine:
     """The test database, emptied before each test."""
     with session_engine.begin() as conn:
-        conn.execute(text("TRUNCATE bars, ticks, coverage, instruments, outages"))
+        conn.execute(text("TRUNCATE bars, ticks, coverage, instruments, outages, replay_sessions"))
     return session_engine
 
 
