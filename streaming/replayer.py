@@ -26,6 +26,7 @@ State (one block):
     state     idle (no running session) | replaying | error (StateMachine; transitions logged)
     runs      session id -> _Run: the open stream (head item, iterator), the position and counts
               published since the last checkpoint, the seek epoch it was read at
+    _prepared the same for created and paused sessions, opened ahead (used if still at that position)
     _failures consecutive loop failures (bounded backoff 0.5 s doubling to 30 s)
     _retry_at session id -> wall time its `error` state is retried
 """
@@ -123,8 +124,10 @@ class Replayer:
         self._producer: BusProducer | None = None
         self._failures = 0
         self._retry_at: dict[str, int] = {}
+        self._prepared: dict[str, _Run] = {}  # created / paused sessions, opened ahead of their start
         self._ensured: set[str] = set()
         self.last_error: str | None = None
+        self.ready = threading.Event()  # set after the first step (recovery done, sessions read)
         self._published = Counter("candlekeep_replayer_published", "Records published by the replayer", ["kind"],
                                   registry=self.registry)  # fmt: skip
         self._drift = Histogram("candlekeep_replayer_pacing_drift_seconds",
@@ -146,11 +149,13 @@ class Replayer:
                         recovered = True
                     wait_s = self._step()
                     self._failures = 0
+                    self.ready.set()
                 except Exception as exc:  # PostgreSQL or the broker down: back off, re-read from durable positions
                     self._failures += 1
                     self.last_error = self.state.fail(exc, failures=self._failures, logger=log)
                     log.debug("replayer failure", exc_info=True)
                     self.runs.clear()
+                    self._prepared.clear()
                     wait_s = min(self.max_backoff_s, 0.5 * 2 ** (self._failures - 1))
                 if wait_s > 0:
                     stop.wait(wait_s)
@@ -172,9 +177,13 @@ class Replayer:
 
     def _step(self) -> float:
         """Read the sessions, publish what is due, checkpoint; the seconds to wait before the next step."""
-        rows = {row.id: row for row in self.store.list(states=[SessionState.RUNNING, SessionState.PAUSED,
-                                                               SessionState.ERROR])}  # fmt: skip
+        rows = {row.id: row for row in self.store.list(states=[SessionState.CREATED, SessionState.RUNNING,
+                                                               SessionState.PAUSED, SessionState.ERROR])}  # fmt: skip
         now = self.clock()
+        for row in rows.values():  # topics and first pages before the start: the first records leave on time
+            self._ensure(row)
+            if row.state in (SessionState.CREATED, SessionState.PAUSED) and row.id not in self._prepared:
+                self._prepared[row.id] = self._open(row, now)
         for session_id in list(self.runs):  # paused, stopped or sought: checkpoint, then drop or reopen
             run, row = self.runs[session_id], rows.get(session_id)
             if row is None or row.state != SessionState.RUNNING or row.seek_epoch != run.row.seek_epoch:
@@ -190,7 +199,14 @@ class Replayer:
             if row.state == SessionState.ERROR and now >= self._retry_at.get(row.id, 0):
                 self.store.retry(row.id, wall_ns=now)
             elif row.state == SessionState.RUNNING and row.id not in self.runs:
-                self.runs[row.id] = self._open(row, now)
+                ready = self._prepared.pop(row.id, None)
+                if ready is None or (ready.row.seek_epoch, ready.row.position) != (row.seek_epoch, row.position):
+                    ready = self._open(row, now)
+                ready.row, ready.clock, ready.checkpoint_wall_ns = row, row.clock, now
+                self.runs[row.id] = ready
+        for session_id in [i for i in self._prepared if i not in rows or rows[i].state not in
+                           (SessionState.CREATED, SessionState.PAUSED)]:  # fmt: skip
+            del self._prepared[session_id]
         self._running.set(len(self.runs))
         self.state.to("replaying" if self.runs else "idle", reason=f"{len(self.runs)} sessions running")
         next_due: int | None = None
@@ -214,17 +230,21 @@ class Replayer:
     # -- one session -------------------------------------------------------------------------------
 
     def _open(self, row: SessionRow, now: int) -> _Run:
-        ticks_topic = replay_topic(self.prefix, row.id, "ticks")
-        bars_topic = replay_topic(self.prefix, row.id, "bars")
-        if row.id not in self._ensured:
-            self.bus.ensure_topics([ticks_topic, bars_topic], partitions=1)
-            self._ensured.add(row.id)
+        ticks_topic, bars_topic = self._ensure(row)
         items = self._items(row, row.position)
         assert self._producer is not None
         log.info("replay %s: streaming %s from %d at speed %s", row.id, ",".join(row.instruments), row.position.ts_ns,
                  "max" if row.speed is None else row.speed, extra={"session": row.id})  # fmt: skip
         return _Run(row, items, next(items, None), ticks_topic, bars_topic, row.clock, row.position,
                     checkpoint_wall_ns=now, failed_mark=self._producer.failed)  # fmt: skip
+
+    def _ensure(self, row: SessionRow) -> tuple[str, str]:
+        ticks_topic = replay_topic(self.prefix, row.id, "ticks")
+        bars_topic = replay_topic(self.prefix, row.id, "bars")
+        if row.id not in self._ensured:
+            self.bus.ensure_topics([ticks_topic, bars_topic], partitions=1)
+            self._ensured.add(row.id)
+        return ticks_topic, bars_topic
 
     def _items(self, row: SessionRow, position: Position) -> Iterator[Item]:
         from_ns = position.ts_ns

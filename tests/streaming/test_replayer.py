@@ -50,3 +50,181 @@ def test_a_session_publishes_exactly_the_stored_ticks_in_event_time_order(engine
     done = store.get(session.id)
     assert done.trades_sent == done.trades_total and done.messages_sent == len(expected)
     assert done.percent == 100.0 and done.clock.sim_ns == end + LATENESS_NS
+
+
+ETH_FIRST = 1_582_329_700 * NS_PER_S  # ETH's shifted recording: 00:01:40.138 .. 00:05:07.493
+
+
+def drifts_ms(records, row, speed: float) -> list[float]:
+    """Kafka CreateTime (set at produce) minus the due time by the session's clock anchor."""
+    anchor_sim, anchor_wall = row.clock.sim_ns, row.clock.wall_ns
+    out = []
+    for record, decoded in records:
+        due_ms = (anchor_wall + (decoded.ts_ns - anchor_sim) / speed) / 1e6
+        out.append(record.timestamp_ms - due_ms)
+    return out
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(abs(v) for v in values)
+    return ordered[int(0.99 * (len(ordered) - 1))]
+
+
+# p99 of |publish time - due time|. Typically under 15 ms; the bound leaves room for a loaded CI box
+# (2 cores shared by many processes stall a thread for 100+ ms now and then). CreateTime has 1 ms
+# resolution. Early is never allowed (> 2 ms early fails).
+DRIFT_BOUND_MS = 100.0
+
+
+@pytest.mark.parametrize("speed, span_s", [(1, 8), (10, 60), (60, 200)])
+def test_pacing_follows_the_replay_clock(engine: Engine, kafka, topic_prefix: str, speed: int, span_s: int) -> None:
+    trades = stored_trades(engine)
+    store = ReplaySessionStore(engine)
+    start, end = ETH_FIRST, ETH_FIRST + span_s * NS_PER_S
+    session = create(store, [ETH], start, end, float(speed))
+    expected = expected_records(trades, [ETH], start, end)
+    reader = Reader(kafka, ticks_topic(topic_prefix, session.id))
+    with running(Replayer(kafka, engine, prefix=topic_prefix)):
+        started = store.act(session.id, "start", wall_ns=time.time_ns())
+        got = reader.until(len(expected), timeout=span_s / speed + 30)
+    assert got == expected
+    drift = drifts_ms(list(zip(reader.records, got)), started, speed)
+    assert min(drift) > -2.0, f"a record was published {-min(drift):.1f} ms before it was due"
+    assert p99(drift) <= DRIFT_BOUND_MS, f"p99 pacing drift {p99(drift):.1f} ms at speed {speed}"
+    wall_s = (reader.records[-1].timestamp_ms - started.clock.wall_ns / 1e6) / 1e3
+    assert wall_s == pytest.approx((end + LATENESS_NS - start) / NS_PER_S / speed, abs=0.25)
+
+
+def test_pause_stops_output_within_one_batch_and_resume_continues_at_the_same_clock(
+        engine: Engine, kafka, topic_prefix: str) -> None:  # fmt: skip
+    trades = stored_trades(engine)
+    store = ReplaySessionStore(engine)
+    start, end = ETH_FIRST, ETH_FIRST + 60 * NS_PER_S
+    session = create(store, [ETH], start, end, 10.0)
+    expected = expected_records(trades, [ETH], start, end)
+    reader = Reader(kafka, ticks_topic(topic_prefix, session.id))
+    batch = 5
+    with running(Replayer(kafka, engine, prefix=topic_prefix, batch=batch)):
+        store.act(session.id, "start", wall_ns=time.time_ns())
+        reader.until(40)
+        paused = store.act(session.id, "pause", wall_ns=time.time_ns())
+        paused_ms = time.time_ns() / 1e6
+        at_pause = reader.quiet(for_s=1.0)
+        after_pause = [r for r in reader.records if r.timestamp_ms > paused_ms]
+        assert len(after_pause) <= batch, f"{len(after_pause)} records after the pause (batch {batch})"
+        assert at_pause < len(expected)
+        held = paused.clock.sim_ns
+        time.sleep(0.5)
+        assert store.get(session.id).clock_at(time.time_ns()) == held  # the clock holds
+        resumed = store.act(session.id, "resume", wall_ns=time.time_ns())
+        assert resumed.clock.sim_ns == held and resumed.clock.wall_ns is not None
+        got = reader.until(len(expected))
+    assert reader.quiet() == len(expected)
+    assert got == expected  # no duplicate, no gap across the pause
+    later = [(r, d) for r, d in zip(reader.records[at_pause:], got[at_pause:]) if d.ts_ns >= held]
+    assert later and p99(drifts_ms(later, resumed, 10.0)) <= DRIFT_BOUND_MS  # paced from the held clock
+
+
+def test_seek_back_and_forward_continues_with_exactly_the_messages_from_the_seek_time(
+        engine: Engine, kafka, topic_prefix: str) -> None:  # fmt: skip
+    trades = stored_trades(engine)
+    store = ReplaySessionStore(engine)
+    start, end = ETH_FIRST, ETH_FIRST + 200 * NS_PER_S
+    session = create(store, [ETH], start, end, 20.0)
+    expected = expected_records(trades, [ETH], start, end)
+    back, forward = start + 10 * NS_PER_S + 123_456_789, start + 150 * NS_PER_S + 500_000_000
+    reader = Reader(kafka, ticks_topic(topic_prefix, session.id))
+    with running(Replayer(kafka, engine, prefix=topic_prefix, batch=50)):
+        store.act(session.id, "start", wall_ns=time.time_ns())
+        eventually(lambda: reader.read() and reader.decoded(reader.records[-1:])[0].ts_ns > start + 60 * NS_PER_S,
+                   what="a minute replayed")  # fmt: skip
+        store.act(session.id, "pause", wall_ns=time.time_ns())
+        n0 = reader.quiet()
+        sought = store.seek(session.id, back, wall_ns=time.time_ns())
+        assert sought.clock.sim_ns == back and sought.state == SessionState.PAUSED
+        store.act(session.id, "resume", wall_ns=time.time_ns())
+        reader.until(n0 + 100)
+        store.act(session.id, "pause", wall_ns=time.time_ns())
+        n1 = reader.quiet()
+        store.seek(session.id, forward, wall_ns=time.time_ns())
+        store.set_speed(session.id, None, wall_ns=time.time_ns())
+        store.act(session.id, "resume", wall_ns=time.time_ns())
+        eventually(lambda: store.get(session.id).state == SessionState.FINISHED, what="finished")
+        reader.quiet()
+    got = reader.decoded()
+    from_back = [r for r in expected if r.ts_ns >= back]
+    from_forward = [r for r in expected if r.ts_ns >= forward]
+    assert got[n0:n1] == from_back[: n1 - n0]
+    assert got[n1:] == from_forward
+    assert store.get(session.id).trades_sent == sum(1 for r in from_forward if hasattr(r, "price")) + sum(
+        1 for r in expected if hasattr(r, "price") and r.ts_ns < forward)  # fmt: skip
+
+
+def test_two_concurrent_sessions_over_overlapping_instruments_do_not_interfere(
+        engine: Engine, kafka, topic_prefix: str) -> None:  # fmt: skip
+    trades = stored_trades(engine)
+    store = ReplaySessionStore(engine)
+    a_range = (BTC_START + 60 * NS_PER_S, BTC_START + 400 * NS_PER_S)
+    b_range = (ETH_FIRST + 30 * NS_PER_S, ETH_FIRST + 90 * NS_PER_S)
+    a = create(store, [ETH, BTC], *a_range, None)
+    b = create(store, [ETH], *b_range, 30.0)
+    expected_a = expected_records(trades, [BTC, ETH], *a_range)
+    expected_b = expected_records(trades, [ETH], *b_range)
+    reader_a = Reader(kafka, ticks_topic(topic_prefix, a.id))
+    reader_b = Reader(kafka, ticks_topic(topic_prefix, b.id))
+    with running(Replayer(kafka, engine, prefix=topic_prefix, batch=200)):
+        store.act(b.id, "start", wall_ns=time.time_ns())
+        store.act(a.id, "start", wall_ns=time.time_ns())
+        got_a = reader_a.until(len(expected_a))
+        got_b = reader_b.until(len(expected_b))
+    assert (reader_a.quiet(), reader_b.quiet()) == (len(expected_a), len(expected_b))
+    assert got_a == expected_a and got_b == expected_b
+
+
+def test_recorded_outages_come_back_as_disconnects_without_heartbeats(engine: Engine, kafka, topic_prefix: str) -> None:
+    from datetime import UTC, datetime
+
+    from candlekeep.storage.outages import OutageStore
+
+    trades = stored_trades(engine)
+    down, up = ETH_FIRST + 20 * NS_PER_S + 250_000_000, ETH_FIRST + 50 * NS_PER_S
+    OutageStore(engine).record(source="cryptocompare-streamer", instruments=[ETH], reason="connection dropped",
+                               started_at=datetime.fromtimestamp(down / NS_PER_S, UTC),
+                               ended_at=datetime.fromtimestamp(up / NS_PER_S, UTC))  # fmt: skip
+    store = ReplaySessionStore(engine)
+    start, end = ETH_FIRST, ETH_FIRST + 80 * NS_PER_S
+    session = create(store, [ETH, BTC], start, end, None)
+    expected = expected_records(trades, [ETH, BTC], start, end, outages={ETH: [(down, up, "connection dropped")]})
+    reader = Reader(kafka, ticks_topic(topic_prefix, session.id))
+    with running(Replayer(kafka, engine, prefix=topic_prefix)):
+        store.act(session.id, "start", wall_ns=time.time_ns())
+        got = reader.until(len(expected))
+    assert reader.quiet() == len(expected) and got == expected
+    assert sum(1 for r in got if type(r).__name__ == "Disconnect") == 1
+
+
+def test_an_instrument_with_only_bars_replays_them_on_the_bars_topic(engine: Engine, kafka, topic_prefix: str) -> None:
+    from dataclasses import replace
+
+    from candlekeep.messages import replay_topic
+    from candlekeep.storage.bars import BarStore
+    from tests.utils.bars import make_bar
+
+    trades = stored_trades(engine)
+    sol = "cccagg:SOL-USD"
+    first = BTC_START // NS_PER_S + 600
+    stored = [make_bar(sol, first + 60 * i, f"{13 + i}.25", source="cryptocompare") for i in range(10)]
+    BarStore(engine).upsert_bars(stored)
+    store = ReplaySessionStore(engine)
+    start, end = BTC_START + 590 * NS_PER_S, BTC_START + 1200 * NS_PER_S
+    session = create(store, [BTC, sol], start, end, None)
+    assert session.bar_instruments == [sol] and session.bars_total == 10
+    expected = expected_records(trades, [BTC], start, end)
+    ticks = Reader(kafka, ticks_topic(topic_prefix, session.id))
+    bars = Reader(kafka, replay_topic(topic_prefix, session.id, "bars"))
+    with running(Replayer(kafka, engine, prefix=topic_prefix)):
+        store.act(session.id, "start", wall_ns=time.time_ns())
+        got_ticks = ticks.until(len(expected))
+        got_bars = bars.until(10)
+    assert got_ticks == expected
+    assert got_bars == [replace(b, source="replay") for b in stored]

@@ -113,6 +113,7 @@ def running(replayer: Replayer) -> Iterator[Replayer]:
     stop = threading.Event()
     thread = threading.Thread(target=replayer.run, args=(stop,), name="replayer", daemon=True)
     thread.start()
+    assert replayer.ready.wait(30), "the replayer did not get ready"
     try:
         yield replayer
     finally:
