@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from api.metrics import install_metrics
 from api.routes import health, ohlcv, stream, udf
+from api.routes import replays
 from api.security import install_security
 from candlekeep.cache import BarCache
 from candlekeep.serving import OhlcvService, OnDemand
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_metrics(app)  # outermost: times refused requests too
     for router in (health.router, ohlcv.router, ohlcv.seed_router, udf.router, stream.router):
         app.include_router(router)
+    app.include_router(replays.router)  # replay sessions (issue 9)
     return app
 
 

@@ -38,6 +38,8 @@ from __future__ import annotations
 import enum
 import heapq
 import math
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -102,6 +104,30 @@ def parse_speed(value: str | float | int | None) -> float | None:
     if not math.isfinite(speed) or speed <= 0:
         raise ValueError(f"speed must be a positive number or 'max', got {value!r}")
     return speed
+
+
+def parse_time_ns(value: str | int | float, *, name: str = "time") -> int:
+    """Unix seconds (a fraction is exact: `1582329700.5`) or ISO-8601 (naive means UTC) -> unix ns."""
+    text_value = str(value).strip()
+    try:
+        seconds = Decimal(text_value)
+    except InvalidOperation:
+        try:
+            moment = datetime.fromisoformat(text_value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"invalid {name} {value!r}: expected unix seconds or ISO-8601") from None
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
+        return (delta.days * 86_400 + delta.seconds) * NS_PER_S + delta.microseconds * 1000
+    if not seconds.is_finite():
+        raise ValueError(f"invalid {name} {value!r}: expected unix seconds or ISO-8601")
+    return int(seconds * NS_PER_S)
+
+
+def iso_ns(ts_ns: int) -> str:
+    """`2020-02-22T00:01:40.138000Z` (microseconds: what PostgreSQL keeps)."""
+    moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=ts_ns // 1000)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def speed_text(speed: float | None) -> str:
