@@ -1,46 +1,53 @@
-"""The aggregator daemon: `ticks` -> event-time 1m bars -> PostgreSQL (`ticks`, `bars`), Redis, `bars` topic.
+"""The aggregator daemon: `ticks` -> 1m bars on the log's clock -> PostgreSQL, Redis, `bars` topic.
 
     python -m streaming.aggregator [--port 9102] [--lateness 2] [--flush-interval 0.5]
 
-Consumer group `aggregator` (with the topic prefix) on `ticks`. Each polled batch is decoded (bad
-messages go to `deadletter` with the reason) and fed to one candlekeep.live.BarBuilder per
-instrument; the builders are advanced with the clock and the forming bars go to Redis. Every
-`flush_interval` the batch is cut (builders sealed: a later change is revision + 1) and made durable
-in this order; only then are its offsets committed:
-    1. its trades -> `ticks` (TickStore: COPY, idempotent on (instrument, ts, trade_id))
-    2. its closed and revised bars -> `bars` (BarStore upsert; source "stream", final=false)
-    3. those bars -> the `bars` topic and Redis (closed keys + forming), dead letters delivered
-    4. commit the offsets of every record in the batch
-Steps 1-2 run on a writer thread while the loop keeps consuming into the next batch (one batch in
-flight; a batch past `flush_max_trades` waits for it); steps 3-4 run on the loop's thread. A failure
-anywhere (PostgreSQL down, broker down) enters `error`: nothing is committed, the failed batch goes
-back in front of the next, polling stops, and the flush is retried after a bounded backoff (0.5 s
-doubling to 30 s). Redis down never fails a flush (candlekeep.cache keeps a backlog, catches up).
+Consumer group `aggregator` (with the topic prefix) on `ticks`. It is thin glue around the pure core
+candlekeep.live.BarBuilder (one per instrument): each record (trade, heartbeat or disconnect;
+DESIGN.md "Kafka topics") is decoded and fed to its instrument's builder, which closes buckets on
+the instrument's own clock (the largest time of its trades and heartbeats) and reports gaps. No
+wall clock decides a bar: wall time only paces the flushes. So the same log gives the same bars at
+any speed, in any batching, after any crash. Bad records (unparseable, poison: digits the exact
+sums cannot hold, a time a day ahead of the clock) go to `deadletter` with the reason, and every
+other record goes on.
 
-Startup is recovery (kdb+ `r.q`): a builder starts from durable state, never from scratch. For each
-instrument of an assigned partition (eagerly, for those with ticks in the last `recovery_lookback_s`;
-lazily, on an instrument's first record) it reads its stream bars and ticks back: the newest stored
-stream bar says which buckets were closed, the ticks of the revision window rebuild the open and
-recent buckets exactly, and the last tick before the window is the previous close. Records after
-the committed offset are then consumed again and dropped as duplicates by trade id. So `kill -9` at
-any moment, then a restart, gives exactly the bars of an uninterrupted run. On revoke the batch is
-flushed and committed before the partitions go, and their instruments' builders are dropped.
+Every `flush_interval` the batch is cut (builders sealed) and made durable in this order; only then
+are its offsets committed:
+    1. its trades -> `ticks` (TickStore: COPY, idempotent); a trade older than the builder's
+       window (`TOO_LATE`) is stored like any other and its bar is revised from the stored ticks
+    2. its closed and revised bars -> `bars` (upsert; source "stream", final=false); the upsert
+       says which were written and with which revision (a provisional bar refused over a final
+       one reaches no consumer)
+    3. its gaps -> `outages`, one row per instrument (the coordinator refills closed ones)
+    4. the written bars -> the `bars` topic and Redis (closed keys + forming); dead letters delivered
+    5. `stream_state`: per instrument, the next offset, the clock and the closed-until bucket
+    6. commit the offsets
+Steps 1-3 run on a writer thread while the loop keeps consuming into the next batch (one batch in
+flight; a batch past `flush_max_trades` waits for it); 4-6 run on the loop's thread. A failure
+anywhere enters `error`: nothing is committed, the failed batch goes back in front of the next, and
+the flush is retried after a bounded backoff (0.5 s doubling to 30 s). Redis down never fails a
+flush (candlekeep.cache keeps a backlog, catches up).
 
-Clock: the watermark is the injected wall clock while the consumer is live; while it works through
-a backlog (its records are older than `catchup_s`) each builder advances with its own newest trade
-time instead (never past the clock), so a restart after downtime closes bars in event time rather
-than declaring the backlog too late. Trades played into `ticks` faster than real time from the past
-are not a live feed: between their batches bars close up to the wall clock (replays belong on the
-`replay.*` topics). Trades are ordered by their time at microsecond resolution
-(the `ticks` table's), so the in-memory state equals what recovery reads back.
+Startup is recovery (kdb+ `r.q`): for each instrument of an assigned partition with a
+`stream_state` row (eagerly; lazily on an instrument's first record) the builder is restored from
+it: the closed-until bucket and clock from the row, the window's trades from `ticks`, its stream
+bars from `bars`, the previous close from the last tick before the window, the gaps from
+`outages`. Records of the instrument before the row's offset are skipped: the state holds them
+(steps 1-4 are idempotent, so a crash before step 5 replays them harmlessly, but a disconnect
+applied twice would open a second gap). The restored window's bars are published again, so Redis
+and `bars` never hold an older revision than PostgreSQL. On revoke the batch is flushed and
+committed before the partitions go, and their instruments' builders are dropped.
+
+Memory: per instrument, the trades of the last `horizon` minutes (60) and of the open buckets,
+plus one Bar per closed minute of that window: about 0.5 KB per trade in the window.
 
 State (one block):
     state        idle | consuming | flushing | error (StateMachine; every transition logged)
     _builders    instrument -> BarBuilder, for instruments of held partitions
     _source      instrument -> (topic, partition) its records come from
-    _event_ns    instrument -> newest trade time fed to its builder
-    _batch       what the next flush makes durable: trades, bars (latest version per bucket),
-                 offsets (next offset per partition); `_retry` the records a failure left unread
+    _skip_below  instrument -> first offset its restored state does not include
+    _batch       what the next flush makes durable: trades, too-late buckets, bars (latest version
+                 per bucket), gaps, stream states, offsets; `_retry` the records a failure left unread
     _inflight    the batch being written (batch, future, cut time), at most one
     committed    the offsets this member committed last, per partition
 """
@@ -52,7 +59,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,13 +68,15 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import Engine
 
-from candlekeep.bars import NS_PER_S, Bar, Interval, Trade
+from candlekeep.bars import NS_PER_S, Bar, Interval, Trade, aggregate_trades
 from candlekeep.cache import BarCache
-from candlekeep.live import DEFAULT_HORIZON, DEFAULT_LATENESS_NS, BarBuilder, Outcome
-from candlekeep.messages import BARS, DEADLETTER, TICKS, MessageError, decode_tick, encode_bar, encode_deadletter
+from candlekeep.live import DEFAULT_HORIZON, DEFAULT_LATENESS_NS, DEFAULT_MAX_AHEAD_NS, BarBuilder, Gap, Outcome, Poison
+from candlekeep.messages import BARS, DEADLETTER, TICKS, MessageError, decode_tick_record, encode_bar, encode_deadletter
 from candlekeep.messages import topic as topic_name
 from candlekeep.settings import Settings
 from candlekeep.storage.bars import BarStore
+from candlekeep.storage.outages import OutageStore, from_ns, to_ns
+from candlekeep.storage.stream_state import StreamState, StreamStateStore
 from candlekeep.storage.ticks import TickStore
 from candlekeep.bus import Bus, BusConsumer, BusProducer, Record, partition_for, publish_waiting
 from streaming.health import HealthServer, StateMachine
@@ -91,20 +100,25 @@ class FlushError(RuntimeError):
 @dataclass
 class _Batch:
     trades: list[Trade] = field(default_factory=list)
+    late: set[tuple[str, int]] = field(default_factory=set)  # (instrument, bucket) to revise from storage
     bars: dict[tuple[str, int], Bar] = field(default_factory=dict)
+    gaps: dict[tuple[str, int], Gap] = field(default_factory=dict)
+    states: dict[str, StreamState] = field(default_factory=dict)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     records: int = 0
+    written: list[Bar] = field(default_factory=list)  # set by the writer: the bars PostgreSQL took
 
     def __bool__(self) -> bool:
-        return bool(self.trades or self.bars or self.offsets)
+        return bool(self.trades or self.bars or self.offsets or self.gaps or self.states)
 
     def sorted_bars(self) -> list[Bar]:
         return sorted(self.bars.values(), key=lambda b: (b.instrument, b.start))
 
     def merge(self, newer: _Batch) -> _Batch:
-        """This (older, uncommitted) batch followed by `newer`: newer bar versions and offsets win."""
-        return _Batch(self.trades + newer.trades, {**self.bars, **newer.bars}, {**self.offsets, **newer.offsets},
-                      self.records + newer.records)  # fmt: skip
+        """This (older, uncommitted) batch followed by `newer`: newer versions and offsets win."""
+        return _Batch(self.trades + newer.trades, self.late | newer.late, {**self.bars, **newer.bars},
+                      {**self.gaps, **newer.gaps}, {**self.states, **newer.states},
+                      {**self.offsets, **newer.offsets}, self.records + newer.records)  # fmt: skip
 
 
 class Aggregator:
@@ -116,38 +130,37 @@ class Aggregator:
         cache: BarCache | None = None,
         *,
         prefix: str = "",
-        clock: Callable[[], int] = time.time_ns,
+        outages: OutageStore | None = None,
+        states: StreamStateStore | None = None,
         lateness_ns: int = DEFAULT_LATENESS_NS,
         horizon: int = DEFAULT_HORIZON,
+        max_ahead_ns: int = DEFAULT_MAX_AHEAD_NS,
         flush_interval_s: float = 0.5,
         max_records: int = 10_000,
         flush_max_trades: int = 100_000,
         poll_timeout_s: float = 0.1,
         ticks_partitions: int = 1,
-        catchup_s: float = 10.0,
-        max_future_s: float = 300.0,
-        recovery_lookback_s: int = 86_400,
         max_backoff_s: float = 30.0,
         group: str | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.bus, self.bar_store, self.tick_store, self.cache = bus, bar_store, tick_store, cache
+        self.outages = outages or OutageStore(bar_store.engine)
+        self.states = states or StreamStateStore(bar_store.engine)
         self.ticks_topic = topic_name(prefix, TICKS)
         self.bars_topic = topic_name(prefix, BARS)
         self.deadletter_topic = topic_name(prefix, DEADLETTER)
-        self.clock = clock
-        self.lateness_ns, self.horizon = lateness_ns, horizon
+        self.lateness_ns, self.horizon, self.max_ahead_ns = lateness_ns, horizon, max_ahead_ns
         self.flush_interval_s, self.max_records, self.flush_max_trades = flush_interval_s, max_records, flush_max_trades
         self.poll_timeout_s, self.ticks_partitions = poll_timeout_s, ticks_partitions
-        self.catchup_ms, self.max_future_ns = int(catchup_s * 1000), int(max_future_s * NS_PER_S)
-        self.recovery_lookback_s, self.max_backoff_s = recovery_lookback_s, max_backoff_s
+        self.max_backoff_s = max_backoff_s
         self.group = group or topic_name(prefix, GROUP)  # prefixed like the topics it reads
         self.registry = registry or CollectorRegistry()
         self.state = StateMachine("aggregator", TRANSITIONS, initial="idle", registry=self.registry,
                                   routine={("consuming", "flushing"), ("flushing", "consuming")})  # fmt: skip
         self._builders: dict[str, BarBuilder] = {}
         self._source: dict[str, tuple[str, int]] = {}
-        self._event_ns: dict[str, int] = {}
+        self._skip_below: dict[str, int] = {}
         self._batch = _Batch()
         self._retry: list[Record] = []
         self._consumer: BusConsumer | None = None
@@ -158,7 +171,6 @@ class Aggregator:
         self._failures = 0
         self._last_flush = time.monotonic()
         self._last_record_at: float | None = None  # monotonic
-        self._last_record_ms: int | None = None  # its bus timestamp
         self._last_lag_at = 0.0
         self._lag = 0
         self._outcomes = dict.fromkeys(Outcome, 0)  # counted per trade, exported per batch
@@ -172,7 +184,9 @@ class Aggregator:
         self.m_ticks = Counter(f"{p}_ticks", "Trades by outcome (open, revised, duplicate, too_late)",
                                ["outcome"], registry=r)  # fmt: skip
         self.m_deadletters = Counter(f"{p}_deadletters", "Records sent to deadletter", ["reason"], registry=r)
-        self.m_too_late = Counter(f"{p}_too_late_trades", "Trades older than the revision horizon", registry=r)
+        self.m_too_late = Counter(f"{p}_too_late_trades", "Trades older than the window, revised from storage",
+                                  registry=r)  # fmt: skip
+        self.m_gaps = Counter(f"{p}_gaps", "Gaps (disconnect spans) opened, per instrument", registry=r)
         self.m_bars = Counter(f"{p}_bars_written", "Bars inserted or changed in PostgreSQL", registry=r)
         self.m_revisions = Counter(f"{p}_revisions", "Revised bars published (revision > 0)", registry=r)
         self.m_ticks_stored = Counter(f"{p}_ticks_stored", "Trades newly stored in PostgreSQL", registry=r)
@@ -186,6 +200,8 @@ class Aggregator:
         self.m_age.set_function(lambda: self.last_message_age_s or 0.0)
         self.m_builders = Gauge(f"{p}_instruments", "Instruments with a live bar builder", registry=r)
         self.m_builders.set_function(lambda: len(self._builders))
+        self.m_open_gaps = Gauge(f"{p}_open_gaps", "Instruments whose feed is in a gap now", registry=r)
+        self.m_open_gaps.set_function(lambda: sum(1 for b in self._builders.values() if b.gap_open))
         self.m_cache_backlog = Gauge(f"{p}_cache_backlog", "Redis writes waiting for Redis", registry=r)
         self.m_cache_backlog.set_function(lambda: self.cache.backlog if self.cache else 0)
 
@@ -217,7 +233,6 @@ class Aggregator:
         else:
             records = self._consumer.poll_batch(max_records=self.max_records, timeout=self.poll_timeout_s)
         touched = self._ingest(records)
-        touched |= self._advance(touched)
         if self.cache is not None:
             if touched:
                 self.cache.put(forming=[f for i in touched if (b := self._builders.get(i)) and (f := b.forming)])
@@ -261,11 +276,10 @@ class Aggregator:
 
     def _ingest(self, records: Sequence[Record]) -> set[str]:
         touched: set[str] = set()
-        now = self.clock()
         batch = self._batch
         for i, record in enumerate(records):
             try:
-                self._ingest_one(record, now, touched)
+                self._ingest_one(record, touched)
             except Exception:
                 self._retry = list(records[i:])  # restore failed (PostgreSQL down): read these again
                 raise
@@ -278,41 +292,48 @@ class Aggregator:
         if records:
             self.m_records.inc(len(records))
             self._last_record_at = time.monotonic()
-            self._last_record_ms = records[-1].timestamp_ms
         return touched
 
-    def _ingest_one(self, record: Record, now: int, touched: set[str]) -> None:
+    def _ingest_one(self, record: Record, touched: set[str]) -> None:
         try:
-            trade = decode_tick(record.value)
+            item = decode_tick_record(record.value)
         except MessageError as exc:
             self._deadletter(record, str(exc), "invalid")
             return
-        if record.key != trade.instrument:
-            self._deadletter(record, f"key {record.key!r} is not the instrument id {trade.instrument!r}", "invalid")
+        instrument = item.instrument
+        if record.key != instrument:
+            self._deadletter(record, f"key {record.key!r} is not the instrument id {instrument!r}", "invalid")
             return
-        if trade.ts_ns > now + self.max_future_ns:
-            self._deadletter(record, f"trade time {_iso_ns(trade.ts_ns)} is in the future", "future")
-            return
-        builder = self._builders.get(trade.instrument)
+        builder = self._builders.get(instrument)
         if builder is None:
-            builder = self._restore(trade.instrument)
-        self._source[trade.instrument] = (record.topic, record.partition)
-        outcome, revised = builder.offer(trade)
-        self._outcomes[outcome] += 1
-        if outcome is Outcome.DUPLICATE:
-            return
-        if outcome is Outcome.TOO_LATE:
-            self.m_too_late.inc()
-            window = builder.window_start()
-            self._deadletter(record, f"too late: trade at {_iso_ns(trade.ts_ns)} is before the revision window "
-                                     f"(bars from {_iso_s(window)} on can still change)", "too_late")  # fmt: skip
-            return
-        self._batch.trades.append(trade)
-        for bar in revised:
-            self._batch.bars[(bar.instrument, bar.start)] = bar
-        if trade.ts_ns > self._event_ns.get(trade.instrument, 0):
-            self._event_ns[trade.instrument] = trade.ts_ns
-        touched.add(trade.instrument)
+            builder = self._restore(instrument)
+        where = (record.topic, record.partition)
+        if self._source.get(instrument) == where and record.offset < self._skip_below.get(instrument, -1):
+            return  # the durable state already holds this record
+        self._source[instrument] = where
+        batch = self._batch
+        try:
+            outcome, changed = builder.feed(item)
+        except Poison as exc:
+            self._deadletter(record, str(exc), "poison")
+        else:
+            if isinstance(item, Trade):
+                assert outcome is not None
+                self._outcomes[outcome] += 1
+                if outcome is Outcome.TOO_LATE:
+                    self.m_too_late.inc()
+                    batch.late.add((instrument, Interval.M1.floor(item.ts_ns // NS_PER_S)))
+                if outcome is not Outcome.DUPLICATE:
+                    batch.trades.append(item)
+            for bar in changed:
+                batch.bars[(instrument, bar.start)] = bar
+            for gap in builder.take_gaps():
+                if gap.end_ns is None:
+                    self.m_gaps.inc()
+                batch.gaps[(instrument, gap.start_ns)] = gap
+            touched.add(instrument)
+        batch.states[instrument] = StreamState(instrument, record.topic, record.partition, record.offset + 1,
+                                               builder.clock_ns, builder.closed_until)  # fmt: skip
 
     def _deadletter(self, record: Record, error: str, reason: str) -> None:
         assert self._producer is not None
@@ -324,41 +345,14 @@ class Aggregator:
                                   error=error, payload=record.value)  # fmt: skip
         self._publish(self.deadletter_topic, record.key or "", value)
 
-    def _advance(self, fed: set[str]) -> set[str]:
-        """Close buckets: with the clock when live, in event time while working through a backlog.
-
-        Behind: the records are old (a backlog after downtime), or an instrument was just fed trades
-        older than `catchup_s` (history replayed into the topic). Then its builder advances to its
-        newest trade time, so bars close as event time passes instead of all at once (which would
-        make every later trade a revision).
-        """
-        now = self.clock()
-        live = self._last_record_ms is None or now // 1_000_000 - self._last_record_ms < self.catchup_ms
-        old = now - self.catchup_ms * 1_000_000
-        moved = set()
-        for instrument, builder in self._builders.items():
-            newest = self._event_ns.get(instrument)
-            if live and not (instrument in fed and newest is not None and newest < old):
-                watermark = now
-            elif newest is not None:
-                watermark = min(now, newest)
-            else:
-                continue
-            closed = builder.advance(watermark)
-            for bar in closed:
-                self._batch.bars[(bar.instrument, bar.start)] = bar
-            if closed:
-                moved.add(instrument)
-        return moved
-
     # -- flush -------------------------------------------------------------------------------
 
     def _flush(self, *, wait: bool = False) -> None:
         """Cut the batch and hand it to the writer; commit a written batch (see the module doc).
 
         One batch is written at a time, on the writer thread, while the loop keeps consuming into
-        the next; its bars are published and its offsets committed here, on the loop's thread, once
-        it is durable. `wait`: return only when everything cut so far is committed.
+        the next; its bars are published, its state saved and its offsets committed here, on the
+        loop's thread, once it is durable. `wait`: return only when everything cut so far is committed.
         """
         if self._inflight is not None:
             if not wait and not self._inflight[1].done():
@@ -379,23 +373,38 @@ class Aggregator:
             self._finish()
 
     def _write(self, batch: _Batch) -> None:
-        """The durable part, on the writer thread: trades, then bars (both idempotent)."""
+        """The durable part, on the writer thread: trades, bars, gaps (each idempotent)."""
         if batch.trades:
             self.m_ticks_stored.inc(self.tick_store.insert_trades(batch.trades))
-        if batch.bars:
-            self.m_bars.inc(self.bar_store.upsert_bars(batch.sorted_bars()).written)
+        bars = batch.sorted_bars() + self._revised_from_storage(batch.late)
+        batch.written = self.bar_store.upsert_written(bars) if bars else []
+        self.m_bars.inc(len(batch.written))
+        for gap in batch.gaps.values():
+            self.outages.record(source=gap.source, started_at=from_ns(gap.start_ns), instruments=[gap.instrument],
+                                ended_at=None if gap.end_ns is None else from_ns(gap.end_ns),
+                                reason=gap.reason)  # fmt: skip
+
+    def _revised_from_storage(self, late: set[tuple[str, int]]) -> list[Bar]:
+        """Bars of buckets older than the builders' windows, from every stored tick of the bucket
+        (the late ones were stored just before)."""
+        out = []
+        for instrument, bucket in sorted(late):
+            trades = self.tick_store.read_trades(instrument, bucket * NS_PER_S, (bucket + 60) * NS_PER_S)
+            out += aggregate_trades(trades, Interval.M1, bucket, bucket + 60, instrument=instrument, source="stream")
+        return out
 
     def _finish(self) -> None:
-        """Wait for the batch in flight to be durable, publish its bars, then commit its offsets.
+        """Wait for the batch in flight to be durable, publish its bars, save the stream state, then
+        commit its offsets.
 
         On failure nothing is committed: the batch goes back in front of the one being filled
-        (merged, newest bar versions winning) and `run` retries it after a backoff.
+        (merged, newest versions winning) and `run` retries it after a backoff.
         """
         assert self._inflight is not None and self._producer is not None and self._consumer is not None
         batch, future, began = self._inflight
         try:
             future.result()
-            bars = batch.sorted_bars()
+            bars = batch.written
             for bar in bars:
                 self._publish(self.bars_topic, bar.instrument, encode_bar(bar))
             if self.cache is not None:
@@ -403,6 +412,7 @@ class Aggregator:
             undelivered = self._producer.flush(10)
             if undelivered:
                 raise FlushError(f"{undelivered} bar or dead-letter messages not delivered")
+            self.states.save(self.group, batch.states.values())
             self._consumer.commit(batch.offsets)
         except Exception:
             self._inflight = None
@@ -424,50 +434,65 @@ class Aggregator:
 
     # -- recovery ----------------------------------------------------------------------------
 
-    def _restore(self, instrument: str) -> BarBuilder:
-        """A builder for `instrument` resumed from PostgreSQL (see the module doc)."""
-        now = self.clock()
-        builder = BarBuilder(instrument, lateness_ns=self.lateness_ns, horizon=self.horizon, resolution_ns=1000)
-        lookback = Interval.M1.floor(now // NS_PER_S - self.recovery_lookback_s)
-        end_s = now // NS_PER_S + _FAR_NS // NS_PER_S
-        stored = [b for b in self.bar_store.read_bars(instrument, Interval.M1, lookback, end_s) if b.source == "stream"]
-        if stored:
-            closed_until = stored[-1].start + 60
-        else:
-            first = self.tick_store.read_trades(instrument, lookback * NS_PER_S, now + _FAR_NS)[:1]
-            if not first:
-                self._builders[instrument] = builder
-                return builder  # new to the stream: nothing closed, no previous close (a gap)
-            closed_until = Interval.M1.floor(first[0].ts_ns // NS_PER_S)
+    def _restore(self, instrument: str, state: StreamState | None = None) -> BarBuilder:
+        """A builder for `instrument` resumed from its `stream_state` row (see the module doc)."""
+        builder = BarBuilder(instrument, lateness_ns=self.lateness_ns, horizon=self.horizon, resolution_ns=1000,
+                             max_ahead_ns=self.max_ahead_ns)  # fmt: skip
+        if state is None:
+            state = self.states.load(self.group, [instrument]).get(instrument)
+        self._builders[instrument] = builder
+        if state is None:
+            return builder  # new to this group: nothing closed, no previous close (a gap)
+        self._source[instrument] = (state.topic, state.partition)
+        self._skip_below[instrument] = state.next_offset
+        if state.closed_until is None:  # records seen, nothing closed: the open buckets' trades
+            clock = state.clock_ns or 0
+            recent = self.tick_store.read_trades(instrument, clock - self.horizon * 60 * NS_PER_S, clock + _FAR_NS)
+            builder.restore(closed_until=None, clock_ns=state.clock_ns, trades=recent)
+            return builder
+        closed_until = state.closed_until
         window = builder.window_start(closed_until)
         assert window is not None
-        trades = self.tick_store.read_trades(instrument, window * NS_PER_S, now + _FAR_NS)
-        # The previous close carries over only when the stream's bars reach back to the window: a
-        # stream that (re)started inside it had no bar before its first trade (a gap).
-        before = None
-        if stored and stored[0].start <= window:
-            before = self.tick_store.last_trade_before(instrument, window * NS_PER_S)
-        fixes = builder.restore(closed_until=closed_until, trades=trades, stored=stored,
-                                base_close=before.price if before else None)  # fmt: skip
+        far = (max(closed_until, (state.clock_ns or 0) // NS_PER_S) + 400 * 86_400) * NS_PER_S
+        trades = self.tick_store.read_trades(instrument, window * NS_PER_S, far)
+        stored = [b for b in self.bar_store.read_bars(instrument, Interval.M1, window, far // NS_PER_S)
+                  if b.source == "stream"]  # fmt: skip
+        before = self.tick_store.last_trade_before(instrument, window * NS_PER_S)
+        base = (before.price, before.ts_ns - before.ts_ns % 1000) if before else None
+        since = min(window * NS_PER_S, base[1] if base else window * NS_PER_S)
+        gaps = [
+            Gap(instrument, to_ns(row.started_at), None if row.ended_at is None else to_ns(row.ended_at), row.source,
+                row.reason)  # fmt: skip
+            for row in self.outages.list(instrument=instrument, start=from_ns(since))
+        ]
+        fixes = builder.restore(closed_until=closed_until, trades=trades, stored=stored, base=base,
+                                clock_ns=state.clock_ns, gaps=gaps)  # fmt: skip
         for bar in fixes:  # the ticks of a flush were stored but not its bars: write them now
             self._batch.bars[(bar.instrument, bar.start)] = bar
-        if trades:
-            self._event_ns[instrument] = max(self._event_ns.get(instrument, 0), trades[-1].ts_ns)
-        self._builders[instrument] = builder
-        log.info("restored %s: %d stored trades, closed until %s, %d bars re-issued", instrument, len(trades),
-                 _iso_s(closed_until), len(fixes),
+        self._republish(builder, stored)
+        log.info("restored %s: %d stored trades, closed until %s, %d gaps, %d bars re-issued", instrument,
+                 len(trades), _iso_s(closed_until), len(gaps), len(fixes),
                  extra={"instrument": instrument, "trades": len(trades), "fixes": len(fixes)})  # fmt: skip
         return builder
+
+    def _republish(self, builder: BarBuilder, stored: list[Bar]) -> None:
+        """Hand the durable state of the window on again, so Redis and `bars` never hold an older
+        revision than PostgreSQL after a crash between a write and its publish (idempotent)."""
+        if self._producer is not None:
+            for bar in stored:
+                self._publish(self.bars_topic, bar.instrument, encode_bar(bar))
+        if self.cache is not None:
+            forming = builder.forming
+            self.cache.put(closed=stored, forming=[forming] if forming else [])
 
     def _owns(self, instrument: str, partitions: Iterable[tuple[str, int]]) -> bool:
         return (self.ticks_topic, partition_for(instrument, self.ticks_partitions)) in set(partitions)
 
     def _on_assign(self, partitions: list[tuple[str, int]]) -> None:
-        since = (self.clock() // NS_PER_S - self.recovery_lookback_s) * NS_PER_S
-        for instrument in self.tick_store.active_instruments(since):
-            if instrument not in self._builders and self._owns(instrument, partitions):
-                self._restore(instrument)
-                self._source[instrument] = (self.ticks_topic, partition_for(instrument, self.ticks_partitions))
+        held = set(partitions)
+        for instrument, state in self.states.load(self.group).items():
+            if instrument not in self._builders and (state.topic, state.partition) in held:
+                self._restore(instrument, state)
 
     def _on_revoke(self, partitions: list[tuple[str, int]]) -> None:
         """Flush and commit before the partitions go; forget their instruments either way."""
@@ -481,13 +506,16 @@ class Aggregator:
         for instrument in [i for i, tp in self._source.items() if tp in gone]:
             self._builders.pop(instrument, None)
             self._source.pop(instrument, None)
-            self._event_ns.pop(instrument, None)
+            self._skip_below.pop(instrument, None)
 
     def _drop_uncommitted(self, gone: set[tuple[str, int]]) -> None:
         mine = {i for i, tp in self._source.items() if tp in gone}
         batch = self._batch
         batch.trades = [t for t in batch.trades if t.instrument not in mine]
+        batch.late = {k for k in batch.late if k[0] not in mine}
         batch.bars = {k: b for k, b in batch.bars.items() if b.instrument not in mine}
+        batch.gaps = {k: g for k, g in batch.gaps.items() if g.instrument not in mine}
+        batch.states = {i: st for i, st in batch.states.items() if i not in mine}
         batch.offsets = {tp: o for tp, o in batch.offsets.items() if tp not in gone}
         self._retry = [r for r in self._retry if (r.topic, r.partition) not in gone]
 
@@ -512,16 +540,14 @@ class Aggregator:
             lag=self._lag,
             last_message_age_s=self.last_message_age_s,
             instruments=len(self._builders),
+            open_gaps=sorted(i for i, b in self._builders.items() if b.gap_open),
+            clocks={i: _iso_s(b.clock_ns // NS_PER_S) for i, b in sorted(self._builders.items()) if b.clock_ns},
             pending_trades=len(self._batch.trades),
             pending_bars=len(self._batch.bars),
             committed={f"{t}[{p}]": offset for (t, p), offset in sorted(self.committed.items())},
             cache={"available": self.cache.available, "backlog": self.cache.backlog} if self.cache else None,
             last_error=self.last_error,
         )
-
-
-def _iso_ns(ts_ns: int) -> str:
-    return datetime.fromtimestamp(ts_ns // NS_PER_S, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _iso_s(ts_s: int | None) -> str:
@@ -534,7 +560,8 @@ def _iso_s(ts_s: int | None) -> str:
 def build(settings: Settings, bus: Bus, engine: Engine, cache: BarCache | None = None, **kw: Any) -> Aggregator:
     """The aggregator of `settings` on `bus` and `engine` (streaming.runner and `main` share it);
     `kw` are Aggregator's options (lateness_ns, horizon, flush_interval_s, ticks_partitions, ...)."""
-    return Aggregator(bus, BarStore(engine), TickStore(engine), cache, prefix=settings.topic_prefix, **kw)
+    return Aggregator(bus, BarStore(engine), TickStore(engine), cache, prefix=settings.topic_prefix,
+                      outages=OutageStore(engine), states=StreamStateStore(engine), **kw)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,9 @@ cryptocompare_stream.py) or the simulator played back in real time (`SimulatorPl
 very trades `Simulator.trades` gives the backfill, so live and historical data agree). Publishes
 each trade to `ticks` (key = instrument id, value = `encode_tick`) through the bus producer,
 which batches and reports deliveries; follows `track` / `untrack` on `control`; persists the
-source's outages (candlekeep/storage/outages.py) so the gap can be refilled from REST.
+source's heartbeats (the source was live up to a time) and disconnects (it cannot vouch from here
+on): at start for every instrument, for a newly tracked one, at a dropped connection or a failed
+subscription, and at stop. The aggregator turns them into gaps and `outages` rows.
 
 Threads: the source runs in a reader thread and hands its records over through a bounded queue;
 the main thread publishes, polls delivery reports, reads `control` and keeps the metrics.
@@ -20,10 +22,8 @@ State (one block):
                 At `local_bound` the main thread stops taking from the handoff queue, the handoff
                 fills and the reader thread blocks: the source is read no faster than the broker
                 takes ticks. A failed delivery is queued again (up to `max_redeliveries`). Nothing
-                is dropped while running; a stop with the broker still away waits `final_flush`
-                seconds, then logs how many ticks it could not deliver.
-    _unsaved    outages not yet written (PostgreSQL down): retried, never dropped
-    _recovered  outages a previous run left open; closed when the feed is live again
+                is dropped: a failed delivery is queued again, however often; a stop with the
+                broker away keeps trying and says so every 5 s (a second stop gives up, loudly).
 
 Control: each producer reads `control` in a consumer group of its own (`<prefix>producer-<8 hex>`,
 new at every start) that never commits, so every producer sees every command (a group shared by two
@@ -49,14 +49,13 @@ from uuid import uuid4
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy import Engine
 
-from candlekeep.bars import NS_PER_S, Trade
+from candlekeep.bars import NS_PER_S, Disconnect, Heartbeat, Trade
 from candlekeep.instruments import Instrument
-from candlekeep.messages import CONTROL, DEADLETTER, TICKS, MessageError, decode_control, encode_deadletter, encode_tick
+from candlekeep.messages import CONTROL, DEADLETTER, TICKS, MessageError, decode_control, encode_deadletter, encode_tick_record
 from candlekeep.messages import topic as topic_name
 from candlekeep.settings import Settings
-from candlekeep.sources.cryptocompare_stream import BadFrame, Outage, StreamStatus, SubscriptionFailed
+from candlekeep.sources.cryptocompare_stream import BadFrame, StreamStatus, SubscriptionFailed
 from candlekeep.sources.simulator import Simulator
-from candlekeep.storage.outages import OutageRow, OutageStore, from_ns
 from candlekeep.bus import Bus, BufferFull, BusConsumer, BusProducer
 from streaming.health import HealthServer, InvalidTransition, StateMachine
 
@@ -75,12 +74,14 @@ SOURCE_FRAMES = "source.frames"  # `topic` of dead letters for source frames (th
 
 
 class LiveSource(Protocol):
-    """A live trade source: `events()` yields Trade / StreamStatus / Outage / SubscriptionFailed /
-    BadFrame until close() (or, for a bounded playback, until it is done)."""
+    """A live trade source: `events()` yields Trade / Heartbeat / Disconnect / StreamStatus /
+    SubscriptionFailed / BadFrame until close() (or, for a bounded playback, until it is done);
+    `now_ns()` is its clock (the simulator's is sim time)."""
 
     name: str
 
     def events(self) -> Iterator[object]: ...
+    def now_ns(self) -> int: ...
     def subscribe(self, instruments: Iterable[str]) -> None: ...
     def unsubscribe(self, instruments: Iterable[str]) -> None: ...
     def close(self) -> None: ...
@@ -91,7 +92,8 @@ class LiveSource(Protocol):
 
 class SimulatorPlayback:
     """`Simulator.trades` played in real time, or `speed` times faster: sim time = start +
-    (wall - wall0) * speed, each trade yielded once sim time reaches it. `end_ns` None: forever.
+    (wall - wall0) * speed, each trade yielded once sim time reaches it, with heartbeats on the
+    simulator's own clock (`events`). `end_ns` None: forever.
 
     Deterministic: trades are a pure function of (seed, instrument, time); `clock` (monotonic s) and
     `wait(seconds)` are injectable. An instrument subscribed while playing joins at the next minute
@@ -112,11 +114,13 @@ class SimulatorPlayback:
         clock: Callable[[], float] = time.monotonic,
         wall_ns: Callable[[], int] = time.time_ns,
         wait: Callable[[float], object] | None = None,
+        heartbeat_s: float = 1.0,
     ) -> None:
         if speed <= 0:
             raise ValueError(f"speed must be positive, got {speed}")
         self.seed = seed
         self.speed = speed
+        self.heartbeat_s = heartbeat_s
         self.start_ns = wall_ns() if start_ns is None else start_ns
         self.end_ns = end_ns
         self._clock = clock
@@ -127,6 +131,9 @@ class SimulatorPlayback:
         self._wanted = {Instrument.parse(i).id for i in instruments}
         self._cursor = self.start_ns  # sim time up to which trades have been generated
         self._wall0: float | None = None
+
+    def now_ns(self) -> int:
+        return self.sim_now_ns()
 
     def sim_now_ns(self) -> int:
         if self._wall0 is None:
@@ -149,7 +156,11 @@ class SimulatorPlayback:
     def close(self) -> None:
         self._closed.set()
 
-    def events(self) -> Iterator[Trade | StreamStatus]:
+    def events(self) -> Iterator[Trade | Heartbeat | StreamStatus]:
+        """Trades in sim time, with a heartbeat for each instrument that had no trade since the
+        last beat. Beats come every `heartbeat_s` of wall time, i.e. `heartbeat_s * speed` of sim
+        time (at least one sim second), on multiples of that step and at every minute boundary,
+        so the aggregator's clock passes each minute on the simulator's own clock."""
         if self._wall0 is None:
             self._wall0 = self._clock()
         start = datetime.fromtimestamp(self.start_ns / NS_PER_S, UTC).isoformat()
@@ -157,22 +168,38 @@ class SimulatorPlayback:
         yield StreamStatus("subscribing", ", ".join(self.instruments))
         yield StreamStatus("streaming", f"sim time from {start}")
         minute = 60 * NS_PER_S
+        beat = max(NS_PER_S, int(self.heartbeat_s * self.speed * NS_PER_S)) // NS_PER_S * NS_PER_S
+        quiet: dict[str, bool] = {}  # instrument -> no trade since the last beat
         while not self._closed.is_set() and (self.end_ns is None or self._cursor < self.end_ns):
             chunk_end = (self._cursor // minute + 1) * minute
             if self.end_ns is not None:
                 chunk_end = min(chunk_end, self.end_ns)
             with self._lock:
                 wanted = sorted(self._wanted)
-            # Merged by time; heapq.merge is stable, so one instrument's trades keep their order.
+            for instrument in wanted:
+                quiet.setdefault(instrument, True)
+            beats = [(t, "") for t in range((self._cursor // beat + 1) * beat, chunk_end, beat)]
+            beats.append((chunk_end, ""))
+            # Merged by time; heapq.merge is stable, so one instrument's trades keep their order, and
+            # a trade at a beat's time comes before the beat (it is covered by it).
             chunk = heapq.merge(
-                *(self._sim.trades(Instrument.parse(i), self._cursor, chunk_end) for i in wanted),
-                key=lambda t: t.ts_ns,
-            )
-            for trade in chunk:
-                if not self._until(trade.ts_ns):
+                *(((t.ts_ns, t) for t in self._sim.trades(Instrument.parse(i), self._cursor, chunk_end))
+                  for i in wanted),
+                beats,
+                key=lambda item: (item[0], item[1] == ""),
+            )  # fmt: skip
+            for ts_ns, item in chunk:
+                if not self._until(ts_ns):
                     return
-                if trade.instrument in self._wanted:
-                    yield trade
+                if isinstance(item, Trade):
+                    if item.instrument in self._wanted:
+                        quiet[item.instrument] = False
+                        yield item
+                    continue
+                for instrument in wanted:
+                    if instrument in self._wanted and quiet.get(instrument, True):
+                        yield Heartbeat(instrument, ts_ns, self.name)
+                    quiet[instrument] = True
             self._cursor = chunk_end
             if not self._until(chunk_end):  # a new subscription joins here, at the boundary
                 return
@@ -221,7 +248,9 @@ class _Metrics:
         self.backpressure = Gauge(f"{p}backpressure", "1 while the bus refuses messages", registry=registry)
         self.last_age = Gauge(f"{p}last_message_age_seconds", "Seconds since the last trade", registry=registry)
         self.deadletters = Counter(f"{p}deadletters", "Bad frames and control messages", registry=registry)
-        self.outages = Counter(f"{p}outages", "Outages of the live feed", registry=registry)
+        self.heartbeats = Counter(f"{p}heartbeats", "Heartbeats published (the source was live up to a time)",
+                                  registry=registry)  # fmt: skip
+        self.disconnects = Counter(f"{p}disconnects", "Disconnects published, per instrument", registry=registry)
         self.failed_subs = Gauge(f"{p}failed_subscriptions", "Subscriptions the source refused", registry=registry)
 
 
@@ -240,7 +269,6 @@ class Producer:
         source: LiveSource,
         *,
         topic_prefix: str = "",
-        outages: OutageStore | None = None,
         max_buffered: int = 100_000,
         local_bound: int = 10_000,
         handoff: int = 1_000,
@@ -253,7 +281,6 @@ class Producer:
     ) -> None:
         self.bus = bus
         self.source = source
-        self.outages = outages
         self.max_buffered = max_buffered
         self.local_bound = local_bound
         self.ticks_partitions = ticks_partitions
@@ -270,10 +297,9 @@ class Producer:
         self.state = StateMachine(self.name, TRANSITIONS, initial="idle", registry=self.registry)
         self._clock = clock
         self._stop = threading.Event()
+        self._give_up = threading.Event()
         self._handoff: queue.Queue[object] = queue.Queue(maxsize=handoff)
         self._local: deque[tuple[str, str, bytes]] = deque()
-        self._unsaved: list[Outage] = []
-        self._recovered: list[OutageRow] = []
         self._out: BusProducer | None = None
         self.failed_instruments: dict[str, str] = {}
         self.backpressure = False
@@ -281,22 +307,26 @@ class Producer:
         self.ticks = 0
         self._last_trade: float | None = None
         self._rate_mark = (clock(), 0)
-        self._next_control = self._next_outage_retry = 0.0
+        self._next_control = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Ask run() to return: the source is closed, what is buffered gets a last flush."""
+        """Ask run() to return: the source is closed and everything handed over is delivered, for as
+        long as the broker needs. A second stop() while the broker is away gives up, loudly."""
+        if self._stop.is_set():
+            self._give_up.set()
         self._stop.set()
         self.source.close()
 
-    def run(self, *, final_flush: float = 30.0) -> None:
+    def run(self) -> None:
         """Until stop(), or until a bounded source is done and every tick is delivered."""
         if not self._ensure_topics():
             return
         self._out = self.bus.producer(name=self.name, max_buffered=self.max_buffered, on_failed=self._on_failed)
         control = self.bus.consumer(group=self.control_group, topics=[self.control_topic])
-        self._recover_outages()
+        # Startup: after a kill -9 the log cannot know what was missed; every instrument says so.
+        self._disconnect(self.source.instruments, "producer started")
         reader = threading.Thread(target=self._read_source, name="producer-source", daemon=True)
         reader.start()
         try:
@@ -312,15 +342,16 @@ class Producer:
                     done = self._drain_handoff(wait=self.poll_interval) or done
                 self._retry_local()
                 self._out.poll(0)
-                self._save_outages()
                 self._update_metrics()
-            self._deliver_everything(None if not self._stop.is_set() else final_flush)
+            if self._stop.is_set():
+                self._take_rest()  # what the source already handed over goes out too
+                self._disconnect(self.source.instruments, "producer stopped")
+            self._deliver_everything()
         finally:
             self.source.close()
             self._stop.set()
             reader.join(10)
             control.close()
-            self._save_outages()
             self._to("idle", "stopped")
             self._update_metrics()
 
@@ -386,21 +417,30 @@ class Producer:
             self._handle(item)
         return False
 
+    def _take_rest(self) -> None:
+        while True:
+            try:
+                item = self._handoff.get_nowait()
+            except queue.Empty:
+                return
+            if item is _END:
+                return
+            self._handle(item)
+
     def _handle(self, item: object) -> None:
         if isinstance(item, Trade):
-            self._send(self.ticks_topic, item.instrument, encode_tick(item))
+            self._send(self.ticks_topic, item.instrument, encode_tick_record(item))
             self.ticks += 1
             self.metrics.ticks.inc()
             self._last_trade = self._clock()
+        elif isinstance(item, Heartbeat):
+            self._send(self.ticks_topic, item.instrument, encode_tick_record(item))
+            self.metrics.heartbeats.inc()
+        elif isinstance(item, Disconnect):
+            self._send(self.ticks_topic, item.instrument, encode_tick_record(item))
+            self.metrics.disconnects.inc()
         elif isinstance(item, StreamStatus):
             self._to(item.state, item.detail)
-            if item.state == "streaming" and self._recovered:
-                self._close_recovered()
-        elif isinstance(item, Outage):
-            if item.ended_ns is None:
-                self.metrics.outages.inc()
-            self._unsaved.append(item)
-            self._save_outages(force=True)
         elif isinstance(item, SubscriptionFailed):
             self.failed_instruments[item.instrument] = item.reason
             self.metrics.failed_subs.set(len(self.failed_instruments))
@@ -408,6 +448,12 @@ class Producer:
             self._deadletter(self.source.name, SOURCE_FRAMES, -1, -1, item.error, item.payload)
         else:
             log.error("producer: unexpected record from the source: %r", item)
+
+    def _disconnect(self, instruments: Iterable[str], reason: str) -> None:
+        """The log cannot know what happened before this: a start, a new instrument, a stop."""
+        now = self.source.now_ns()
+        for instrument in instruments:
+            self._handle(Disconnect(instrument, now, self.source.name, reason))
 
     def _to(self, state: str, reason: str) -> None:
         try:
@@ -427,15 +473,14 @@ class Producer:
         self._local.append((topic, key, value))
 
     def _on_failed(self, topic: str, key: str, value: bytes, error: str) -> None:
-        """A delivery failed (the bus logged it): publish it again, behind what is queued, up to
-        `max_redeliveries` times; then it is given up, loudly. Served inside poll/flush."""
+        """A delivery failed (the bus logged it): publish it again, behind what is queued. Nothing
+        accepted is dropped; past `max_redeliveries` attempts of one message it says so, loudly,
+        and keeps trying. Served inside poll/flush."""
         attempts = self._redeliveries.get((topic, key, value), 0) + 1
-        if attempts > self.max_redeliveries:
-            self._redeliveries.pop((topic, key, value), None)
-            log.error("producer gives up on a message to %s (key %s) after %d failed deliveries: %s",
-                      topic, key, attempts - 1, error)  # fmt: skip
-            return
         self._redeliveries[(topic, key, value)] = attempts
+        if attempts == self.max_redeliveries + 1:
+            log.error("producer: a message to %s (key %s) failed %d deliveries (%s); still holding it",
+                      topic, key, attempts - 1, error)  # fmt: skip
         self._local.append((topic, key, value))
 
     def _retry_local(self) -> None:
@@ -449,24 +494,25 @@ class Producer:
             self._local.popleft()
         self._set_backpressure(False)
 
-    def _deliver_everything(self, timeout: float | None) -> None:
-        """Flush local and bus buffers; `timeout` None: as long as it takes (the broker may be down)."""
+    def _deliver_everything(self) -> None:
+        """Flush local and bus buffers for as long as it takes (the broker may be down), saying
+        every 5 s how much is held; only a second stop() gives up, and says what is lost."""
         assert self._out is not None
-        deadline = None if timeout is None else self._clock() + timeout
+        next_word = self._clock() + 5.0
         while True:
             self._retry_local()
             left = self._out.flush(0.5)
             self._update_metrics()
             if left == 0 and not self._local:
                 return
-            if deadline is not None and self._clock() >= deadline:
-                log.error(
-                    "producer stopping with %d messages undelivered (%d held locally); they are lost",
-                    left + len(self._local), len(self._local),
-                )  # fmt: skip
+            if self._give_up.is_set():
+                log.error("producer forced to stop with %d messages undelivered (%d held locally); they are lost",
+                          left + len(self._local), len(self._local))  # fmt: skip
                 return
-            if deadline is None and self._stop.is_set():
-                deadline = self._clock() + 10.0
+            if self._clock() >= next_word:
+                next_word = self._clock() + 5.0
+                log.warning("producer stopping: holding %d undelivered messages until the broker takes them "
+                            "(stop again to give up)", left + len(self._local))  # fmt: skip
 
     def _set_backpressure(self, on: bool) -> None:
         if on != self.backpressure:
@@ -502,50 +548,12 @@ class Producer:
             if cmd.op == "track":
                 log.info("producer: track %s (request %s)", cmd.instrument, cmd.request_id)
                 self.failed_instruments.pop(cmd.instrument, None)
+                if cmd.instrument not in self.source.instruments:
+                    self._disconnect([cmd.instrument], "tracked: nothing known before now")
                 self.source.subscribe([cmd.instrument])
             elif cmd.op == "untrack":
                 log.info("producer: untrack %s (request %s)", cmd.instrument, cmd.request_id)
                 self.source.unsubscribe([cmd.instrument])
-
-    # -- outages ----------------------------------------------------------------------------------
-
-    def _recover_outages(self) -> None:
-        if self.outages is None:
-            return
-        try:
-            self._recovered = self.outages.open_outages(self.source.name)
-        except Exception:  # noqa: BLE001 - the database may be down; the feed goes on
-            log.exception("producer: cannot read open outages")
-        for row in self._recovered:
-            log.warning("producer: outage of %s since %s left open by a previous run", row.instruments, row.started_at)
-
-    def _close_recovered(self) -> None:
-        assert self.outages is not None
-        now = datetime.now(UTC)
-        try:
-            for row in self._recovered:
-                self.outages.close(row.id, ended_at=now)
-            self._recovered = []
-        except Exception:  # noqa: BLE001 - retried at the next `streaming`
-            log.exception("producer: cannot close recovered outages")
-
-    def _save_outages(self, force: bool = False) -> None:
-        if not self._unsaved or self.outages is None:
-            self._unsaved.clear()
-            return
-        now = self._clock()
-        if not force and now < self._next_outage_retry:
-            return
-        try:
-            while self._unsaved:
-                o = self._unsaved[0]
-                ended = from_ns(o.ended_ns) if o.ended_ns is not None else None
-                self.outages.record(source=o.source, started_at=from_ns(o.started_ns), ended_at=ended,
-                                    instruments=o.instruments, reason=o.reason)  # fmt: skip
-                self._unsaved.pop(0)
-        except Exception:  # noqa: BLE001 - PostgreSQL down: keep them, retry in 5 s
-            log.exception("producer: cannot record %d outages yet; retrying", len(self._unsaved))
-            self._next_outage_retry = now + 5.0
 
     # -- health -----------------------------------------------------------------------------------
 
@@ -605,11 +613,10 @@ def build(
     end_ns: int | None = None,
     partitions: int = 1,
 ) -> Producer:
-    """The producer of `settings` on `bus` (streaming.runner and `main` share it); outages are
-    persisted in `engine` for the CryptoCompare source (the simulator has none)."""
+    """The producer of `settings` on `bus` (streaming.runner and `main` share it). `engine` is
+    unused (the aggregator records outages from the log) and kept for the callers' signature."""
     source = make_live_source(settings, speed=speed, start_ns=start_ns, end_ns=end_ns)
-    outages = OutageStore(engine) if engine is not None and settings.source == "cryptocompare" else None
-    return Producer(bus, source, topic_prefix=settings.topic_prefix, outages=outages, ticks_partitions=partitions)
+    return Producer(bus, source, topic_prefix=settings.topic_prefix, ticks_partitions=partitions)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -627,12 +634,7 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = Settings()
     bus = make_bus(settings)
-    engine = None
-    if settings.source == "cryptocompare":
-        from candlekeep.storage.db import create_engine, resolve_database_url
-
-        engine = create_engine(resolve_database_url(settings))
-    producer = build(settings, bus, engine, speed=args.speed, start_ns=args.start, end_ns=args.end,
+    producer = build(settings, bus, speed=args.speed, start_ns=args.start, end_ns=args.end,
                      partitions=args.partitions)  # fmt: skip
     server = None
     if args.port >= 0:
@@ -646,8 +648,6 @@ def main(argv: list[str] | None = None) -> None:
         if server is not None:
             server.stop()
         bus.close()
-        if engine is not None:
-            engine.dispose()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Replay sessions: each replay's state, replay clock, position, speed and progress.
 
 Revision ID: 0003
-Revises: 0002
+Revises: 0005
 Create Date: 2026-12-02
 
 One row per session (candlekeep.storage.replay_sessions; the pure rules are candlekeep/replay.py).
@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0003"
-down_revision: str | Sequence[str] | None = "0002"
+# Chained after the event-time branch's 0005 (merged in first), so there is one head.
+down_revision: str | Sequence[str] | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

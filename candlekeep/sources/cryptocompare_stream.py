@@ -37,7 +37,7 @@ from urllib.parse import urlencode
 
 import websocket
 
-from candlekeep.bars import NS_PER_S, Trade
+from candlekeep.bars import NS_PER_S, Disconnect, Heartbeat, Trade
 from candlekeep.instruments import Instrument
 from candlekeep.sources.base import SourceError
 from candlekeep.sources.cryptocompare import MIN_API_EXCHANGES, SOURCE
@@ -88,17 +88,6 @@ class StreamStatus:
 
 
 @dataclass(frozen=True, slots=True)
-class Outage:
-    """The live feed of `instruments` was down from `started_ns`; `ended_ns` None: still down."""
-
-    source: str
-    started_ns: int
-    ended_ns: int | None
-    instruments: tuple[str, ...]
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
 class SubscriptionFailed:
     instrument: str
     reason: str
@@ -112,7 +101,7 @@ class BadFrame:
     error: str
 
 
-Event = Trade | StreamStatus | Outage | SubscriptionFailed | BadFrame
+Event = Trade | Heartbeat | Disconnect | StreamStatus | SubscriptionFailed | BadFrame
 
 
 # --- parsing --------------------------------------------------------------------------------------
@@ -225,6 +214,8 @@ class StreamerClient:
         rate_limited_backoff: float = RATE_LIMITED_BACKOFF_S,
         connect_timeout: float = 10.0,
         recv_timeout: float = 0.5,
+        heartbeat_s: float = 1.0,
+        latency_bound_s: float = 1.0,
         clock_ns: Callable[[], int] = time.time_ns,
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -241,6 +232,9 @@ class StreamerClient:
         self.rate_limited_backoff = max(rate_limited_backoff, min_backoff)
         self.connect_timeout = connect_timeout
         self.recv_timeout = recv_timeout
+        self.heartbeat_s = heartbeat_s
+        self.latency_bound_ns = int(latency_bound_s * 1_000_000_000)
+        self._last_sent: dict[str, float] = {}  # instrument -> monotonic time of its last trade or beat
         self._clock_ns = clock_ns
         self._monotonic = monotonic
         self._rng = rng or random.Random()
@@ -312,8 +306,7 @@ class StreamerClient:
                     end = _SessionEnd(end.reason)
             if self._closed.is_set():
                 break
-            if outage := self._feed_lost(end.reason):
-                yield outage
+            yield from self._feed_lost(end.reason)
             if end.kind == "unauthorized":
                 yield StreamStatus("error", f"{end.reason} (check CANDLEKEEP_CRYPTOCOMPARE_API_KEY)")
             delay = self._backoff_delay(attempt, end.kind)
@@ -337,6 +330,8 @@ class StreamerClient:
             try:
                 raw = ws.recv()
             except websocket.WebSocketTimeoutException:
+                if live:
+                    yield from self._beats()
                 continue
             except (OSError, websocket.WebSocketException) as exc:
                 reason = f"connection lost: {exc or type(exc).__name__}"
@@ -346,6 +341,7 @@ class StreamerClient:
             now_ns = self._clock_ns()
             if live:
                 self._live_until_ns = now_ns
+                yield from self._beats()
             try:
                 frame = loads(raw)
             except StreamError as exc:
@@ -354,7 +350,9 @@ class StreamerClient:
             kind = str(frame["TYPE"])
             if kind == TRADE:
                 try:
-                    yield parse_trade(frame, instrument=self._instrument_of(frame), local_ns=now_ns)
+                    trade = parse_trade(frame, instrument=self._instrument_of(frame), local_ns=now_ns)
+                    self._last_sent[trade.instrument] = self._monotonic()
+                    yield trade
                 except StreamError as exc:
                     yield BadFrame(raw.encode() if isinstance(raw, str) else raw, str(exc))
             elif kind == HEARTBEAT:
@@ -394,6 +392,8 @@ class StreamerClient:
                 if message in SUB_REFUSED:
                     if failed := self._refused(str(frame.get("PARAMETER")), frame):
                         yield failed
+                        yield Disconnect(failed.instrument, self._clock_ns(), SOURCE,
+                                         f"subscription failed: {failed.reason}")  # fmt: skip
                 elif message == "SUBSCRIPTION_ALREADY_ACTIVE":
                     log.debug("cryptocompare streamer: %s", frame)
                 else:
@@ -456,27 +456,46 @@ class StreamerClient:
         log.error("cryptocompare streamer refused %s (%s): %s; other instruments continue", sub, iid, reason)
         return SubscriptionFailed(iid, reason)
 
-    def _feed_lost(self, reason: str) -> Outage | None:
-        """Open an outage (once: failing reconnects keep the first one open). It starts at the last
-        frame received while live, or now if the feed has not been live yet."""
+    def _feed_lost(self, reason: str) -> list[Disconnect]:
+        """A disconnect per live instrument, once (failing reconnects add none); `ts_ns` is now,
+        when it was noticed: the gap runs from each instrument's previous record to its next."""
         with self._lock:
             if self._down is not None:
-                return None
+                return []
             live = {iid for iid in self._wanted if iid not in self.failed}
-            started = self._live_until_ns if self._live_until_ns is not None else self._clock_ns()
-            self._down = (started, reason, live)
-        log.warning("cryptocompare feed down since %d: %s", started, reason)
-        return Outage(SOURCE, started, None, tuple(sorted(live)), reason)
+            now = self._clock_ns()
+            self._down = (now, reason, live)
+        log.warning("cryptocompare feed down at %d: %s", now, reason)
+        return [Disconnect(iid, now, SOURCE, reason) for iid in sorted(live)]
 
     def _feed_live(self, now_ns: int, detail: str) -> Iterator[Event]:
         with self._lock:
             down, self._down = self._down, None
         if down is not None:
-            started, reason, instruments = down
-            log.info("cryptocompare feed live again; outage %d..%d: %s", started, now_ns, reason)
-            yield Outage(SOURCE, started, now_ns, tuple(sorted(instruments)), reason)
+            log.info("cryptocompare feed live again after %d..%d: %s", down[0], now_ns, down[1])
         self._live_until_ns = now_ns
+        mark = self._monotonic()
+        for iid in self.instruments:
+            self._last_sent[iid] = mark - self.heartbeat_s  # the first beat says: live from now
         yield StreamStatus("streaming", detail)
+        yield from self._beats()
+
+    def _beats(self) -> Iterator[Heartbeat]:
+        """A heartbeat for each live instrument without a trade or beat for `heartbeat_s`: its time
+        is the receive clock minus the latency bound, so a slow trade is late rather than lost."""
+        mark = self._monotonic()
+        ts_ns = self._clock_ns() - self.latency_bound_ns
+        with self._lock:
+            live = [iid for iid in self._wanted if iid not in self.failed]
+        for iid in live:
+            if mark - self._last_sent.get(iid, mark) >= self.heartbeat_s:
+                self._last_sent[iid] = mark
+                yield Heartbeat(iid, ts_ns, SOURCE)
+            else:
+                self._last_sent.setdefault(iid, mark)
+
+    def now_ns(self) -> int:
+        return self._clock_ns()
 
     def _backoff_delay(self, attempt: int, kind: str) -> float:
         """Jitter over [floor, floor * 2**(attempt + 1)], capped; floor >= 5 s (60 s after a 429)."""

@@ -26,6 +26,7 @@ the exact UTC instant.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -82,6 +83,13 @@ WITH written AS (
     RETURNING revision = 0 AS inserted
 )
 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written"""
+
+# The same merge, answering which bars it wrote and the revision each got (a refused provisional
+# bar over a final one, or an identical one, is not returned).
+_MERGE_RETURNING = _MERGE.split("SELECT count(*)")[0].replace(
+    "RETURNING revision = 0 AS inserted",
+    "RETURNING instrument, \"interval\", extract(epoch FROM bucket)::bigint, revision",
+) + "SELECT * FROM written"
 
 _START = "extract(epoch FROM bucket)::bigint AS start"
 _OUT = f"{_START}, open, high, low, close, volume, quote_volume, trades, source, final, revision"
@@ -216,6 +224,32 @@ class BarStore:
                 # A concurrent writer stored some of these buckets after the check: merge instead.
             with conn.begin():
                 return _stage_and_merge(_cursor(conn), lines)
+
+    def upsert_written(self, bars: Collection[Bar]) -> list[Bar]:
+        """Upsert `bars` (one transaction, any order) and return those written, each with the
+        revision PostgreSQL gave it: what a publisher may hand on. Identical bars, and provisional
+        bars refused over final ones, are left out."""
+        latest = {(b.instrument, b.interval, b.start): b for b in bars}
+        if not latest:
+            return []
+        for bar in latest.values():
+            _check_interval(bar)
+        lo = _utc(min(start for _, _, start in latest))
+        hi = _utc(max(start for _, _, start in latest) + 1)
+        with self.engine.connect() as conn:
+            partitions.ensure_partitions(conn, "bars", lo, hi)
+            with conn.begin():
+                cur = _cursor(conn)
+                cur.execute(_CREATE_STAGE)
+                _copy(cur, f"COPY {_STAGE} ({_KEYS_AND_VALUES}) FROM STDIN", _CopyText(list(latest.values())))
+                cur.execute(_MERGE_RETURNING)
+                rows = cur.fetchall()
+        out = []
+        for instrument, interval, start, revision in rows:
+            bar = latest[(instrument, interval, int(start))]
+            out.append(bar if bar.revision == revision else dataclasses.replace(bar, revision=revision))
+        out.sort(key=lambda b: (b.instrument, b.interval, b.start))
+        return out
 
     # -- reads -------------------------------------------------------------------------------
 

@@ -24,6 +24,11 @@ def from_ns(ns: int) -> datetime:
     return _EPOCH + timedelta(microseconds=ns // 1000)
 
 
+def to_ns(moment: datetime) -> int:
+    """Aware datetime -> unix nanoseconds (exact: whole microseconds, no float on the way)."""
+    return (moment - _EPOCH) // _US * 1000
+
+
 @dataclass(frozen=True)
 class OutageRow:
     id: int
@@ -68,8 +73,8 @@ class OutageStore:
                 text(
                     "INSERT INTO outages (source, started_at, ended_at, instruments, reason)"
                     " VALUES (:source, :started_at, :ended_at, :instruments, :reason)"
-                    " ON CONFLICT (source, started_at) DO UPDATE SET ended_at = excluded.ended_at,"
-                    " instruments = excluded.instruments, reason = excluded.reason"
+                    " ON CONFLICT (source, started_at, instruments) DO UPDATE SET ended_at = excluded.ended_at,"
+                    " reason = excluded.reason"
                     " RETURNING id"
                 ),
                 {

@@ -97,8 +97,9 @@ coverage = Table(
     CheckConstraint("status IN ('complete','gaps','empty','open')", name="coverage_status_valid"),
 )
 
-# Periods when a live source was down (migration 0002; candlekeep.storage.outages). `ended_at` NULL:
-# still down, or the producer died before it came back.
+# Spans a live feed could not vouch for (migrations 0002, 0005; candlekeep.storage.outages): the
+# aggregator writes one per instrument from the disconnects on `ticks`. `ended_at` NULL: no record
+# has come since the disconnect.
 outages = Table(
     "outages",
     metadata,
@@ -108,7 +109,7 @@ outages = Table(
     Column("ended_at", DateTime(timezone=True)),
     Column("instruments", ARRAY(Text), nullable=False),
     Column("reason", Text, nullable=False),
-    UniqueConstraint("source", "started_at", name="outages_source_started_at_key"),
+    UniqueConstraint("source", "started_at", "instruments", name="outages_source_started_at_instruments_key"),
     CheckConstraint("ended_at IS NULL OR ended_at >= started_at", name="outages_ended_after_started"),
 )
 
@@ -144,6 +145,21 @@ replay_sessions = Table(
                     name="replay_sessions_state_valid"),
     CheckConstraint("end_ns > start_ns", name="replay_sessions_range_valid"),
     CheckConstraint("speed IS NULL OR speed > 0", name="replay_sessions_speed_positive"),
+)
+
+# What each aggregator's durable state includes, per consumer group and instrument (migration 0005;
+# candlekeep.storage.stream_state): written last in a flush, so a restart skips what it holds.
+stream_state = Table(
+    "stream_state",
+    metadata,
+    Column("consumer", Text, primary_key=True),
+    Column("instrument", Text, primary_key=True),
+    Column("topic", Text, nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("next_offset", BigInteger, nullable=False),
+    Column("clock_ns", BigInteger),
+    Column("closed_until", BigInteger),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
 # Tables that exist in the database but not in this metadata, on purpose: native partitions (made on

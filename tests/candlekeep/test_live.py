@@ -199,8 +199,9 @@ def test_no_bar_before_the_first_trade_then_flat_bars_for_quiet_minutes() -> Non
     builder = BarBuilder(INST)
     builder.add(trade(0, 10, "100.50", 1))
     builder.add(trade(0, 50, "101.25", 2, size="0.5"))
-    builder.add(trade(3, 1, "99", 3))
-    out = builder.advance(at(4, 2))  # minute 3 ends at 4:00; closes at 4:02
+    out = builder.add(trade(3, 1, "99", 3))  # it moves the log's clock to 3:01: minutes 0, 1 close
+    assert [b.start for b in out] == [BASE, BASE + 60]
+    out += builder.heartbeat(at(4, 2))  # minute 3 ends at 4:00; closes at 4:02
     assert [b.start for b in out] == [BASE, BASE + 60, BASE + 120, BASE + 180]
     first, q1, q2, last = out
     assert (first.open, first.high, first.low, first.close) == (D("100.50"), D("101.25"), D("100.50"), D("101.25"))
@@ -279,8 +280,8 @@ def test_duplicates_never_count_twice() -> None:
 def test_too_late_beyond_the_horizon_changes_nothing() -> None:
     builder = BarBuilder(INST, horizon=3)
     builder.add(trade(0, 1, "10", 1))
-    builder.add(trade(5, 1, "11", 2))
-    closed = builder.advance(at(6, 2))
+    closed = builder.add(trade(5, 1, "11", 2))
+    closed += builder.advance(at(6, 2))
     assert len(closed) == 6 and builder.window_start() == BASE + 180
     assert builder.offer(trade(2, 0, "99", 3)) == (Outcome.TOO_LATE, [])
     outcome, revised = builder.offer(trade(3, 0, "12", 4))  # oldest minute still kept

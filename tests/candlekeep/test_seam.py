@@ -52,10 +52,11 @@ def test_history_then_live_is_one_gapless_truthful_series(engine: Engine, redis_
 
     played = 0
     for now in range(SEAM + STEP_S, end, STEP_S):
+        closed = []
         while played < len(trades) and trades[played].ts_ns < now * NS_PER_S:
-            builder.add(trades[played])
+            closed += builder.add(trades[played])  # a trade moves the log's clock, closing buckets
             played += 1
-        closed = builder.advance(now * NS_PER_S)
+        closed += builder.heartbeat(now * NS_PER_S)  # the source vouches for everything up to now
         if closed:
             store.upsert_bars(closed)
         cache.put(closed=closed, forming=[builder.forming] if builder.forming else [])
