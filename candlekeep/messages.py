@@ -160,14 +160,18 @@ def decode_tick(raw: bytes) -> Trade:
 
 def encode_stored_trade(instrument: str, ts_ns: int, price: str, size: str, side: str, trade_id: str,
                         source: str) -> bytes:  # fmt: skip
-    return (f'{{"v":1,"kind":"trade","instrument":{_json_text(instrument)},"ts_ns":{ts_ns},"price":"{price}",'
-            f'"size":"{size}","side":"{side}","trade_id":{_json_text(trade_id)},"source":{_json_text(source)},'
-            f'"received_ns":null}}').encode()  # fmt: skip
+    tid = f'"{trade_id}"' if trade_id.isdigit() and trade_id.isascii() else json.dumps(trade_id)
+    return (f'{_trade_head(instrument)}{ts_ns},"price":"{price}","size":"{size}","side":"{side}","trade_id":{tid},'
+            f'"source":{_json_text(source)},"received_ns":null}}').encode()  # fmt: skip
 
 
+@functools.lru_cache(maxsize=4096)
+def _trade_head(instrument: str) -> str:
+    return f'{{"v":1,"kind":"trade","instrument":{json.dumps(instrument)},"ts_ns":'
+
+
+@functools.lru_cache(maxsize=256)
 def _json_text(value: str) -> str:
-    if value.isascii() and value.replace("-", "").replace(":", "").replace("_", "").replace(".", "").isalnum():
-        return f'"{value}"'
     return json.dumps(value)
 
 

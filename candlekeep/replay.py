@@ -308,6 +308,9 @@ def bar_stream(instrument: str, bars: Iterable[Bar], *, from_ns: int) -> Iterato
 
 def merge(streams: Iterable[Iterable[Item]]) -> Iterator[Item]:
     """Several instruments' streams in event-time order (ties by instrument, each stream's order kept)."""
+    streams = list(streams)
+    if len(streams) == 1:
+        return iter(streams[0])
     return heapq.merge(*streams, key=_merge_key)
 
 

@@ -4,9 +4,9 @@
 
 Sessions are rows of `replay_sessions` (candlekeep.storage.replay_sessions), created and steered
 by the API and the CLI; the rules (states, clock, stream order, positions) are candlekeep.replay.
-The daemon only follows the rows: every loop it reads the sessions, and for each running one
-publishes the records that are due by its clock, at most `batch` of them, so a pause, a seek or a
-speed change takes effect within one batch. At `max` speed every record is due at once and the
+The daemon only follows the rows: every `poll_s` (20 ms) it reads the sessions, and in between
+publishes, for each running one, the records that are due by its clock, `batch` at a time; so a
+pause, a seek or a speed change takes effect within one batch (what leaves in 20 ms). At `max` speed every record is due at once and the
 bus's backpressure (`publish_waiting`) paces the session.
 
 Each session's topics have one partition, so the topic holds the session's merged event-time
@@ -15,7 +15,7 @@ heartbeat per instrument every whole second outside recorded outages, a disconne
 starts, the closing heartbeat at `end + lateness`, all with `source: "replay"`; bars of bars-only
 instruments on `.bars`.
 
-Durability: every `checkpoint_s` (and at a pause, stop, seek or the end) the producer is flushed,
+Durability: every `checkpoint_s` (1 s; and at a pause, stop, seek or the end) the producer is flushed,
 and only once every record is acknowledged is the position of the last one written to the row. A
 failed delivery re-reads the session from its durable position. So a replayer killed at any moment
 (`kill -9`), once restarted, resumes each running session from its last durable position, with its
@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import Engine
 
 from candlekeep.bars import Disconnect, Heartbeat
-from candlekeep.bus import Bus, BusProducer, publish_waiting
+from candlekeep.bus import Bus, BufferFull, BusProducer, publish_waiting
 from candlekeep.messages import encode_bar, encode_disconnect, encode_heartbeat, encode_stored_trade, replay_topic
 from candlekeep.replay import (
     BAR,
@@ -106,7 +106,7 @@ class Replayer:
         prefix: str = "",
         batch: int = 2000,
         poll_s: float = 0.02,
-        checkpoint_s: float = 0.25,
+        checkpoint_s: float = 1.0,
         page: int = 20_000,
         max_backoff_s: float = 30.0,
         delivery_timeout_s: float = 30.0,
@@ -124,7 +124,8 @@ class Replayer:
         self._producer: BusProducer | None = None
         self._failures = 0
         self._retry_at: dict[str, int] = {}
-        self._prepared: dict[str, _Run] = {}  # created / paused sessions, opened ahead of their start
+        self._prepared: dict[str, _Run] = {}
+        self._next_read = 0.0  # monotonic time of the next read of the sessions
         self._ensured: set[str] = set()
         self.last_error: str | None = None
         self.ready = threading.Event()  # set after the first step (recovery done, sessions read)
@@ -176,7 +177,10 @@ class Replayer:
                          extra={"session": row.id, "position_ns": row.position.ts_ns})  # fmt: skip
 
     def _step(self) -> float:
-        """Read the sessions, publish what is due, checkpoint; the seconds to wait before the next step."""
+        """Read the sessions (every `poll_s`), publish what is due, checkpoint; the seconds to wait."""
+        if self.runs and time.monotonic() < self._next_read:
+            return self._publish()
+        self._next_read = time.monotonic() + self.poll_s
         rows = {row.id: row for row in self.store.list(states=[SessionState.CREATED, SessionState.RUNNING,
                                                                SessionState.PAUSED, SessionState.ERROR])}  # fmt: skip
         now = self.clock()
@@ -209,13 +213,16 @@ class Replayer:
             del self._prepared[session_id]
         self._running.set(len(self.runs))
         self.state.to("replaying" if self.runs else "idle", reason=f"{len(self.runs)} sessions running")
+        return self._publish()
+
+    def _publish(self) -> float:
         next_due: int | None = None
         for session_id, run in list(self.runs.items()):
             try:
                 due = self._pump(run)
                 if run.head is None:
                     self._finish(run)
-                    del self.runs[session_id]
+                    self.runs.pop(session_id, None)
                     continue
                 self._checkpoint(run, self.clock())
             except DeliveryFailed as exc:
@@ -269,43 +276,54 @@ class Replayer:
         assert producer is not None
         clock, now = run.clock, self.clock()
         paced = clock.speed is not None
-        for _ in range(self.batch):
-            item = run.head
-            if item is None:
-                return None
+        publish, ticks_topic, items = producer.publish, run.ticks_topic, run.items
+        item = run.head
+        last = None
+        sent = trades = 0
+        due = 0
+        while item is not None and sent < self.batch:
             if paced:
-                due = clock.due_ns(item.ts_ns)
-                assert due is not None
+                due = clock.due_ns(item.ts_ns)  # type: ignore[assignment]
                 if due > now:
                     now = self.clock()
                     if due > now:
-                        return due
+                        break
             kind = item.kind
             if kind == TRADE:
                 t = item.data
                 value = encode_stored_trade(item.instrument, t.ts_ns, t.price, t.size, t.side, t.trade_id, SOURCE)
-                run.trades += 1
+                trades += 1
+                topic = ticks_topic
             elif kind == HEARTBEAT:
-                value = encode_heartbeat(Heartbeat(item.instrument, item.ts_ns, SOURCE))
+                value, topic = encode_heartbeat(Heartbeat(item.instrument, item.ts_ns, SOURCE)), ticks_topic
             elif kind == DISCONNECT:
-                value = encode_disconnect(Disconnect(item.instrument, item.ts_ns, SOURCE, item.data))
+                value, topic = encode_disconnect(Disconnect(item.instrument, item.ts_ns, SOURCE, item.data)), ticks_topic
             else:
-                value = encode_bar(replace(item.data, source=SOURCE))
-            publish_waiting(producer, run.bars_topic if kind == BAR else run.ticks_topic, item.instrument, value,
-                            timeout=self.delivery_timeout_s)  # fmt: skip
+                value, topic = encode_bar(replace(item.data, source=SOURCE)), run.bars_topic
+            try:
+                publish(topic, item.instrument, value)
+            except BufferFull:  # backpressure: serve delivery reports, then publish again (never drop)
+                publish_waiting(producer, topic, item.instrument, value, timeout=self.delivery_timeout_s)
             if paced:
                 drift = (self.clock() - due) / 1e9
                 self._drift.observe(drift)
                 if len(run.drift_s) >= 10_000:
                     del run.drift_s[:5_000]
                 run.drift_s.append(drift)
-            run.messages += 1
-            run.last = Position.of(item)
-            run.head = next(run.items, None)
-        producer.poll(0)
-        if not paced:
-            run.clock = run.clock.sent(run.last.ts_ns)
-        return None
+            sent += 1
+            last = item
+            item = next(items, None)
+        run.head = item
+        if last is not None:
+            run.messages += sent
+            run.trades += trades
+            run.last = Position.of(last)
+            producer.poll(0)
+            if not paced:
+                run.clock = run.clock.sent(last.ts_ns)
+        if item is None or not paced:
+            return None
+        return clock.due_ns(item.ts_ns)
 
     def _checkpoint(self, run: _Run, now: int, *, force: bool = False, finish: bool = False) -> None:
         if not (force or finish) and now - run.checkpoint_wall_ns < self.checkpoint_s * 1e9:

@@ -13,27 +13,30 @@ Bounded memory without holding a transaction: each page is one index range scan 
 snapshot (and a pool connection) open for as long as the session lives, paused for hours included,
 which holds back vacuum on the busiest table; a page query holds nothing between pages.
 Order inside one timestamp is the exchange order of candlekeep.bars.trade_order_key (numeric ids
-numerically, before any other ids, which sort by their text), done by PostgreSQL. Decimals come as
+numerically, before any other ids, which sort by their text), restored per page from the index's
+`(ts, trade_id)` order. Decimals come as
 PostgreSQL's text (exactly the stored digits, never an exponent) and times as whole microseconds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 from sqlalchemy import Engine
 
-from candlekeep.bars import Bar, Interval, NS_PER_S
+from candlekeep.bars import NS_PER_S, Bar, Interval, trade_order_key
 from candlekeep.replay import Outage, StoredTrade
 from candlekeep.storage.bars import BarStore
 from candlekeep.storage.outages import OutageStore
 
 NS_PER_US = 1_000
 DEFAULT_PAGE = 20_000
-_ORDER = """ts, (trade_id !~ '^[0-9]+$'),
-    CASE WHEN trade_id ~ '^[0-9]+$' THEN length(trade_id) END, trade_id COLLATE "C\""""
+# The unique index's own order, so each page is an index range scan (any other order key makes the
+# planner sort rows per page); exchange order inside one timestamp is restored here (`_trades`).
+_ORDER = "ts, trade_id"
 _PAGE = f"""
 SELECT (extract(epoch FROM ts) * 1000000)::bigint, trade_id, price::text, size::text, side FROM ticks
 WHERE instrument = %s AND ts >= %s AND ts < %s ORDER BY {_ORDER} LIMIT %s"""
@@ -64,34 +67,62 @@ def _rows(engine: Engine, sql: str, params: tuple) -> list[tuple]:
     return rows
 
 
-def trade_pages(engine: Engine, instrument: str, from_ns: int, end_ns: int, *,
-                page: int = DEFAULT_PAGE) -> Iterator[StoredTrade]:  # fmt: skip
+def trade_pages(engine: Engine, instrument: str, from_ns: int, end_ns: int, *, page: int = DEFAULT_PAGE,
+                prefetch: bool = True) -> Iterator[StoredTrade]:  # fmt: skip
     """Stored trades of `instrument` with `from_ns <= ts < end_ns`, in exchange order, `page` rows
-    in memory at a time (plus, rarely, one timestamp's worth)."""
+    in memory at a time (plus, rarely, one timestamp's worth). With `prefetch`, the next page is
+    read on a worker thread while this one is consumed (psycopg waits on the server without the
+    GIL), so at most two pages are held."""
     if page < 2:
         raise ValueError("page must be at least 2")
+    pages = _pages(engine, instrument, from_ns, end_ns, page)
+    if not prefetch:
+        for rows in pages:
+            yield from rows
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="replay-read") as pool:
+        ahead = pool.submit(next, pages, None)
+        while (rows := ahead.result()) is not None:
+            ahead = pool.submit(next, pages, None)
+            yield from rows
+
+
+def _pages(engine: Engine, instrument: str, from_ns: int, end_ns: int, page: int) -> Iterator[list[StoredTrade]]:
     lo, hi = _ceil_us(from_ns), _ceil_us(end_ns)
     while lo < hi:
         rows = _rows(engine, _PAGE, (instrument, _utc_us(lo), _utc_us(hi), page))
         if len(rows) < page:
-            yield from _trades(rows)
+            if rows:
+                yield _trades(rows)
             return
         last = rows[-1][0]
         if rows[0][0] == last:  # one timestamp fills the page: read that timestamp whole
-            yield from _trades(_rows(engine, _AT, (instrument, _utc_us(last))))
+            yield _trades(_rows(engine, _AT, (instrument, _utc_us(last))))
             lo = last + 1
             continue
         # The last timestamp may continue past the page: leave it for the next page.
         cut = len(rows) - 1
         while rows[cut - 1][0] == last:
             cut -= 1
-        yield from _trades(rows[:cut])
+        yield _trades(rows[:cut])
         lo = last
 
 
-def _trades(rows: list[tuple]) -> Iterator[StoredTrade]:
-    for ts_us, trade_id, price, size, side in rows:
-        yield StoredTrade(ts_us * NS_PER_US, trade_id, price, size, side)
+def _trades(rows: list[tuple]) -> list[StoredTrade]:
+    out = [StoredTrade(ts_us * NS_PER_US, trade_id, price, size, side) for ts_us, trade_id, price, size, side in rows]
+    # Trades sharing a timestamp come in index (text) order: put them in exchange order
+    # (trade_order_key: numeric ids numerically). Pages never split a timestamp.
+    i, n = 0, len(out) - 1
+    while i < n:
+        if out[i].ts_ns != out[i + 1].ts_ns:
+            i += 1
+            continue
+        j = i + 1
+        while j <= n and out[j].ts_ns == out[i].ts_ns:
+            j += 1
+        out[i:j] = sorted(out[i:j], key=lambda t: trade_order_key(t.ts_ns, t.trade_id))
+        i = j
+    return out
 
 
 def count_trades(engine: Engine, instrument: str, start_ns: int, end_ns: int) -> int:
