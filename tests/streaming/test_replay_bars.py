@@ -1,0 +1,76 @@
+"""Session bars: the replay-bars daemon over the replayer's real output (Kafka, PostgreSQL, Redis),
+against the bars of the stored real trades computed by candlekeep.bars.aggregate_trades, the
+exchange-convention reference the live tests use too."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import redis
+from sqlalchemy import Engine
+
+from candlekeep.bars import NS_PER_S, Interval
+from candlekeep.bus import KafkaBus
+from candlekeep.messages import replay_topic
+from candlekeep.replay import SessionState
+from candlekeep.replay_bars import ReplayBarCache, read_replay_bars
+from candlekeep.storage.replay_sessions import ReplaySessionStore
+from streaming.replay_bars import ReplayBars
+from streaming.replayer import Replayer
+from tests.utils.replay import BTC, ETH, LATENESS_NS, Reader, running, stored_trades
+from tests.utils.trades import reference
+from tests.utils.wait import eventually
+
+START_S, END_S = 1_582_329_660, 1_582_330_020  # 00:01 .. 00:07 UTC, ETH's recording inside, BTC all along
+
+
+def expected_bars(trades, instrument: str, start_s: int, end_s: int):
+    inside = [t for t in trades[instrument] if start_s * NS_PER_S <= t.ts_ns < end_s * NS_PER_S]
+    return [replace(b, source="replay") for b in reference(inside, start_s, end_s)]
+
+
+def test_a_replayed_range_gives_the_bars_of_its_stored_ticks(engine: Engine, kafka_bootstrap: str, redis_url: str,
+                                                              topic_prefix: str) -> None:  # fmt: skip
+    trades = stored_trades(engine)
+    store = ReplaySessionStore(engine)
+    session = store.create(instruments=[BTC, ETH], start_ns=START_S * NS_PER_S, end_ns=END_S * NS_PER_S, speed=120.0,
+                           lateness_ns=LATENESS_NS, max_active=8, wall_ns=time.time_ns())  # fmt: skip
+    bus = KafkaBus(kafka_bootstrap)
+    client = redis.Redis.from_url(redis_url)
+    bars_reader = Reader(bus, replay_topic(topic_prefix, session.id, "bars"))
+    daemon = ReplayBars(bus, engine, ReplayBarCache(client), prefix=topic_prefix)
+    try:
+        with running(Replayer(bus, engine, prefix=topic_prefix)), running(daemon):
+            store.act(session.id, "start", wall_ns=time.time_ns())
+            # Forming bars move with the replay clock while it runs.
+            seen = eventually(lambda: read_replay_bars(client, session.id, ETH, Interval.M1, START_S, END_S)[1],
+                              timeout=30, what="a forming ETH bar")  # fmt: skip
+            assert START_S <= seen.start < END_S and seen.source == "replay"
+            eventually(lambda: store.get(session.id).state == SessionState.FINISHED, what="finished")
+            for inst in (BTC, ETH):
+                want = expected_bars(trades, inst, START_S, END_S)
+                eventually(lambda inst=inst, want=want: read_replay_bars(
+                    client, session.id, inst, Interval.M1, START_S, END_S)[0] == want, timeout=30,
+                    what=f"the session bars of {inst}")  # fmt: skip
+            published = bars_reader.until(len(expected_bars(trades, BTC, START_S, END_S))
+                                          + len(expected_bars(trades, ETH, START_S, END_S)))  # fmt: skip
+        latest = {(b.instrument, b.start): b for b in published}
+        for inst in (BTC, ETH):
+            assert [latest[k] for k in sorted(latest) if k[0] == inst] == expected_bars(trades, inst, START_S, END_S)
+        # Coarser bars are derived exactly from the session's minutes.
+        # The 00:05 bucket is still forming: the replay's clock stopped at 00:07:02.
+        five, forming = read_replay_bars(client, session.id, BTC, Interval.M5, START_S, END_S)
+        minutes = expected_bars(trades, BTC, START_S, END_S)
+        assert [b.start for b in five] == [1_582_329_600] and forming is not None and forming.start == 1_582_329_900
+        assert (five[0].trades, forming.trades) == (sum(m.trades for m in minutes if m.start < 1_582_329_900),
+                                                    sum(m.trades for m in minutes if m.start >= 1_582_329_900))
+        assert five[0].open == minutes[0].open and forming.close == minutes[-1].close
+        # Never the live table.
+        from sqlalchemy import text
+
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM bars")).scalar_one() == 0
+    finally:
+        client.close()
+        bus.close()
