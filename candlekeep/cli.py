@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         "stream", help="run a streaming daemon: producer, aggregator, coordinator, dynamic, or all of them",
         add_help=False,
     )  # fmt: skip
-    stream.add_argument("daemon", choices=("producer", "aggregator", "coordinator", "dynamic", "replayer", "all"))
+    stream.add_argument("daemon", choices=("producer", "aggregator", "coordinator", "dynamic", "replayer", "replay-bars", "all"))
     stream.add_argument("options", nargs=argparse.REMAINDER, help="the daemon's own options (--help lists them)")
     stream.set_defaults(run=cmd_stream)
 

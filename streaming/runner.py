@@ -51,14 +51,15 @@ from candlekeep.messages import CONTROL, ControlCommand, encode_control
 from candlekeep.messages import topic as topic_name
 from candlekeep.settings import Settings
 from streaming import aggregator, coordinator, dynamic, producer
-from streaming import replayer  # replay sessions (issue 9)
+from streaming import replay_bars, replayer  # replay sessions (issue 9)
 from candlekeep.bus import Bus, InProcessBus, make_bus
 from streaming.health import HealthServer
 
 log = logging.getLogger(__name__)
 
-DAEMONS = ("producer", "aggregator", "coordinator", "dynamic", "replayer")
-DEFAULT_PORTS = {"producer": 9101, "aggregator": 9102, "coordinator": 9103, "dynamic": 9104, "replayer": 9105}
+DAEMONS = ("producer", "aggregator", "coordinator", "dynamic", "replayer", "replay-bars")
+DEFAULT_PORTS = {"producer": 9101, "aggregator": 9102, "coordinator": 9103, "dynamic": 9104, "replayer": 9105,
+                 "replay-bars": 9106}
 
 
 class TrackFailed(RuntimeError):
@@ -84,6 +85,8 @@ def run_daemon(name: str, settings: Settings, argv: Sequence[str]) -> int:
         return coordinator.main(argv, settings)
     if name == "replayer":
         return replayer.main(argv, settings)
+    if name == "replay-bars":
+        return replay_bars.main(argv, settings)
     return dynamic.main(argv, settings)
 
 
@@ -169,20 +172,21 @@ class Embedded:
         self.coordinator = coordinator.build(settings, self.bus, self.engine, announce=True)
         self.dynamic = dynamic.build(settings, self.bus, self.engine)
         self.replayer = replayer.build(settings, self.bus, self.engine)
+        self.replay_bars = replay_bars.build(settings, self.bus, self.engine)
         self.servers: dict[str, HealthServer] = {}
         self.clean: dict[str, bool] = {}  # after run(): how each daemon stopped
 
     @property
     def daemons(self) -> dict[str, Any]:
         return {"producer": self.producer, "aggregator": self.aggregator, "coordinator": self.coordinator,
-                "dynamic": self.dynamic, "replayer": self.replayer}  # fmt: skip
+                "dynamic": self.dynamic, "replayer": self.replayer, "replay-bars": self.replay_bars}  # fmt: skip
 
     def run(self, stop: threading.Event, *, ready: Callable[[Embedded], object] | None = None) -> int:
         for name, daemon in self.daemons.items():
             if (port := self.ports[name]) >= 0:
                 self.servers[name] = HealthServer(daemon.registry, daemon.health, host=self.host, port=port).start()
                 log.info("%s /health and /metrics on %s", name, self.servers[name].url)
-        events = {name: threading.Event() for name in ("aggregator", "coordinator", "dynamic", "replayer")}
+        events = {name: threading.Event() for name in ("aggregator", "coordinator", "dynamic", "replayer", "replay-bars")}
         threads = [
             _Thread("producer", threading.Thread(target=self.producer.run, name="producer"), self.producer.stop),
             *(_Thread(name, threading.Thread(target=self.daemons[name].run, args=(events[name],), name=name),
@@ -214,6 +218,8 @@ class Embedded:
         try:
             self._stop(threads["replayer"])  # it checkpoints its sessions: a restart continues them
             self.clean["replayer"] = not threads["replayer"].thread.is_alive()
+            self._stop(threads["replay-bars"])  # rebuilt from the replay logs at the next start
+            self.clean["replay-bars"] = not threads["replay-bars"].thread.is_alive()
             self._stop(threads["producer"])
             producer_thread = threads["producer"].thread
             self.clean["producer"] = not producer_thread.is_alive() and self.producer.health()["buffered"] == 0

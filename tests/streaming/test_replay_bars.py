@@ -66,6 +66,33 @@ def test_a_replayed_range_gives_the_bars_of_its_stored_ticks(engine: Engine, kaf
         assert (five[0].trades, forming.trades) == (sum(m.trades for m in minutes if m.start < 1_582_329_900),
                                                     sum(m.trades for m in minutes if m.start >= 1_582_329_900))
         assert five[0].open == minutes[0].open and forming.close == minutes[-1].close
+        # The same bars through the live door, under the replay symbol.
+        from fastapi.testclient import TestClient
+
+        from api.main import create_app
+        from candlekeep.bars import decimal_str
+        from candlekeep.settings import Settings
+
+        settings = Settings(database_url=str(engine.url.render_as_string(hide_password=False)).replace(
+            "postgresql+psycopg", "postgresql"), redis_url=redis_url, api_rate_limit_per_minute=0)  # fmt: skip
+        with TestClient(create_app(settings)) as api:
+            symbol = f"replay:{session.id}:{ETH}"
+            answer = api.get("/v1/ohlcv", params={"instrument": symbol, "interval": "1m", "start": START_S,
+                                                  "end": END_S})  # fmt: skip
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            want = expected_bars(trades, ETH, START_S, END_S)
+            got = [b for b in body["bars"] if b["final"] is False and b["time"] < END_S]
+            assert body["instrument"] == symbol and body["session"]["state"] == "finished"
+            assert [(b["time"], b["open"], b["high"], b["low"], b["close"], b["volume"], b["trades"]) for b in got] == [
+                (w.start, decimal_str(w.open), decimal_str(w.high), decimal_str(w.low), decimal_str(w.close),
+                 decimal_str(w.volume), w.trades) for w in want]  # fmt: skip
+            # Before ETH's first trade (00:01:40) there is no bar: a gap, as live.
+            assert body["gaps"] == [] or body["gaps"][0]["start"] == START_S
+            assert api.get("/v1/ohlcv", params={"instrument": "replay:abcdef123456:binance:ETH-USDT", "interval": "1m",
+                                                "start": START_S, "end": END_S}).status_code == 404  # fmt: skip
+            assert api.get("/v1/ohlcv", params={"instrument": f"replay:{session.id}:coinbase:SOL-USD", "interval": "1m",
+                                                "start": START_S, "end": END_S}).status_code == 404  # fmt: skip
         # Never the live table.
         from sqlalchemy import text
 
