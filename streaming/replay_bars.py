@@ -70,7 +70,7 @@ class ReplayBars:
         self.store = ReplaySessionStore(engine)
         self.refresh_s, self.max_records = refresh_s, max_records
         self.registry = registry or CollectorRegistry()
-        self.state = StateMachine("replay_bars", TRANSITIONS, initial="idle", registry=self.registry)
+        self.state = StateMachine("replay-bars", TRANSITIONS, initial="idle", registry=self.registry)
         self.followers: dict[str, _Follower] = {}
         self._producer: BusProducer | None = None
         self._next_refresh = 0.0
