@@ -16,7 +16,7 @@
 4. Flat memory: `--big` ticks stored (the first set plus more, later in time), a fresh replayer
    process plays a session over all of them; target VmHWM(big) <= 1.25 x VmHWM(1M) + 20 MB.
 5. Pacing: one instrument, 60 simulated seconds at speed 10; drift = CreateTime - due time by the
-   session's clock anchor. Target p99 |drift| <= 100 ms (the tests' bound).
+   session's clock anchor. Targets (the tests' bounds): median drift <= 20 ms, p99 |drift| <= 250 ms.
 
 Services: Kafka `CANDLEKEEP_KAFKA_BOOTSTRAP_SERVERS` or a broker from testinfra/kafka; PostgreSQL
 `CANDLEKEEP_BENCH_PG_URL` (admin URL; a scratch database is created and dropped) or an embedded one.
@@ -245,9 +245,9 @@ def main() -> int:
         worst = sorted(abs(d) for d in drift)
         p99 = worst[int(0.99 * (len(worst) - 1))]
         print(f"pacing at speed 10: {len(paced):,} records, drift p50 {drift[len(drift) // 2]:.1f} ms, "
-              f"p99 |drift| {p99:.1f} ms, max {worst[-1]:.1f} ms (target p99 <= 100 ms)")  # fmt: skip
-        if p99 > 100:
-            misses.append(f"pacing p99 {p99:.1f} ms > 100 ms")
+              f"p99 |drift| {p99:.1f} ms, max {worst[-1]:.1f} ms (targets: median <= 20 ms, p99 <= 250 ms)")  # fmt: skip
+        if p99 > 250 or drift[len(drift) // 2] > 20:
+            misses.append(f"pacing median {drift[len(drift) // 2]:.1f} ms / p99 {p99:.1f} ms")
     finally:
         engine.dispose()
         with psycopg.connect(admin, autocommit=True) as conn:

@@ -13,7 +13,8 @@ Each session's topics have one partition, so the topic holds the session's merge
 order (key = instrument id, as on `ticks`). Records: trades with their original `ts_ns`, a
 heartbeat per instrument every whole second outside recorded outages, a disconnect where an outage
 starts, the closing heartbeat at `end + lateness`, all with `source: "replay"`; bars of bars-only
-instruments on `.bars`.
+instruments on `.bars`. A seek ahead publishes a disconnect per instrument at the seek time first
+(reason `SEEK`): the log skips a span, and the bars built from it must not fill it with flat bars.
 
 Durability: every `checkpoint_s` (1 s; and at a pause, stop, seek or the end) the producer is flushed,
 and only once every record is acknowledged is the position of the last one written to the row. A
@@ -34,6 +35,7 @@ State (one block):
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import threading
 import time
@@ -74,6 +76,7 @@ TRANSITIONS = {
     "replaying": {"idle", "error"},
     "error": {"idle", "replaying"},
 }
+SEEK = "seek: the replay skipped ahead"  # the reason of the disconnects a forward seek publishes
 DRIFT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 
@@ -126,6 +129,7 @@ class Replayer:
         self._retry_at: dict[str, int] = {}
         self._prepared: dict[str, _Run] = {}
         self._next_read = 0.0  # monotonic time of the next read of the sessions
+        self._sent_upto: dict[str, int] = {}  # session -> time of the last record published (this run)
         self._ensured: set[str] = set()
         self.last_error: str | None = None
         self.ready = threading.Event()  # set after the first step (recovery done, sessions read)
@@ -184,9 +188,14 @@ class Replayer:
         rows = {row.id: row for row in self.store.list(states=[SessionState.CREATED, SessionState.RUNNING,
                                                                SessionState.PAUSED, SessionState.ERROR])}  # fmt: skip
         now = self.clock()
+        dropped = set()
+        for session_id in list(self.runs):
+            row = rows.get(session_id)
+            if row is None or row.state != SessionState.RUNNING or row.seek_epoch != self.runs[session_id].row.seek_epoch:
+                dropped.add(session_id)  # its row is about to change (checkpoint): prepare it next time
         for row in rows.values():  # topics and first pages before the start: the first records leave on time
             self._ensure(row)
-            if row.state in (SessionState.CREATED, SessionState.PAUSED) and row.id not in self._prepared:
+            if row.state in (SessionState.CREATED, SessionState.PAUSED) and row.id not in self._prepared and row.id not in dropped:
                 self._prepared[row.id] = self._open(row, now)
         for session_id in list(self.runs):  # paused, stopped or sought: checkpoint, then drop or reopen
             run, row = self.runs[session_id], rows.get(session_id)
@@ -239,6 +248,12 @@ class Replayer:
     def _open(self, row: SessionRow, now: int) -> _Run:
         ticks_topic, bars_topic = self._ensure(row)
         items = self._items(row, row.position)
+        position = row.position
+        if position.rank == -1 and position.ts_ns > self._sent_upto.get(row.id, row.start_ns):
+            # Sought ahead: the log skips a span, so it says so, as a feed that lost time would (no
+            # flat bars are built across the skip). Not counted as progress (Position.before stays).
+            marks = [Item(position.ts_ns, i, DISCONNECT, SEEK) for i in sorted(row.tick_instruments)]
+            items = itertools.chain(marks, items)
         assert self._producer is not None
         log.info("replay %s: streaming %s from %d at speed %s", row.id, ",".join(row.instruments), row.position.ts_ns,
                  "max" if row.speed is None else row.speed, extra={"session": row.id})  # fmt: skip
@@ -311,14 +326,17 @@ class Replayer:
                     del run.drift_s[:5_000]
                 run.drift_s.append(drift)
             sent += 1
-            last = item
+            if item.data is not SEEK:
+                last = item
             item = next(items, None)
         run.head = item
-        if last is not None:
-            run.messages += sent
-            run.trades += trades
-            run.last = Position.of(last)
+        run.messages += sent
+        run.trades += trades
+        if sent:
             producer.poll(0)
+        if last is not None:
+            run.last = Position.of(last)
+            self._sent_upto[run.row.id] = last.ts_ns
             if not paced:
                 run.clock = run.clock.sent(last.ts_ns)
         if item is None or not paced:

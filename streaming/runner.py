@@ -216,10 +216,6 @@ class Embedded:
     def _shutdown(self, threads: dict[str, _Thread]) -> None:
         log.info("embedded streaming stopping")
         try:
-            self._stop(threads["replayer"])  # it checkpoints its sessions: a restart continues them
-            self.clean["replayer"] = not threads["replayer"].thread.is_alive()
-            self._stop(threads["replay-bars"])  # rebuilt from the replay logs at the next start
-            self.clean["replay-bars"] = not threads["replay-bars"].thread.is_alive()
             self._stop(threads["producer"])
             producer_thread = threads["producer"].thread
             self.clean["producer"] = not producer_thread.is_alive() and self.producer.health()["buffered"] == 0
@@ -232,6 +228,10 @@ class Embedded:
                 after = self.daemons[name].health()
                 self.clean[name] = drained and not threads[name].thread.is_alive() and all(
                     after[k] == 0 for k in keys if k != "lag")  # fmt: skip
+            self._stop(threads["replayer"])  # it checkpoints its sessions: a restart continues them
+            self.clean["replayer"] = not threads["replayer"].thread.is_alive()
+            self._stop(threads["replay-bars"])  # rebuilt from the replay logs at the next start
+            self.clean["replay-bars"] = not threads["replay-bars"].thread.is_alive()
         finally:
             for server in self.servers.values():
                 server.stop()

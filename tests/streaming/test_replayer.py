@@ -13,7 +13,8 @@ from candlekeep.bars import NS_PER_S
 from candlekeep.bus import KafkaBus
 from candlekeep.replay import SessionState
 from candlekeep.storage.replay_sessions import ReplaySessionStore
-from streaming.replayer import Replayer
+from candlekeep.bars import Disconnect
+from streaming.replayer import SEEK, Replayer
 from tests.utils.replay import BTC, ETH, LATENESS_NS, Reader, expected_records, running, stored_trades, ticks_topic
 from tests.utils.wait import eventually
 
@@ -70,10 +71,12 @@ def p99(values: list[float]) -> float:
     return ordered[int(0.99 * (len(ordered) - 1))]
 
 
-# p99 of |publish time - due time|. Typically under 15 ms; the bound leaves room for a loaded CI box
-# (2 cores shared by many processes stall a thread for 100+ ms now and then). CreateTime has 1 ms
-# resolution. Early is never allowed (> 2 ms early fails).
-DRIFT_BOUND_MS = 100.0
+# Pacing, as publish time (Kafka CreateTime, 1 ms resolution) minus due time by the session clock:
+# never early (> 2 ms early fails); median within 20 ms (steady state: a wrong speed or a lag that
+# builds up fails it); p99 of |drift| within 250 ms, room for a loaded 2-core CI box whose threads
+# stall for 100+ ms now and then (unloaded, p99 is under 15 ms; bench/replay.py prints it).
+DRIFT_BOUND_MS = 250.0
+MEDIAN_BOUND_MS = 20.0
 
 
 @pytest.mark.parametrize("speed, span_s", [(1, 8), (10, 60), (60, 200)])
@@ -91,6 +94,7 @@ def test_pacing_follows_the_replay_clock(engine: Engine, kafka, topic_prefix: st
     drift = drifts_ms(list(zip(reader.records, got)), started, speed)
     assert min(drift) > -2.0, f"a record was published {-min(drift):.1f} ms before it was due"
     assert p99(drift) <= DRIFT_BOUND_MS, f"p99 pacing drift {p99(drift):.1f} ms at speed {speed}"
+    assert sorted(drift)[len(drift) // 2] <= MEDIAN_BOUND_MS, f"median drift {sorted(drift)[len(drift) // 2]:.1f} ms"
     wall_s = (reader.records[-1].timestamp_ms - started.clock.wall_ns / 1e6) / 1e3
     assert wall_s == pytest.approx((end + LATENESS_NS - start) / NS_PER_S / speed, abs=0.25)
 
@@ -122,7 +126,8 @@ def test_pause_stops_output_within_one_batch_and_resume_continues_at_the_same_cl
     assert reader.quiet() == len(expected)
     assert got == expected  # no duplicate, no gap across the pause
     later = [(r, d) for r, d in zip(reader.records[at_pause:], got[at_pause:]) if d.ts_ns >= held]
-    assert later and p99(drifts_ms(later, resumed, 10.0)) <= DRIFT_BOUND_MS  # paced from the held clock
+    after_resume = drifts_ms(later, resumed, 10.0)  # paced from the held clock
+    assert later and p99(after_resume) <= DRIFT_BOUND_MS and sorted(after_resume)[len(later) // 2] <= MEDIAN_BOUND_MS
 
 
 def test_seek_back_and_forward_continues_with_exactly_the_messages_from_the_seek_time(
@@ -155,7 +160,8 @@ def test_seek_back_and_forward_continues_with_exactly_the_messages_from_the_seek
     from_back = [r for r in expected if r.ts_ns >= back]
     from_forward = [r for r in expected if r.ts_ns >= forward]
     assert got[n0:n1] == from_back[: n1 - n0]
-    assert got[n1:] == from_forward
+    # Ahead, the log first says it skipped a span (a disconnect per instrument), then goes on exactly.
+    assert got[n1:] == [Disconnect(ETH, forward, "replay", SEEK)] + from_forward
     assert store.get(session.id).trades_sent == sum(1 for r in from_forward if hasattr(r, "price")) + sum(
         1 for r in expected if hasattr(r, "price") and r.ts_ns < forward)  # fmt: skip
 
