@@ -62,3 +62,72 @@ def replay_ohlcv(request: Request, *, instrument: str, interval: str, start: str
     body["instrument"] = f"replay:{session}:{inner}"
     body["session"] = {"id": session, "state": str(row.state), "clock_ns": row.clock_at(time.time_ns())}
     return Response(msgspec.json.encode(body), media_type="application/json")
+
+
+# --- TradingView UDF: `replay:<id>:<instrument>` symbols ------------------------------------------
+
+
+def _session_instrument(request: Request, symbol: str):
+    """(session row, instrument, cache) for a replay symbol this API can serve, else None."""
+    parsed = parse_replay_symbol(symbol)
+    cache = getattr(request.app.state, "cache", None)
+    if parsed is None or cache is None:
+        return None
+    session, inner = parsed
+    try:
+        row = ReplaySessionStore(request.app.state.engine).get(session)
+    except SessionNotFound:
+        return None
+    return (row, inner, cache) if inner in row.instruments else None
+
+
+def replay_udf_symbol(request: Request, symbol: str) -> dict | None:
+    """The UDF symbol info of a replay symbol (None: not one, or unknown), fields as the live one."""
+    if parse_replay_symbol(symbol) is None:
+        return None
+    found = _session_instrument(request, symbol)
+    if found is None:
+        return {"s": "error", "errmsg": "unknown_symbol"}
+    row, inner, cache = found
+    from candlekeep import udf
+    from candlekeep.bars import Interval
+
+    bars, _ = read_replay_bars(cache.client, row.id, inner, Interval.M1, row.start_ns // NS_PER_S,
+                               -(-row.end_ns // NS_PER_S))  # fmt: skip
+    pricescale, volume_precision = udf.precision(bars[-500:])
+    base_quote = inner.split(":", 1)[1]
+    return {"name": f"{base_quote} replay {row.id}", "ticker": symbol, "full_name": symbol,
+            "description": f"{base_quote} on {inner.split(':')[0]}, replayed (session {row.id})", "type": "crypto",
+            "session": "24x7", "timezone": "Etc/UTC", "exchange": "replay", "listed_exchange": "replay", "minmov": 1,
+            "pricescale": pricescale, "has_intraday": True, "has_daily": True, "has_weekly_and_monthly": False,
+            "supported_resolutions": udf.SUPPORTED_RESOLUTIONS, "volume_precision": volume_precision,
+            "data_status": "streaming" if str(row.state) == "running" else "endofday"}  # fmt: skip
+
+
+def replay_udf_history(request: Request, *, symbol: str, resolution: str, start: int, end: int,
+                       countback: int | None) -> dict | None:  # fmt: skip
+    """UDF history arrays of a replay symbol's session bars (None: not a replay symbol)."""
+    if parse_replay_symbol(symbol) is None:
+        return None
+    found = _session_instrument(request, symbol)
+    if found is None:
+        return {"s": "error", "errmsg": "unknown_symbol"}
+    row, inner, cache = found
+    from candlekeep import udf
+
+    try:
+        interval = udf.parse_resolution(resolution)
+    except udf.UdfError as exc:
+        return {"s": "error", "errmsg": str(exc)}
+    if countback is not None:
+        start = min(start, end - countback * interval.seconds)
+    closed, forming = read_replay_bars(cache.client, row.id, inner, interval, start, end)
+    bars = [b for b in closed + ([forming] if forming is not None else []) if start <= b.start < end]
+    if countback is not None:
+        bars = bars[-countback:]
+    if not bars:
+        return {"s": "no_data"}
+    # float() here only: the UDF protocol carries JSON numbers, not decimal strings.
+    return {"s": "ok", "t": [b.start for b in bars], "o": [float(b.open) for b in bars],
+            "h": [float(b.high) for b in bars], "l": [float(b.low) for b in bars],
+            "c": [float(b.close) for b in bars], "v": [float(b.volume) for b in bars]}  # fmt: skip

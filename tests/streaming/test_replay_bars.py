@@ -89,6 +89,15 @@ def test_a_replayed_range_gives_the_bars_of_its_stored_ticks(engine: Engine, kaf
                  decimal_str(w.volume), w.trades) for w in want]  # fmt: skip
             # Before ETH's first trade (00:01:40) there is no bar: a gap, as live.
             assert body["gaps"] == [] or body["gaps"][0]["start"] == START_S
+            # And as a TradingView UDF symbol.
+            info = api.get("/udf/symbols", params={"symbol": symbol}).json()
+            assert info["ticker"] == symbol and info["exchange"] == "replay" and info["pricescale"] >= 10
+            udf = api.get("/udf/history", params={"symbol": symbol, "resolution": "1", "from": START_S,
+                                                  "to": END_S}).json()  # fmt: skip
+            assert udf["s"] == "ok" and udf["t"][: len(want)] == [w.start for w in want]
+            assert udf["c"][: len(want)] == [float(w.close) for w in want]
+            assert api.get("/udf/symbols", params={"symbol": "replay:abcdef123456:binance:ETH-USDT"}).json() == {
+                "s": "error", "errmsg": "unknown_symbol"}
             assert api.get("/v1/ohlcv", params={"instrument": "replay:abcdef123456:binance:ETH-USDT", "interval": "1m",
                                                 "start": START_S, "end": END_S}).status_code == 404  # fmt: skip
             assert api.get("/v1/ohlcv", params={"instrument": f"replay:{session.id}:coinbase:SOL-USD", "interval": "1m",
