@@ -131,3 +131,76 @@ def replay_udf_history(request: Request, *, symbol: str, resolution: str, start:
     return {"s": "ok", "t": [b.start for b in bars], "o": [float(b.open) for b in bars],
             "h": [float(b.high) for b in bars], "l": [float(b.low) for b in bars],
             "c": [float(b.close) for b in bars], "v": [float(b.volume) for b in bars]}  # fmt: skip
+
+
+# --- WS /v1/stream?instrument=replay:<id>:<instrument> --------------------------------------------
+
+
+async def replay_stream(websocket, symbol: str, interval_text: str) -> None:
+    """The live stream protocol for a session: subscribe to its updates channel first, then the
+    snapshot of the session's bars so far, then every update (forming bars as the replay clock
+    moves them, closes, revisions), each bar once (candlekeep.live_feed.Seam)."""
+    import contextlib
+
+    import redis.asyncio as aioredis
+    from starlette.concurrency import run_in_threadpool
+    from starlette.websockets import WebSocketDisconnect
+
+    from candlekeep.bars import Interval
+    from candlekeep.live_feed import Seam
+    from candlekeep.messages import MessageError, decode_bar, encode_bar
+    from candlekeep.replay_bars import updates_channel
+
+    found = _session_instrument(websocket, symbol)
+    try:
+        interval = Interval.parse(interval_text)
+    except ValueError as exc:
+        await websocket.close(code=1008, reason=str(exc)[:120])
+        return
+    if found is None:
+        await websocket.close(code=1008, reason="unknown replay session or instrument (or no Redis)")
+        return
+    row, inner, cache = found
+    client = aioredis.Redis.from_url(websocket.app.state.settings.redis_url, socket_connect_timeout=1)
+    pubsub = client.pubsub()
+    seam = Seam()
+
+    async def offer(bar) -> int:
+        if not seam.offer(bar):
+            return 0
+        await websocket.send_text('{"type":"bar","bar":' + encode_bar(bar).decode() + "}")
+        return 1
+
+    async def read(lo: int, hi: int) -> list:
+        closed, forming = await run_in_threadpool(read_replay_bars, cache.client, row.id, inner, interval, lo, hi)
+        return closed + ([forming] if forming is not None else [])
+
+    try:
+        await pubsub.subscribe(updates_channel(row.id, inner, "1m"))
+        while (msg := await pubsub.get_message(timeout=5)) is None or msg["type"] != "subscribe":
+            pass
+        lo, hi = row.start_ns // NS_PER_S, -(-row.end_ns // NS_PER_S) + interval.seconds
+        sent = 0
+        for bar in await read(lo, hi):
+            sent += await offer(bar)
+        await websocket.send_json({"type": "live", "mode": "redis", "snapshot": sent, "session": row.id})
+        while True:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            if msg is None or msg["type"] != "message":
+                continue
+            try:
+                bar = decode_bar(msg["data"])
+            except MessageError:
+                continue
+            if interval is Interval.M1:
+                await offer(bar)
+            else:
+                start = interval.floor(bar.start)
+                for coarse in await read(start, start + interval.seconds):
+                    await offer(coarse)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()
+            await client.aclose()

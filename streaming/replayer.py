@@ -169,9 +169,6 @@ class Replayer:
             if self._producer is not None and (left := self._producer.flush(self.delivery_timeout_s)):
                 log.error("replayer stopped with %d records unacknowledged (their sessions repeat them)", left)
 
-    def stop(self) -> None:  # for symmetry with the producer; run() takes the stop event
-        pass
-
     def _recover(self) -> None:
         """Startup is recovery: each running session continues from its durable position."""
         now = self.clock()

@@ -110,3 +110,41 @@ def test_a_replayed_range_gives_the_bars_of_its_stored_ticks(engine: Engine, kaf
     finally:
         client.close()
         bus.close()
+
+
+def test_a_websocket_client_sees_the_forming_bar_move_at_the_replay_speed(
+        engine: Engine, kafka_bootstrap: str, redis_url: str, topic_prefix: str) -> None:  # fmt: skip
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from candlekeep.settings import Settings
+
+    stored_trades(engine)
+    store = ReplaySessionStore(engine)
+    start_s = 1_582_329_720  # 00:02, inside ETH's recording (00:01:40 .. 00:05:07)
+    session = store.create(instruments=[ETH], start_ns=start_s * NS_PER_S, end_ns=(start_s + 180) * NS_PER_S,
+                           speed=30.0, lateness_ns=LATENESS_NS, max_active=8, wall_ns=time.time_ns())  # fmt: skip
+    bus = KafkaBus(kafka_bootstrap)
+    client = redis.Redis.from_url(redis_url)
+    url = engine.url.render_as_string(hide_password=False).replace("postgresql+psycopg", "postgresql")
+    settings = Settings(database_url=url, redis_url=redis_url, api_rate_limit_per_minute=0)
+    first_seen: dict[int, float] = {}
+    try:
+        with running(Replayer(bus, engine, prefix=topic_prefix)), \
+                running(ReplayBars(bus, engine, ReplayBarCache(client), prefix=topic_prefix)), \
+                TestClient(create_app(settings)) as api, \
+                api.websocket_connect(f"/v1/stream?instrument=replay:{session.id}:{ETH}&interval=1m") as ws:  # fmt: skip
+            assert ws.receive_json()["type"] == "live"
+            store.act(session.id, "start", wall_ns=time.time_ns())
+            while len(first_seen) < 4:
+                msg = ws.receive_json()
+                assert msg["type"] == "bar" and msg["bar"]["instrument"] == ETH and msg["bar"]["source"] == "replay"
+                first_seen.setdefault(msg["bar"]["start"], time.monotonic())
+    finally:
+        client.close()
+        bus.close()
+    starts = sorted(first_seen)
+    assert starts == [start_s, start_s + 60, start_s + 120, start_s + 180][: len(starts)]
+    # A simulated minute is 2 s of wall time at speed 30: the next minute's bar shows up 2 s later.
+    gaps = [first_seen[b] - first_seen[a] for a, b in zip(starts[1:], starts[2:])]
+    assert all(1.5 <= g <= 2.6 for g in gaps), gaps
