@@ -4,7 +4,9 @@ candlekeep.replay itself."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from dataclasses import replace
 
 import pytest
 from sqlalchemy import Engine
@@ -236,7 +238,7 @@ def test_an_instrument_with_only_bars_replays_them_on_the_bars_topic(engine: Eng
     assert got_bars == [replace(b, source="replay") for b in stored]
 
 
-def test_kill_9_mid_session_then_restart_misses_nothing(engine: Engine, kafka, kafka_bootstrap: str,
+def test_kill_9_mid_session_then_restart_misses_nothing(engine: Engine, kafka, kafka_bootstrap: str, redis_url: str,
                                                         database_url: str, topic_prefix: str, tmp_path) -> None:  # fmt: skip
     import os
     import signal
@@ -259,6 +261,16 @@ def test_kill_9_mid_session_then_restart_misses_nothing(engine: Engine, kafka, k
                                     stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
 
     reader = Reader(kafka, ticks_topic(topic_prefix, session.id))
+    import redis
+
+    from candlekeep.bars import Interval
+    from candlekeep.replay_bars import ReplayBarCache, read_replay_bars
+    from streaming.replay_bars import ReplayBars
+    from tests.utils.trades import reference
+
+    client = redis.Redis.from_url(redis_url)
+    daemons = contextlib.ExitStack()  # the session bars are built all along, across the kills
+    daemons.enter_context(running(ReplayBars(kafka, engine, ReplayBarCache(client), prefix=topic_prefix)))
     proc = launch()
     try:
         store.act(session.id, "start", wall_ns=time.time_ns())
@@ -275,9 +287,18 @@ def test_kill_9_mid_session_then_restart_misses_nothing(engine: Engine, kafka, k
         reader.quiet()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+        # The session's bars, built from the log with its repeats, are those of the stored ticks.
+        lo, hi = start // NS_PER_S, end // NS_PER_S
+        for inst in (BTC, ETH):
+            want = [replace(b, source="replay") for b in reference(
+                [t for t in trades[inst] if start <= t.ts_ns < end], lo, hi)]  # fmt: skip
+            eventually(lambda inst=inst, want=want: read_replay_bars(client, session.id, inst, Interval.M1, lo, hi)[0]
+                       == want, timeout=60, what=f"the session bars of {inst}")  # fmt: skip
     finally:
         if proc.poll() is None:
             proc.kill()
+        daemons.close()
+        client.close()
     got = reader.decoded()
     first_seen = list(dict.fromkeys(got))  # the records are values: repeats collapse, first order kept
     assert first_seen == expected  # nothing missing, nothing out of order
