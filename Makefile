@@ -40,6 +40,7 @@ test: venv system-deps kafka-jars web chromium
 bench: venv kafka-jars
 	$(BIN)/python bench/backfill.py
 	$(BIN)/python bench/stream.py
+	$(BIN)/python bench/replay.py
 
 clean:
 	rm -rf $(VENV) .candlekeep .pytest_cache web/node_modules web/dist

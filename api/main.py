@@ -23,6 +23,7 @@ from api.metrics import install_metrics
 from api.routes import health, ohlcv, stream, udf
 from api.routes import book
 from api.routes import instruments as instruments_routes
+from api.routes import replays
 from api.routes import status as status_routes
 from api.security import install_security
 from api.web import install_web
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None, *, bus: Bus | None = None) -> F
     install_database_errors(app)  # PostgreSQL down: JSON 503 + Retry-After, not a 500 and a traceback
     for router in (health.router, ohlcv.router, ohlcv.seed_router, udf.router, stream.router):
         app.include_router(router)
+    app.include_router(replays.router)  # replay sessions (issue 9)
     app.include_router(book.router)  # order books (issue 11)
     app.include_router(instruments_routes.router)  # GET /v1/instruments, DELETE /v1/instruments/{id}
     # --- web dashboard (issue 12): the health panel's /v1/status, then `/` and the offline docs

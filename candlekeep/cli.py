@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
         "stream", help="run a streaming daemon: producer, aggregator, coordinator, dynamic, or all of them",
         add_help=False,
     )  # fmt: skip
-    stream.add_argument("daemon", choices=("producer", "aggregator", "coordinator", "dynamic", "books", "all"))
+    stream.add_argument("daemon", choices=("producer", "aggregator", "coordinator", "dynamic", "replayer", "replay-bars",
+                                           "books", "all"))  # fmt: skip
     stream.add_argument("options", nargs=argparse.REMAINDER, help="the daemon's own options (--help lists them)")
     stream.set_defaults(run=cmd_stream)
 
@@ -95,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                                                   "its stored bars stay")  # fmt: skip
     untrack.add_argument("instrument", help="e.g. coinbase:BTC-USD (or BTC-USD for the default venue)")
     untrack.set_defaults(run=cmd_untrack)
+    _replay_parser(commands)
     return parser
 
 
@@ -519,3 +521,144 @@ def cmd_feeds_capture(args: argparse.Namespace, settings: Settings) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# --- replay sessions (issue 9) -----------------------------------------------------------------------
+# The same rows the API's /v1/replays steers (candlekeep.storage.replay_sessions); a running
+# `candlekeep stream replayer` (or `stream all`) publishes them.
+
+REPLAY_VERBS = ("start", "pause", "resume", "stop")
+
+
+def _replay_parser(commands: argparse._SubParsersAction) -> None:
+    replay = commands.add_parser("replay", help="replay sessions: create, start, pause, resume, seek, stop, status, list")
+    verbs = replay.add_subparsers(required=True, metavar="VERB")
+    create = verbs.add_parser("create", help="a session over stored history (state: created)")
+    create.add_argument("--instrument", action="append", required=True, help="repeat for several instruments")
+    create.add_argument("--start", required=True, help="unix seconds or ISO-8601, UTC")
+    create.add_argument("--end", required=True, help="exclusive; unix seconds or ISO-8601, UTC")
+    create.add_argument("--speed", default="1", help="simulated seconds per wall second, or max (default 1)")
+    create.set_defaults(run=cmd_replay_create)
+    for verb in REPLAY_VERBS:
+        cmd = verbs.add_parser(verb, help=f"{verb} a session")
+        cmd.add_argument("id")
+        cmd.set_defaults(run=cmd_replay_verb, verb=verb)
+    seek = verbs.add_parser("seek", help="continue from a time inside the range")
+    seek.add_argument("id")
+    seek.add_argument("time", help="unix seconds or ISO-8601, UTC")
+    seek.set_defaults(run=cmd_replay_seek)
+    speed = verbs.add_parser("speed", help="change the speed (also while running)")
+    speed.add_argument("id")
+    speed.add_argument("speed", help="a positive number, or max")
+    speed.set_defaults(run=cmd_replay_speed)
+    status = verbs.add_parser("status", help="one session; --follow shows a progress bar until it ends")
+    status.add_argument("id")
+    status.add_argument("--follow", action="store_true")
+    status.set_defaults(run=cmd_replay_status)
+    listing = verbs.add_parser("list", help="every session")
+    listing.set_defaults(run=cmd_replay_list)
+
+
+def _replay_store(settings: Settings):
+    from candlekeep.storage.db import create_engine
+    from candlekeep.storage.replay_sessions import ReplaySessionStore
+
+    return ReplaySessionStore(create_engine(_database(settings)))
+
+
+def _replay_call(fn, *args, **kw) -> int:
+    from candlekeep.replay import TransitionNotAllowed
+    from candlekeep.storage.replay_sessions import NoStoredData, SessionNotFound, TooManySessions
+
+    try:
+        row = fn(*args, **kw)
+    except (SessionNotFound, TransitionNotAllowed, TooManySessions, NoStoredData, ValueError) as exc:
+        print(f"candlekeep: {exc}", file=sys.stderr)
+        return 2
+    _print_session(row)
+    return 0
+
+
+def _print_session(row) -> None:
+    from candlekeep.replay import iso_ns, speed_text
+
+    now = time.time_ns()
+    print(f"{row.id}  {row.state}  {','.join(row.instruments)}  [{iso_ns(row.start_ns)}, {iso_ns(row.end_ns)})  "
+          f"speed {speed_text(row.speed)}  clock {iso_ns(row.clock_at(now))}  {row.percent:.1f}%  "
+          f"trades {row.trades_sent}/{row.trades_total}  {row.rate:.0f} msg/s"
+          + (f"  error: {row.error}" if row.error else ""))  # fmt: skip
+
+
+def cmd_replay_create(args: argparse.Namespace, settings: Settings) -> int:
+    from candlekeep.replay import parse_speed, parse_time_ns
+
+    try:
+        instruments = [resolve_instrument(i).id for i in args.instrument]
+        start, end = parse_time_ns(args.start, name="--start"), parse_time_ns(args.end, name="--end")
+        speed = parse_speed(args.speed)
+    except ValueError as exc:
+        print(f"candlekeep: {exc}", file=sys.stderr)
+        return 2
+    store = _replay_store(settings)
+    return _replay_call(store.create, instruments=instruments, start_ns=start, end_ns=end, speed=speed,
+                        lateness_ns=round(settings.replay_lateness_s * 1e9), max_active=settings.replay_max_sessions,
+                        wall_ns=time.time_ns())  # fmt: skip
+
+
+def cmd_replay_verb(args: argparse.Namespace, settings: Settings) -> int:
+    return _replay_call(_replay_store(settings).act, args.id, args.verb, wall_ns=time.time_ns())
+
+
+def cmd_replay_seek(args: argparse.Namespace, settings: Settings) -> int:
+    from candlekeep.replay import parse_time_ns
+
+    store = _replay_store(settings)
+    try:
+        at = parse_time_ns(args.time)
+    except ValueError as exc:
+        print(f"candlekeep: {exc}", file=sys.stderr)
+        return 2
+    return _replay_call(store.seek, args.id, at, wall_ns=time.time_ns())
+
+
+def cmd_replay_speed(args: argparse.Namespace, settings: Settings) -> int:
+    from candlekeep.replay import parse_speed
+
+    try:
+        speed = parse_speed(args.speed)
+    except ValueError as exc:
+        print(f"candlekeep: {exc}", file=sys.stderr)
+        return 2
+    return _replay_call(_replay_store(settings).set_speed, args.id, speed, wall_ns=time.time_ns())
+
+
+def cmd_replay_status(args: argparse.Namespace, settings: Settings) -> int:
+    store = _replay_store(settings)
+    if not args.follow:
+        return _replay_call(store.get, args.id)
+    from tqdm import tqdm
+
+    from candlekeep.replay import ACTIVE, iso_ns
+    from candlekeep.storage.replay_sessions import SessionNotFound
+
+    try:
+        row = store.get(args.id)
+    except SessionNotFound as exc:
+        print(f"candlekeep: {exc}", file=sys.stderr)
+        return 2
+    with tqdm(total=100.0, unit="%", desc=f"replay {row.id}", bar_format="{l_bar}{bar}| {n:.1f}% {postfix}") as bar:
+        while True:
+            row = store.get(args.id)
+            bar.n = row.percent
+            bar.set_postfix_str(f"{row.state} clock {iso_ns(row.clock_at(time.time_ns()))} {row.rate:.0f} msg/s")
+            if row.state not in ACTIVE:
+                break
+            time.sleep(0.5)
+    _print_session(row)
+    return 0
+
+
+def cmd_replay_list(args: argparse.Namespace, settings: Settings) -> int:
+    for row in _replay_store(settings).list():
+        _print_session(row)
+    return 0

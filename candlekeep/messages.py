@@ -151,6 +151,30 @@ def decode_tick(raw: bytes) -> Trade:
     return record
 
 
+# --- replay: stored trades straight to `ticks` bytes ----------------------------------------------
+# The replayer sends millions of stored trades. It reads their decimals as PostgreSQL's exact text
+# and writes the very bytes `encode_tick` writes for the same trade (received_ns null: not stored),
+# without building a Trade and a dict per record (tests/candlekeep/test_replay_messages.py holds
+# the two to byte equality over real trades).
+
+
+def encode_stored_trade(instrument: str, ts_ns: int, price: str, size: str, side: str, trade_id: str,
+                        source: str) -> bytes:  # fmt: skip
+    tid = f'"{trade_id}"' if trade_id.isdigit() and trade_id.isascii() else json.dumps(trade_id)
+    return (f'{_trade_head(instrument)}{ts_ns},"price":"{price}","size":"{size}","side":"{side}","trade_id":{tid},'
+            f'"source":{_json_text(source)},"received_ns":null}}').encode()  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4096)
+def _trade_head(instrument: str) -> str:
+    return f'{{"v":1,"kind":"trade","instrument":{json.dumps(instrument)},"ts_ns":'
+
+
+@functools.lru_cache(maxsize=256)
+def _json_text(value: str) -> str:
+    return json.dumps(value)
+
+
 # --- books ---------------------------------------------------------------------------------------
 
 

@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     book_quote_map: CommaList = []
     book_retention_days: int = Field(30, gt=0)
 
+    # Replay sessions (candlekeep/replay.py): at most this many active at once (created, running,
+    # paused, error); each closes with a heartbeat at its end plus this lateness (the aggregator's).
+    replay_max_sessions: int = Field(8, gt=0)
+    replay_lateness_s: float = Field(2.0, ge=0)
+
     @field_validator("instruments", "api_keys", "api_cors_origins", "api_forwarded_allow_ips", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

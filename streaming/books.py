@@ -72,7 +72,7 @@ from streaming.health import HealthServer, StateMachine
 log = logging.getLogger(__name__)
 
 GROUP = "books"
-DEFAULT_PORT = 9105
+DEFAULT_PORT = 9106
 TRANSITIONS = {
     "idle": {"syncing", "consuming", "error"},
     "syncing": {"consuming", "error", "idle"},

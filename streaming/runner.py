@@ -54,15 +54,16 @@ from candlekeep.messages import topic as topic_name
 from candlekeep.settings import Settings
 from streaming import aggregator, coordinator, dynamic, producer
 from streaming import books  # the books daemon (issue 11)
+from streaming import replay_bars, replayer  # replay sessions (issue 9)
 from candlekeep.bus import Bus, InProcessBus, make_bus
 from streaming.health import HealthServer
 
 log = logging.getLogger(__name__)
 
-DAEMONS = ("producer", "aggregator", "coordinator", "dynamic")
-DEFAULT_PORTS = {"producer": 9101, "aggregator": 9102, "coordinator": 9103, "dynamic": 9104}
+DAEMONS = ("producer", "aggregator", "coordinator", "dynamic", "replayer", "books", "replay-bars")  # ports base..base+6
+DEFAULT_PORTS = {"producer": 9101, "aggregator": 9102, "coordinator": 9103, "dynamic": 9104, "replayer": 9105,
+                 "replay-bars": 9107}
 # The books daemon (issue 11): `books` topic -> book_snapshots / book_buckets / book_metrics.
-DAEMONS += ("books",)
 DEFAULT_PORTS["books"] = books.DEFAULT_PORT
 
 
@@ -87,6 +88,10 @@ def run_daemon(name: str, settings: Settings, argv: Sequence[str]) -> int:
         return aggregator.main(list(argv))  # reads CANDLEKEEP_* itself
     if name == "coordinator":
         return coordinator.main(argv, settings)
+    if name == "replayer":
+        return replayer.main(argv, settings)
+    if name == "replay-bars":
+        return replay_bars.main(argv, settings)
     if name == "books":
         return books.main(list(argv))  # reads CANDLEKEEP_* itself
     return dynamic.main(argv, settings)
@@ -173,6 +178,8 @@ class Embedded:
         self.aggregator = aggregator.build(settings, self.bus, self.engine, self.cache)
         self.coordinator = coordinator.build(settings, self.bus, self.engine, announce=True)
         self.dynamic = dynamic.build(settings, self.bus, self.engine)
+        self.replayer = replayer.build(settings, self.bus, self.engine)
+        self.replay_bars = replay_bars.build(settings, self.bus, self.engine)
         self.books = books.build(settings, self.bus, self.engine)
         self.servers: dict[str, HealthServer] = {}
         self.clean: dict[str, bool] = {}  # after run(): how each daemon stopped
@@ -180,14 +187,16 @@ class Embedded:
     @property
     def daemons(self) -> dict[str, Any]:
         return {"producer": self.producer, "aggregator": self.aggregator, "coordinator": self.coordinator,
-                "dynamic": self.dynamic, "books": self.books}  # fmt: skip
+                "dynamic": self.dynamic, "replayer": self.replayer, "replay-bars": self.replay_bars,
+                "books": self.books}  # fmt: skip
 
     def run(self, stop: threading.Event, *, ready: Callable[[Embedded], object] | None = None) -> int:
         for name, daemon in self.daemons.items():
             if (port := self.ports[name]) >= 0:
                 self.servers[name] = HealthServer(daemon.registry, daemon.health, host=self.host, port=port).start()
                 log.info("%s /health and /metrics on %s", name, self.servers[name].url)
-        events = {name: threading.Event() for name in ("aggregator", "coordinator", "dynamic", "books")}
+        events = {name: threading.Event() for name in ("aggregator", "coordinator", "dynamic", "replayer", "replay-bars",
+                                                          "books")}  # fmt: skip
         threads = [
             _Thread("producer", threading.Thread(target=self.producer.run, name="producer"), self.producer.stop),
             *(_Thread(name, threading.Thread(target=self.daemons[name].run, args=(events[name],), name=name),
@@ -230,6 +239,10 @@ class Embedded:
                 after = self.daemons[name].health()
                 self.clean[name] = drained and not threads[name].thread.is_alive() and all(
                     after[k] == 0 for k in keys if k != "lag")  # fmt: skip
+            self._stop(threads["replayer"])  # it checkpoints its sessions: a restart continues them
+            self.clean["replayer"] = not threads["replayer"].thread.is_alive()
+            self._stop(threads["replay-bars"])  # rebuilt from the replay logs at the next start
+            self.clean["replay-bars"] = not threads["replay-bars"].thread.is_alive()
         finally:
             for server in self.servers.values():
                 server.stop()

@@ -1,7 +1,7 @@
 """Order books: stored snapshots, price buckets, metrics, and their 1-minute roll-up.
 
 Revision ID: 0004
-Revises: 0005
+Revises: 0003
 Create Date: 2025-01-04
 
 Written by hand, like 0001. `book_snapshots`, `book_buckets` and `book_metrics` are keyed by
@@ -24,7 +24,7 @@ from alembic import op
 from sqlalchemy import Connection, text
 
 revision: str = "0004"
-down_revision: str | Sequence[str] | None = "0005"
+down_revision: str | Sequence[str] | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -25,6 +25,7 @@ import anyio.to_thread
 
 from api.deps import OhlcvDep
 from api.limits import CsvResponse, identity_of
+from api.replay_reads import replay_ohlcv
 from api.schemas import OhlcvPublic, OhlcvSeedPublic, iso
 from candlekeep.bars import Bar, Interval, decimal_str
 from candlekeep.query import MAX_BARS_PER_QUERY, OhlcvQuery, QueryError, build_query, parse_timestamp
@@ -115,6 +116,9 @@ async def get_ohlcv_seed(
 async def _answer(request: Request, service: OhlcvService, *, instrument: str, interval: str, start: str | None,
                   end: str, limit: int | None, countback: int | None, fmt: Format, wait: float,
                   seed: bool) -> Response:  # fmt: skip
+    if (replay := replay_ohlcv(request, instrument=instrument, interval=interval, start=start, end=end,
+                               countback=countback)) is not None:  # replay:<session>:<instrument> (issue 9)
+        return replay
     for name, value in (("limit", limit), ("countback", countback)):
         if value is not None and value > MAX_BARS_PER_QUERY:
             raise HTTPException(422, f"{name} {value} is over the cap of {MAX_BARS_PER_QUERY} bars per request")

@@ -39,7 +39,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
 from api.security import close_reason
+from api.replay_reads import replay_stream
 from candlekeep.bars import Bar, Interval
+from candlekeep.replay_bars import parse_replay_symbol
 from candlekeep.cache import updates_channel
 from candlekeep.instruments import Instrument, InstrumentError, resolve_instrument
 from candlekeep.live_feed import Seam
@@ -65,6 +67,8 @@ class _Invalid(ValueError):
 @router.websocket("/stream")
 async def stream(websocket: WebSocket) -> None:
     await websocket.accept()
+    if parse_replay_symbol(symbol := websocket.query_params.get("instrument", "")):  # replay sessions (issue 9)
+        return await replay_stream(websocket, symbol, websocket.query_params.get("interval", "1m"))
     now = int(time.time())
     try:
         instrument, interval, since = _params(websocket, now)

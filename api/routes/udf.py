@@ -20,11 +20,12 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
-from fastapi.responses import PlainTextResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
 from api.deps import BarStoreDep, EngineDep, OhlcvDep
+from api.replay_reads import replay_udf_history, replay_udf_symbol
 from candlekeep import udf
 from candlekeep.bars import Interval
 from candlekeep.instruments import Instrument, resolve_instrument
@@ -130,11 +131,14 @@ def config(engine: EngineDep) -> UdfConfig:
     summary="Resolve one symbol",
 )
 def symbols(
+    request: Request,
     engine: EngineDep,
     store: BarStoreDep,
     symbol: Annotated[str, Query(description="an instrument id, or `BTCUSD` / `BTC-USD` (default venue cccagg)",
                                  examples=["coinbase:BTC-USD"])],
 ) -> UdfSymbol | UdfError:
+    if (replay := replay_udf_symbol(request, symbol)) is not None:  # replay:<session>:<instrument> (issue 9)
+        return JSONResponse(replay)  # type: ignore[return-value]
     instrument = _known(engine, symbol)
     if instrument is None:
         return UdfError(errmsg="unknown_symbol")
@@ -192,6 +196,7 @@ def search(
     "`countback` newest bars before `to`. Without bars: `no_data` and `nextTime`, the newest bar before `from`.",
 )
 def history(
+    request: Request,
     engine: EngineDep,
     service: OhlcvDep,
     symbol: Annotated[str, Query(examples=["coinbase:BTC-USD"])],
@@ -200,6 +205,9 @@ def history(
     to: Annotated[int, Query(description="unix s, exclusive")],
     countback: Annotated[int | None, Query(description="bars wanted, newest before `to`")] = None,
 ) -> UdfHistory | UdfError:
+    if (replay := replay_udf_history(request, symbol=symbol, resolution=resolution, start=from_, end=to,
+                                     countback=countback)) is not None:  # replay:<session>:<instrument> (issue 9)
+        return JSONResponse(replay)  # type: ignore[return-value]
     instrument = _known(engine, symbol)
     if instrument is None:
         return UdfError(errmsg="unknown_symbol")
