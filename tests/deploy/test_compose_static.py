@@ -173,7 +173,7 @@ def dagster_pg_url(pg_admin_url: str) -> Iterator[str]:
 def test_the_containers_dagster_instance_loads_and_keeps_the_pool(dagster_pg_url, tmp_path, monkeypatch) -> None:
     import dagster as dg
 
-    repo = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    repo = yaml.safe_load((ROOT / "pipelines" / "dagster.yaml").read_text())
     deploy = yaml.safe_load((DEPLOY / "dagster" / "dagster.yaml").read_text())
     # The same storage and the same concurrency (the cryptocompare pool) as `candlekeep up`.
     assert deploy["storage"] == repo["storage"] and deploy["concurrency"] == repo["concurrency"]
