@@ -519,9 +519,6 @@ def cmd_feeds_capture(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
 
 # --- replay sessions (issue 9) -----------------------------------------------------------------------
 # The same rows the API's /v1/replays steers (candlekeep.storage.replay_sessions); a running
@@ -662,3 +659,7 @@ def cmd_replay_list(args: argparse.Namespace, settings: Settings) -> int:
     for row in _replay_store(settings).list():
         _print_session(row)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -111,7 +111,7 @@ def test_each_app_has_its_own_registry(database_url: str) -> None:
 def test_the_apps_own_routes_are_labelled_by_their_template(database_url: str) -> None:
     """The real routers (included by create_app, not added by a test) show under their templates."""
     app = create_app(Settings(database_url=database_url, redis_url=None, api_keys=[]))
-    with TestClient(app) as client:
+    with TestClient(app, client=LOOPBACK_PEER) as client:
         client.get("/health")
         client.get("/udf/time")
         client.get("/v1/ohlcv", params={"instrument": "cccagg:BTC-USD", "interval": "1m", "start": 0, "end": 60})

@@ -81,7 +81,7 @@ class Gate:
 
 
 def two_backfills(database_url: str, dagster_url: str, dagster_home: Path, limit: int) -> Gate:
-    config = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    config = yaml.safe_load((ROOT / "pipelines" / "dagster.yaml").read_text())
     config["concurrency"]["pools"]["default_limit"] = limit
     (dagster_home / "dagster.yaml").write_text(yaml.safe_dump(config))
     # The pool's slots exist before two runs race to create them: Dagster 1.13 creates a pool's row

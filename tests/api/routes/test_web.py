@@ -20,6 +20,7 @@ from candlekeep.storage.bars import BarStore
 from candlekeep.storage.instruments import InstrumentStore
 from candlekeep.storage.outages import OutageStore
 from tests.utils.bars import make_bar
+from tests.utils.net import LOOPBACK_PEER
 
 
 def _dist(tmp_path: Path) -> Path:
@@ -39,7 +40,7 @@ def _app(dist: Path) -> FastAPI:
 
 
 def test_the_page_and_its_assets_are_served_from_the_build(tmp_path: Path) -> None:
-    client = TestClient(_app(_dist(tmp_path)))
+    client = TestClient(_app(_dist(tmp_path)), client=LOOPBACK_PEER)
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "/assets/app.js" in page.text
@@ -48,7 +49,7 @@ def test_the_page_and_its_assets_are_served_from_the_build(tmp_path: Path) -> No
 
 
 def test_docs_and_redoc_load_every_file_from_this_server(tmp_path: Path) -> None:
-    client = TestClient(_app(_dist(tmp_path)))
+    client = TestClient(_app(_dist(tmp_path)), client=LOOPBACK_PEER)
     for path in ("/docs", "/redoc"):
         html = client.get(path).text
         urls = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html) + re.findall(r"url\(([^)]+)\)", html)
@@ -61,7 +62,7 @@ def test_docs_and_redoc_load_every_file_from_this_server(tmp_path: Path) -> None
 
 
 def test_a_missing_build_says_how_to_make_one(tmp_path: Path) -> None:
-    client = TestClient(_app(tmp_path / "nothing-here"))
+    client = TestClient(_app(tmp_path / "nothing-here"), client=LOOPBACK_PEER)
     for path in ("/", "/docs", "/redoc"):
         answer = client.get(path)
         assert answer.status_code == 503
@@ -70,7 +71,7 @@ def test_a_missing_build_says_how_to_make_one(tmp_path: Path) -> None:
 
 def test_page_files_are_open_and_data_still_needs_a_key(engine, database_url: str) -> None:
     app = create_app(Settings(database_url=database_url, redis_url=None, api_keys="s3cret", api_rate_limit_per_minute=0))
-    with TestClient(app) as client:
+    with TestClient(app, client=LOOPBACK_PEER) as client:
         assert client.get("/").status_code in (200, 503)  # built or not: never 401
         assert client.get("/assets/anything.js").status_code != 401
         assert client.get(f"{DOCS_ASSETS}/swagger-ui.css").status_code != 401
@@ -90,7 +91,7 @@ def test_status_reports_freshness_outages_and_unreachable_daemons(engine, databa
                                instruments=["test:AAA-USD"], reason="old")  # fmt: skip
     # port base 0: the daemons' ports are unknown, so none is probed
     app = create_app(Settings(database_url=database_url, redis_url=None, api_rate_limit_per_minute=0, stream_port_base=0))
-    with TestClient(app) as client:
+    with TestClient(app, client=LOOPBACK_PEER) as client:
         body = client.get("/v1/status").json()
     rows = {r["instrument"]: r for r in body["instruments"]}
     assert rows["test:AAA-USD"]["tracked"] is True and rows["test:AAA-USD"]["last_bar"] == now - 300

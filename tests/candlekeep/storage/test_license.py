@@ -26,6 +26,7 @@ from candlekeep.storage.bars import BarStore
 from candlekeep.storage.db import create_engine, describe_license_conflicts, license_conflicts, storage_features
 from tests.utils.backend import backend
 from tests.utils.bars import make_bar
+from tests.utils.net import LOOPBACK_PEER
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -43,7 +44,7 @@ def migrate(url: str) -> subprocess.CompletedProcess[str]:
 
 def health(url: str) -> tuple[int, dict]:
     app = create_app(Settings(database_url=url, redis_url=None, api_keys=[], stream_port_base=0))
-    with TestClient(app) as client:
+    with TestClient(app, client=LOOPBACK_PEER) as client:
         response = client.get("/health")
     return response.status_code, response.json()
 
