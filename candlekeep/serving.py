@@ -483,7 +483,12 @@ class OnDemand:
         instrument = query.instrument.id
         asked = False
         if not self._is_tracked(instrument):
-            self._admit(query.instrument, requester)
+            try:
+                self._admit(query.instrument, requester)
+            except UnknownInstrument:
+                if stitched.bars:  # stored history the source does not know (any more): served as it is
+                    return False
+                raise
             asked |= self._once(instrument, None, None)
         for lo, hi in stitched.gaps[:MAX_FETCHES]:  # each gap alone: never refetch live-covered minutes between them
             asked |= self._once(instrument, lo, hi)
