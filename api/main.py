@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None, *, bus: Bus | None = None) -> F
             service=app.state.ohlcv,
             tracked=lambda: instruments.list_ids(tracked_only=True),
             unknown=listing.unknown,  # nothing is tracked before the source says it knows the instrument
+            registered=instruments.is_registered,  # ... unless the platform registered it already
             max_tracks_per_requester=settings.api_max_tracks_per_key,
         )
         yield

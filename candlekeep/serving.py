@@ -396,8 +396,10 @@ class OnDemand:
         unknown: Callable[[Instrument], str | None] | None = None,
         unknown_ttl_s: float = 600.0,
         max_tracks_per_requester: int | None = None,
+        registered: Callable[[str], bool] | None = None,
     ) -> None:
         self.request_fetch = request_fetch
+        self.registered = registered  # an instrument the platform registered already is no stranger
         self.unknown, self.unknown_ttl_s = unknown, unknown_ttl_s
         self.max_tracks_per_requester = max_tracks_per_requester
         self._verdicts: dict[str, tuple[float, str | None]] = {}  # id -> (when, reason or None)
@@ -496,7 +498,7 @@ class OnDemand:
 
     def _admit(self, instrument: Instrument, requester: str | None) -> None:
         """Raise unless `instrument` may be tracked on `requester`'s behalf (see the class doc)."""
-        if self.unknown is not None:
+        if self.unknown is not None and not (self.registered is not None and self.registered(instrument.id)):
             now = self.clock()
             with self._lock:
                 verdict = self._verdicts.get(instrument.id)

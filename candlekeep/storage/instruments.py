@@ -52,6 +52,12 @@ class InstrumentStore:
             )
             return result.rowcount == 1
 
+    def is_registered(self, instrument: Instrument | str) -> bool:
+        """Whether the instrument has a row (registered by configuration, a track, or an operator)."""
+        with self.engine.connect() as conn:
+            return conn.execute(text("SELECT EXISTS (SELECT 1 FROM instruments WHERE id = :id)"),
+                                {"id": str(instrument)}).scalar_one()  # fmt: skip
+
     def list_ids(self, *, tracked_only: bool = False) -> list[str]:
         sql = "SELECT id FROM instruments" + (" WHERE tracked" if tracked_only else "") + " ORDER BY id"
         with self.engine.connect() as conn:
