@@ -18,6 +18,7 @@ from candlekeep.replay_bars import ReplayBarCache, read_replay_bars
 from candlekeep.storage.replay_sessions import ReplaySessionStore
 from streaming.replay_bars import ReplayBars
 from streaming.replayer import Replayer
+from tests.utils.net import LOOPBACK_PEER
 from tests.utils.replay import BTC, ETH, LATENESS_NS, Reader, running, stored_trades
 from tests.utils.trades import reference
 from tests.utils.wait import eventually
@@ -75,7 +76,7 @@ def test_a_replayed_range_gives_the_bars_of_its_stored_ticks(engine: Engine, kaf
 
         settings = Settings(database_url=str(engine.url.render_as_string(hide_password=False)).replace(
             "postgresql+psycopg", "postgresql"), redis_url=redis_url, api_rate_limit_per_minute=0)  # fmt: skip
-        with TestClient(create_app(settings)) as api:
+        with TestClient(create_app(settings), client=LOOPBACK_PEER) as api:
             symbol = f"replay:{session.id}:{ETH}"
             answer = api.get("/v1/ohlcv", params={"instrument": symbol, "interval": "1m", "start": START_S,
                                                   "end": END_S})  # fmt: skip
@@ -132,7 +133,7 @@ def test_a_websocket_client_sees_the_forming_bar_move_at_the_replay_speed(
     try:
         with running(Replayer(bus, engine, prefix=topic_prefix)), \
                 running(ReplayBars(bus, engine, ReplayBarCache(client), prefix=topic_prefix)), \
-                TestClient(create_app(settings)) as api, \
+                TestClient(create_app(settings), client=LOOPBACK_PEER) as api, \
                 api.websocket_connect(f"/v1/stream?instrument=replay:{session.id}:{ETH}&interval=1m") as ws:  # fmt: skip
             assert ws.receive_json()["type"] == "live"
             store.act(session.id, "start", wall_ns=time.time_ns())

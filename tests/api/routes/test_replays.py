@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from api.main import create_app
 from candlekeep.bars import NS_PER_S
 from candlekeep.settings import Settings
+from tests.utils.net import LOOPBACK_PEER
 from tests.utils.replay import BTC, ETH, stored_trades
 
 START = "2020-02-22T00:01:00Z"
@@ -24,7 +25,7 @@ def client(engine: Engine, database_url: str) -> Iterator[TestClient]:
     stored_trades(engine)
     settings = Settings(database_url=database_url, redis_url=None, api_rate_limit_per_minute=0, replay_max_sessions=3,
                         topic_prefix="px.")  # fmt: skip
-    with TestClient(create_app(settings)) as test_client:
+    with TestClient(create_app(settings), client=LOOPBACK_PEER) as test_client:
         yield test_client
 
 
