@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
@@ -17,7 +18,7 @@ from candlekeep.bars import Disconnect, Trade
 from candlekeep.books import BookDelta, BookSnapshot
 from candlekeep.bus import InProcessBus
 from candlekeep.messages import BOOKS, TICKS, decode_book, decode_tick_record
-from candlekeep.sources.exchanges.base import listing_bodies
+from candlekeep.sources.exchanges.base import SymbolMap, listing_bodies
 from candlekeep.sources.exchanges.registry import symbols_from_listing
 from streaming.venues import VenueFeeds, publish_record, venue_instruments
 from tests.utils.exchange_replay import (
@@ -41,7 +42,9 @@ def test_split_by_venue() -> None:
     assert venue_instruments(["bitstamp:BTC-USD"]) == ({}, ["bitstamp:BTC-USD"])
 
 
-def test_okx_recording_reaches_ticks_and_books() -> None:
+def okx_session() -> tuple[list, dict[str, list[int]], Callable[[ReplaySession], None], SymbolMap]:
+    """The OKX recording's frames, its own checksums per instrument (the venue's truth), a server
+    script replaying them after the subscribe, and the symbols of its listing."""
     frames = received_frames(recorded("OKX.ws.1.0.txt"))
     expected: dict[str, list[int]] = defaultdict(list)
     for f in frames:
@@ -54,6 +57,11 @@ def test_okx_recording_reaches_ticks_and_books() -> None:
         session.send_all(frames)
 
     symbols = symbols_from_listing("okx", listing_bodies(recording_path("OKX.0.txt").read_text()))
+    return frames, expected, script, symbols
+
+
+def test_okx_recording_reaches_ticks_and_books() -> None:
+    frames, expected, script, symbols = okx_session()
     bus = InProcessBus()
     bus.ensure_topics([TICKS, BOOKS])
     producer = bus.producer(name="venues-test")
@@ -153,18 +161,7 @@ def test_the_producer_runs_the_venue_connectors_into_ticks_and_books() -> None:
     from streaming.producer import CombinedSource, Producer, SimulatorPlayback
     from streaming.venues import VenueSource
 
-    frames = received_frames(recorded("OKX.ws.1.0.txt"))
-    expected: dict[str, list[int]] = defaultdict(list)
-    for f in frames:
-        msg = json.loads(f)
-        if msg.get("arg", {}).get("channel") == "books" and "data" in msg:
-            expected[IDS[msg["arg"]["instId"]]] += [d["checksum"] for d in msg["data"]]
-
-    def script(session: ReplaySession) -> None:
-        session.expect('"subscribe"')
-        session.send_all(frames)
-
-    symbols = symbols_from_listing("okx", listing_bodies(recording_path("OKX.0.txt").read_text()))
+    frames, expected, script, symbols = okx_session()
     bus = InProcessBus()
     with ReplayServer([script]) as server:
         source = VenueSource(IDS.values(), feeds=lambda ids: VenueFeeds(
