@@ -20,11 +20,14 @@ def test_definitions_validate_and_hold_the_bar_assets_checks_jobs_schedules_and_
 
     bar_keys = {dg.AssetKey(name) for name in ("bars_1m", "bars_1h", "bars_1d")}
     views = {dg.AssetKey("ohlcv_1h"), dg.AssetKey("ohlcv_1d")}  # lineage only (pipelines/views.py)
-    assert set(graph.get_all_asset_keys()) == bar_keys | views
+    books = {dg.AssetKey("book_metrics_1m")}  # order-book summaries (pipelines/book_assets.py)
+    assert set(graph.get_all_asset_keys()) == bar_keys | views | books
     assert all(not graph.get(v).is_materializable for v in views)
-    assert {(k.asset_key.path[0], k.name) for k in graph.asset_check_keys} == {
+    checks = {(k.asset_key.path[0], k.name) for k in graph.asset_check_keys}
+    assert {c for c in checks if c[0] != "book_metrics_1m"} == {
         (asset, check) for asset in ("bars_1m", "bars_1h", "bars_1d") for check in ("ohlc_consistent", "complete")
     }
+    assert any(asset == "book_metrics_1m" for asset, _ in checks)  # its completeness check
     for key in bar_keys:
         node = graph.get(key)
         assert node.assets_def.op.pool == "cryptocompare"
@@ -33,8 +36,9 @@ def test_definitions_validate_and_hold_the_bar_assets_checks_jobs_schedules_and_
         assert {d.name for d in node.partitions_def.partitions_defs} == {"date", "instrument"}
     assert {j.name for j in defs.resolve_all_job_defs()} >= {"bars_1m_refresh", "bars_monthly_refresh"}
     assert {s.name for s in repo.schedule_defs} == {"bars_1m_refresh_schedule", "bars_monthly_refresh_schedule"}
-    (sensor,) = repo.sensor_defs
-    assert sensor.name == "instruments_sensor" and sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    sensors = {s.name: s for s in repo.sensor_defs}
+    assert set(sensors) == {"instruments_sensor", "book_instruments_sensor"}
+    assert sensors["instruments_sensor"].default_status == dg.DefaultSensorStatus.RUNNING
     assert set(repo.get_top_level_resources()) == {"candlekeep"}
 
 
