@@ -420,21 +420,28 @@ def send_track(settings: Settings, instrument_id: str, *, bus: Bus | None = None
             engine.dispose()
         log.info("track %s: registered as tracked; the coordinator of `stream all` sets it up", instrument.id)
         return request_id
+    _send_control(settings, "track", instrument.id, request_id, bus=bus, timeout=timeout)
+    return request_id
+
+
+def _send_control(settings: Settings, op: str, instrument_id: str, request_id: str, *, bus: Bus | None,
+                  timeout: float) -> None:
+    """Put one `op` command on `control` (of `bus`, or of the configured bus) and wait until the bus
+    acknowledged it; TrackFailed when it did not within `timeout` s."""
     own = bus is None
     bus = bus or make_bus(settings)
     try:
         control = topic_name(settings.topic_prefix, CONTROL)
         bus.ensure_topics([control])
-        out = bus.producer(name="candlekeep-track")
-        out.publish(control, instrument.id, encode_control(ControlCommand("track", instrument.id, request_id)))
+        out = bus.producer(name=f"candlekeep-{op}")
+        out.publish(control, instrument_id, encode_control(ControlCommand(op, instrument_id, request_id)))
         left = out.flush(timeout)
         if left or out.failed or out.delivered != 1:
-            raise TrackFailed(f"track {instrument.id}: the bus did not acknowledge the command within {timeout:.0f} s")
+            raise TrackFailed(f"{op} {instrument_id}: the bus did not acknowledge the command within {timeout:.0f} s")
     finally:
         if own:
             bus.close()
-    log.info("track %s: command %s on %s", instrument.id, request_id, control)
-    return request_id
+    log.info("%s %s: command %s on %s", op, instrument_id, request_id, control)
 
 
 def send_untrack(settings: Settings, instrument_id: str, *, bus: Bus | None = None, timeout: float = 30.0,
@@ -461,20 +468,7 @@ def send_untrack(settings: Settings, instrument_id: str, *, bus: Bus | None = No
                 engine.dispose()
         log.info("untrack %s: tracked=false; the coordinator of `stream all` stops its feed", instrument.id)
         return request_id
-    own = bus is None
-    bus = bus or make_bus(settings)
-    try:
-        control = topic_name(settings.topic_prefix, CONTROL)
-        bus.ensure_topics([control])
-        out = bus.producer(name="candlekeep-untrack")
-        out.publish(control, instrument.id, encode_control(ControlCommand("untrack", instrument.id, request_id)))
-        left = out.flush(timeout)
-        if left or out.failed or out.delivered != 1:
-            raise TrackFailed(f"untrack {instrument.id}: the bus did not acknowledge the command within {timeout:.0f} s")
-    finally:
-        if own:
-            bus.close()
-    log.info("untrack %s: command %s on %s", instrument.id, request_id, control)
+    _send_control(settings, "untrack", instrument.id, request_id, bus=bus, timeout=timeout)
     return request_id
 
 
