@@ -48,7 +48,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -58,7 +58,7 @@ import anyio
 import anyio.to_thread
 import redis
 
-from candlekeep.bars import Bar, Interval, decimal_str, missing_ranges, rollup_bars
+from candlekeep.bars import Bar, BarRow, BarRows, Interval, bar_row, decimal_str, missing_ranges, rollup_bars, row_bar
 from candlekeep.cache import BarCache, bar_key, forming_key
 from candlekeep.instruments import Instrument
 from candlekeep.messages import MessageError, decode_bar
@@ -93,7 +93,8 @@ class Stitched:
     """The answer to one OHLCV question."""
 
     query: OhlcvQuery  # the window answered (start moves up to the first bar under `limit`)
-    bars: list[Bar]  # ascending, one per bucket, forming bar last (final=False) when in range
+    bars: Sequence[Bar]  # ascending, one per bucket, forming bar last (final=False) when in range; from
+    # `read`, a BarRows (the encoders read its rows, no Bar made)
     gaps: list[tuple[int, int]]  # closed buckets of the window without a bar
     complete: bool
     forming: Bar | None
@@ -135,17 +136,17 @@ class OhlcvService:
             query = self._limit_window(query, countback, now)
         elif limit is not None:
             query = self._first_window(query, limit)
-        bars, forming = self._stitch(query, now)
-        if countback is not None and len(bars) > countback:
-            bars = bars[-countback:]
-            query = replace(query, start=bars[0].start)
-        elif limit is not None and len(bars) > limit:
-            bars = bars[:limit]
-            query = replace(query, end=bars[-1].start + query.interval.seconds)
-            forming = forming if forming is not None and forming.start == bars[-1].start else None
+        rows, forming = self._stitch(query, now)
+        if countback is not None and len(rows) > countback:
+            rows = rows[-countback:]
+            query = replace(query, start=rows[0][0])
+        elif limit is not None and len(rows) > limit:
+            rows = rows[:limit]
+            query = replace(query, end=rows[-1][0] + query.interval.seconds)
+            forming = forming if forming is not None and forming.start == rows[-1][0] else None
         closed_end = self._closed_end(query)
-        gaps = self._gaps(query, [b.start for b in bars], closed_end)
-        return Stitched(query, bars, gaps, not gaps, forming)
+        gaps = self._gaps(query, [r[0] for r in rows], closed_end)
+        return Stitched(query, BarRows(query.instrument.id, query.interval.value, rows), gaps, not gaps, forming)
 
     def _closed_end(self, query: OhlcvQuery) -> int:
         """End of the closed buckets of `query`: those that ended at least `closing_s` ago."""
@@ -210,29 +211,29 @@ class OhlcvService:
 
     # -- stitching ---------------------------------------------------------------------------
 
-    def _stitch(self, query: OhlcvQuery, now: int) -> tuple[list[Bar], Bar | None]:
+    def _stitch(self, query: OhlcvQuery, now: int) -> tuple[list[BarRow], Bar | None]:
         instrument, interval = query.instrument.id, query.interval
         if interval is _M1:
-            bars, forming_1m = self._read_1m(instrument, query.start, query.end, now)
+            rows, forming_1m = self._read_1m(instrument, query.start, query.end, now)
         else:
-            bars = self.bar_store.read_bars(instrument, interval, query.start, query.end, limit=MAX_BARS_PER_QUERY)
+            rows = self.bar_store.read_rows(instrument, interval, query.start, query.end, limit=MAX_BARS_PER_QUERY)
             forming_1m = self._forming(instrument)
         forming = None
         if forming_1m is not None and interval is not _M1:
-            forming_1m = self._fold(forming_1m, interval, bars)
+            forming_1m = self._fold(forming_1m, interval, rows)
         if forming_1m is not None and query.start <= forming_1m.start < query.end:
-            last = bars[-1] if bars else None
-            if last is None or last.start < forming_1m.start:
-                bars.append(forming_1m)
+            last = rows[-1] if rows else None
+            if last is None or last[0] < forming_1m.start:
+                rows.append(bar_row(forming_1m))
                 forming = forming_1m
-            elif last.start == forming_1m.start and not last.final:
-                bars[-1] = forming_1m
+            elif last[0] == forming_1m.start and not last[9]:
+                rows[-1] = bar_row(forming_1m)
                 forming = forming_1m
-        if forming is None and bars and not bars[-1].final and bars[-1].start >= interval.floor(now):
-            forming = bars[-1]  # no Redis: the aggregator's last state in the database
-        return bars, forming
+        if forming is None and rows and not rows[-1][9] and rows[-1][0] >= interval.floor(now):
+            forming = row_bar(instrument, interval.value, rows[-1])  # no Redis: the aggregator's last state
+        return rows, forming
 
-    def _fold(self, forming: Bar, interval: Interval, derived: list[Bar]) -> Bar | None:
+    def _fold(self, forming: Bar, interval: Interval, derived: list[BarRow]) -> Bar | None:
         """The coarse bar of the forming minute's bucket, or None when it must not be folded."""
         coarse = interval.floor(forming.start)
         minutes = self.bar_store.read_bars(forming.instrument, _M1, coarse, forming.start + 60)
@@ -240,20 +241,21 @@ class OhlcvService:
         if stored_same is not None and stored_same.final:
             return None  # a final bar for that minute is stored: the derived bar already has it
         minutes = [m for m in minutes if m.start < forming.start]
-        if not minutes and any(b.start == coarse for b in derived):
+        if not minutes and any(r[0] == coarse for r in derived):
             return None  # that bucket is a stored deep-history bar: never mixed with 1m
         folded = next(rollup_bars([*minutes, forming], interval))
         return replace(folded, final=False)
 
-    def _read_1m(self, instrument: str, start: int, end: int, now: int) -> tuple[list[Bar], Bar | None]:
+    def _read_1m(self, instrument: str, start: int, end: int, now: int) -> tuple[list[BarRow], Bar | None]:
         """1m bars of [start, end) with recent closed buckets read through Redis, and the forming bar."""
         open_bucket = _M1.floor(now)
         cache = self._usable_cache()
         lo = max(start, open_bucket - cache.closed_ttl_s) if cache else open_bucket
         hi = min(end, open_bucket)
+        read = self.bar_store.read_rows
         if cache is None or lo >= hi:
-            bars = self.bar_store.read_bars(instrument, _M1, start, end, limit=MAX_BARS_PER_QUERY)
-            return bars, self._forming(instrument) if cache else None
+            rows = read(instrument, _M1, start, end, limit=MAX_BARS_PER_QUERY)
+            return rows, self._forming(instrument) if cache else None
         watermark = self.bar_store.latest_final_start(instrument, _M1, lo, hi)
         cached_lo = lo if watermark is None else max(lo, watermark + 60)
         starts = list(range(cached_lo, hi, 60))
@@ -261,12 +263,11 @@ class OhlcvService:
             raws = cache.client.mget([*(bar_key(instrument, "1m", s) for s in starts), forming_key(instrument, "1m")])
         except (redis.RedisError, OSError) as exc:
             self._redis_failed(exc)
-            bars = self.bar_store.read_bars(instrument, _M1, start, end, limit=MAX_BARS_PER_QUERY)
-            return bars, None
-        hits: dict[int, Bar] = {}
+            return read(instrument, _M1, start, end, limit=MAX_BARS_PER_QUERY), None
+        hits: dict[int, BarRow] = {}
         for s, raw in zip(starts, raws, strict=False):
             if raw is not None and (b := _decode(raw, instrument, "1m")) is not None and b.start == s:
-                hits[s] = b
+                hits[s] = bar_row(b)
         forming = _decode(raws[-1], instrument, "1m") if raws[-1] is not None else None
         misses = [s for s in starts if s not in hits]
         if self.metrics is not None:
@@ -274,16 +275,16 @@ class OhlcvService:
         # The database: everything before the cached window, and the span of the misses.
         db_hi = max(misses[-1] + 60, cached_lo) if misses else cached_lo
         db_lo_misses = misses[0] if misses else cached_lo
-        stored = self.bar_store.read_bars(instrument, _M1, start, cached_lo, limit=MAX_BARS_PER_QUERY) if start < cached_lo else []
-        from_db = self.bar_store.read_bars(instrument, _M1, db_lo_misses, db_hi, limit=MAX_BARS_PER_QUERY) if misses else []
-        fill = [b for b in from_db if b.start not in hits]
+        stored = read(instrument, _M1, start, cached_lo, limit=MAX_BARS_PER_QUERY) if start < cached_lo else []
+        from_db = read(instrument, _M1, db_lo_misses, db_hi, limit=MAX_BARS_PER_QUERY) if misses else []
+        fill = [r for r in from_db if r[0] not in hits]
         if fill:
-            self._populate(cache, fill)
-        tail = self.bar_store.read_bars(instrument, _M1, hi, end, limit=MAX_BARS_PER_QUERY) if hi < end else []
-        merged = {b.start: b for b in stored}
-        merged.update((b.start, b) for b in fill)
+            self._populate(cache, [row_bar(instrument, "1m", r) for r in fill])
+        tail = read(instrument, _M1, hi, end, limit=MAX_BARS_PER_QUERY) if hi < end else []
+        merged = {r[0]: r for r in stored}
+        merged.update((r[0], r) for r in fill)
         merged.update(hits)
-        merged.update((b.start, b) for b in tail)
+        merged.update((r[0], r) for r in tail)
         return [merged[s] for s in sorted(merged)], forming
 
     def _populate(self, cache: BarCache, bars: list[Bar]) -> None:

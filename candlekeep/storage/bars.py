@@ -38,9 +38,10 @@ from itertools import islice
 from typing import Any
 
 import psycopg
+from psycopg.types.string import TextLoader
 from sqlalchemy import Connection, Engine, text
 
-from candlekeep.bars import Bar, Interval
+from candlekeep.bars import Bar, BarRow, Interval
 from candlekeep.storage import partitions
 
 _SECONDS: dict[str, int] = {i.value: i.seconds for i in Interval}
@@ -112,6 +113,7 @@ _CSV_COLUMNS = (  # copy_csv: final as 'true' / 'false'
 _STORED = """
 SELECT {columns} FROM bars
 WHERE instrument = :instrument AND "interval" = :interval AND bucket >= :lo AND bucket < :hi"""
+_FLAT = "(volume = 0 AND open = high AND high = low AND low = close)"
 # 1m bars of [lo, hi) rolled up into buckets of :step (epoch-aligned, UTC), as rollup_bars does.
 _DERIVED = """
 WITH m AS (
@@ -155,6 +157,63 @@ WHERE d.minutes < :minutes AND NOT EXISTS (
     SELECT 1 FROM bars AS s
     WHERE s.instrument = :instrument AND s."interval" = :interval AND s.bucket = d.bucket)
 ORDER BY 1"""
+
+# Stored 1h / 1d buckets (bar_rollups, migration 0006) in the shape of `derived` above: what the
+# derivation from 1m gives, kept exact in the transaction of every 1m write.
+_ROLLED = """
+WITH derived AS (
+    SELECT bucket, open, high, low, close, volume, quote_volume, trades, source, final, revision, minutes
+    FROM bar_rollups
+    WHERE instrument = :instrument AND "interval" = :interval AND bucket >= :lo AND bucket < :hi
+)"""
+_ROLLED_PARTIAL = _PARTIAL.replace(_DERIVED, _ROLLED)
+
+# Rollups of the (instrument, bucket) keys given as two arrays, from their finer rows, as
+# candlekeep.bars.rollup_bars does: 1h from the stored 1m bars, 1d from the 1h rollups (exact: a
+# rollup keeps whether all its minutes were flat, and first/last/extremes/sums compose). Rows that
+# would not change are left alone (not even locked).
+_FINER_1M = f"""SELECT bucket, open, high, low, close, volume, quote_volume, trades, source, final, revision,
+           1 AS minutes, {_FLAT} AS flat FROM bars WHERE instrument = k.instrument AND "interval" = '1m'"""
+_FINER_1H = """SELECT bucket, open, high, low, close, volume, quote_volume, trades, source, final, revision,
+           minutes, flat FROM bar_rollups WHERE instrument = k.instrument AND "interval" = '1h'"""
+_ROLLUP_COLUMNS = ('instrument, "interval", bucket, open, high, low, close, volume, quote_volume, trades, source,'
+                   " final, revision, minutes, flat")
+_ROLLUP_VALUES = ("open, high, low, close, volume, quote_volume, trades, source, final, revision, minutes, flat")
+_ROLLUP = f"""
+INSERT INTO bar_rollups AS r ({_ROLLUP_COLUMNS})
+SELECT k.instrument, '{{interval}}', k.bucket,
+       coalesce((array_agg(m.open ORDER BY m.bucket) FILTER (WHERE NOT m.flat))[1],
+                (array_agg(m.close ORDER BY m.bucket DESC))[1]),
+       coalesce(max(m.high) FILTER (WHERE NOT m.flat), (array_agg(m.close ORDER BY m.bucket DESC))[1]),
+       coalesce(min(m.low) FILTER (WHERE NOT m.flat), (array_agg(m.close ORDER BY m.bucket DESC))[1]),
+       (array_agg(m.close ORDER BY m.bucket DESC))[1],
+       sum(m.volume), sum(m.quote_volume),
+       CASE WHEN count(m.trades) = count(*) THEN sum(m.trades) END,
+       CASE WHEN min(m.source) = max(m.source) THEN min(m.source) ELSE 'mixed' END,
+       bool_and(m.final), max(m.revision), sum(m.minutes), bool_and(m.flat)
+FROM unnest(%s::text[], %s::timestamptz[]) AS k(instrument, bucket)
+JOIN LATERAL ({{finer}} AND bucket >= k.bucket AND bucket < k.bucket + INTERVAL '{{width}}') AS m ON true
+GROUP BY k.instrument, k.bucket
+ORDER BY k.instrument, k.bucket
+ON CONFLICT (instrument, "interval", bucket) DO UPDATE SET
+    ({_ROLLUP_VALUES}) = (excluded.open, excluded.high, excluded.low, excluded.close, excluded.volume,
+    excluded.quote_volume, excluded.trades, excluded.source, excluded.final, excluded.revision, excluded.minutes,
+    excluded.flat)
+WHERE ({', '.join('r.' + c for c in _ROLLUP_VALUES.split(', '))})
+      IS DISTINCT FROM ({', '.join('excluded.' + c for c in _ROLLUP_VALUES.split(', '))})"""
+_ROLLUP_1H = _ROLLUP.format(interval="1h", finer=_FINER_1M, width="1 hour")
+_ROLLUP_1D = _ROLLUP.format(interval="1d", finer=_FINER_1H, width="1 day")
+# Bumped first in a writing transaction: the row lock also orders rollup refreshes of one instrument
+# (each refresh then sees every 1m bar committed before it), so two writers cannot lose a minute.
+_BUMP = """
+INSERT INTO bar_versions (instrument, version)
+SELECT i, 1 FROM unnest(%s::text[]) AS i ORDER BY i
+ON CONFLICT (instrument) DO UPDATE SET version = bar_versions.version + 1"""
+# What makes an answer about one instrument stale: its bar version and its outages.
+_STAMP = """
+SELECT (SELECT version FROM bar_versions WHERE instrument = %(i)s),
+       (SELECT md5(string_agg(o::text, ',' ORDER BY o.id)) FROM outages AS o WHERE %(i)s = ANY(o.instruments))"""
+
 
 
 @dataclass(frozen=True)
@@ -206,9 +265,10 @@ class BarStore:
             elif bar.start > span[1]:
                 span[1] = bar.start
         lines = _CopyText(bars)
+        touched = _Touched.of(bars)
         for attempt in range(1, _ATTEMPTS + 1):
             try:
-                return self._merge(lines, spans)
+                return self._merge(lines, spans, touched)
             except psycopg.errors.CheckViolation as err:
                 # "no partition of relation ... found for row": partitions this process remembered
                 # were dropped meanwhile. Forget them and ensure again.
@@ -222,7 +282,7 @@ class BarStore:
                     raise
         raise AssertionError("unreachable")
 
-    def _merge(self, lines: _CopyText, spans: dict[tuple[str, str], list[int]]) -> UpsertResult:
+    def _merge(self, lines: _CopyText, spans: dict[tuple[str, str], list[int]], touched: _Touched) -> UpsertResult:
         first = _utc(min(lo for lo, _ in spans.values()))
         last = _utc(max(hi for _, hi in spans.values()) + 1)
         keys = list(spans)
@@ -244,14 +304,20 @@ class BarStore:
                     stored = cur.fetchone()[0]
                     if not stored:  # the fast path: nothing to merge with
                         _copy(cur, f"COPY bars ({_KEYS_AND_VALUES}) FROM STDIN", lines)
-                        return UpsertResult(inserted=len(lines))
-                    return _stage_and_merge(cur, lines)
+                        result = UpsertResult(inserted=len(lines))
+                    else:
+                        result = _stage_and_merge(cur, lines)
+                    touched.record(cur, result)
+                    return result
             except psycopg.errors.UniqueViolation:
                 if stored:
                     raise
                 # A concurrent writer stored some of these buckets after the check: merge instead.
             with conn.begin():
-                return _stage_and_merge(_cursor(conn), lines)
+                cur = _cursor(conn)
+                result = _stage_and_merge(cur, lines)
+                touched.record(cur, result)
+                return result
 
     def upsert_written(self, bars: Collection[Bar]) -> list[Bar]:
         """Upsert `bars` (one transaction, any order) and return those PostgreSQL now holds as given
@@ -271,6 +337,8 @@ class BarStore:
                 cur.execute(_CREATE_STAGE)
                 _copy(cur, f"COPY {_STAGE} ({_KEYS_AND_VALUES}) FROM STDIN", _CopyText(list(latest.values())))
                 cur.execute(_MERGE)
+                inserted, updated = cur.fetchone() or (0, 0)
+                _Touched.of(latest.values()).record(cur, UpsertResult(inserted, updated))
                 cur.execute(_HELD)
                 rows = cur.fetchall()
         out = []
@@ -288,10 +356,40 @@ class BarStore:
         """Bars with `start <= bar.start < end` (unix s), ascending, at most `limit` of them."""
         interval = Interval(interval)
         instrument = str(instrument)
+        return [Bar(instrument, interval.value, *row) for row in self._rows(instrument, interval, start, end, limit)]
+
+    def read_rows(
+        self, instrument: str, interval: Interval | str, start: int, end: int, *, limit: int | None = None
+    ) -> list[BarRow]:
+        """The bars `read_bars` gives, as BarRow tuples with the decimals as PostgreSQL's text (no
+        Decimal made: what an encoder writes as it is)."""
+        return self._rows(str(instrument), Interval(interval), start, end, limit, text_numerics=True)
+
+    def _rows(self, instrument: str, interval: Interval, start: int, end: int, limit: int | None, *,
+              text_numerics: bool = False) -> list[tuple]:  # fmt: skip
         sql, params = self._query(instrument, interval, start, end, _OUT)
+        with self.engine.connect() as conn:  # psycopg's fetchall: rows made in C, not one by one
+            cur = _cursor(conn)
+            if text_numerics:
+                cur.adapters.register_loader("numeric", TextLoader)
+            return cur.execute(_pyformat(sql + " ORDER BY start LIMIT :limit"), {**params, "limit": limit}).fetchall()
+
+    def change_stamp(self, instrument: str) -> tuple:
+        """What changes whenever an answer about `instrument` may: its bar version (bumped in every
+        writing transaction) and a digest of its outages. One round trip."""
         with self.engine.connect() as conn:
-            result = conn.execute(text(sql + " ORDER BY start LIMIT :limit"), {**params, "limit": limit})
-            return [Bar(instrument, interval.value, *row) for row in result]
+            return tuple(_cursor(conn).execute(_STAMP, {"i": str(instrument)}).fetchone())
+
+    def refresh_rollups(self, instrument: str, start: int, end: int) -> None:
+        """Rebuild the 1h / 1d rollups of the whole days around `[start, end)` from the stored 1m bars
+        (for 1m bars written around this store, e.g. a bulk COPY), and bump the version."""
+        lo, hi = start - start % 86400, Interval.D1.ceil(end)
+        with self.engine.begin() as conn:
+            cur = _cursor(conn)
+            cur.execute(_BUMP, ([str(instrument)],))
+            cur.execute('DELETE FROM bar_rollups WHERE instrument = %s AND bucket >= %s AND bucket < %s',
+                        (str(instrument), _utc(lo), _utc(hi)))  # fmt: skip
+            refresh_rollups(cur, [(str(instrument), h) for h in range(lo, hi, 3600)])
 
     def bucket_starts(
         self, instrument: str, interval: Interval | str, start: int, end: int, *, stored_only: bool = False
@@ -394,9 +492,9 @@ class BarStore:
         if interval is Interval.M1 or stored_only:
             return _STORED.format(columns=columns), params
         params["step"] = timedelta(seconds=interval.seconds)
-        if interval in _DEEP_HISTORY:
+        if interval in _DEEP_HISTORY:  # the rollups (bar_rollups), and the source's own deep history
             params["minutes"] = interval.seconds // 60
-            sql = f"{_DERIVED} {_DERIVED_NOT_DEEP.format(columns=columns)} UNION ALL {_DEEP.format(columns=columns)}"
+            sql = f"{_ROLLED} {_DERIVED_NOT_DEEP.format(columns=columns)} UNION ALL {_DEEP.format(columns=columns)}"
         else:
             sql = f"{_DERIVED} SELECT {columns} FROM derived"
         return sql, params
@@ -410,8 +508,9 @@ class BarStore:
         lo, hi = _utc(interval.ceil(start)), _utc(interval.ceil(end))
         params = {"instrument": str(instrument), "interval": interval.value, "lo": lo, "hi": hi,
                   "step": timedelta(seconds=interval.seconds), "minutes": interval.seconds // 60}  # fmt: skip
+        sql = _ROLLED_PARTIAL if interval in _DEEP_HISTORY else _PARTIAL
         with self.engine.connect() as conn:
-            return [int(r[0]) for r in conn.execute(text(_PARTIAL), params)]
+            return [int(r[0]) for r in conn.execute(text(sql), params)]
 
     def provisional_starts(self, instrument: str, start: int, end: int) -> set[int]:
         """1m buckets in `[start, end)` whose stored bar is not final."""
@@ -422,6 +521,43 @@ class BarStore:
                 {"i": str(instrument), "lo": _utc(start), "hi": _utc(end)},
             )  # fmt: skip
             return {int(r[0]) for r in rows}
+
+
+@dataclass
+class _Touched:
+    """What a batch may change besides its bars: the instruments' versions, and the 1h / 1d rollups
+    of the hours and days holding its 1m bars."""
+
+    instruments: set[str]
+    hours: set[tuple[str, int]]
+
+    @classmethod
+    def of(cls, bars: Iterable[Bar]) -> _Touched:
+        instruments: set[str] = set()
+        hours: set[tuple[str, int]] = set()
+        for bar in bars:
+            instruments.add(bar.instrument)
+            if bar.interval == "1m":
+                hours.add((bar.instrument, bar.start - bar.start % 3600))
+        return cls(instruments, hours)
+
+    def record(self, cur: psycopg.Cursor, result: UpsertResult) -> None:
+        """In the batch's transaction, after its bars: bump the versions (which orders this against
+        other writers of these instruments, see _BUMP), then refresh the rollups."""
+        if not result.written:
+            return
+        cur.execute(_BUMP, (sorted(self.instruments),))
+        if not self.hours:
+            return
+        refresh_rollups(cur, sorted(self.hours))
+
+
+def refresh_rollups(cur: psycopg.Cursor, hours: Sequence[tuple[str, int]]) -> None:
+    """Roll the 1m bars of the (instrument, hour start) `hours` up into their 1h rows, then those
+    into the 1d rows of their days (in the caller's transaction; rows already right are kept)."""
+    days = sorted({(i, h - h % 86400) for i, h in hours})
+    cur.execute(_ROLLUP_1H, ([i for i, _ in hours], [_utc(h) for _, h in hours]))
+    cur.execute(_ROLLUP_1D, ([i for i, _ in days], [_utc(d) for _, d in days]))
 
 
 class _CopyText:
@@ -448,6 +584,12 @@ class _CopyText:
                 return
             self._chunks.append(chunk)
             yield chunk
+
+
+@lru_cache(maxsize=256)
+def _pyformat(sql: str) -> str:
+    """SQLAlchemy's `:name` placeholders as psycopg's `%(name)s` (casts such as `::bigint` kept)."""
+    return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql)
 
 
 def _cursor(conn: Connection) -> psycopg.Cursor:
