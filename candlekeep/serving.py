@@ -59,7 +59,7 @@ import anyio.to_thread
 import redis
 
 from candlekeep.bars import Bar, BarRow, BarRows, Interval, bar_row, decimal_str, missing_ranges, rollup_bars, row_bar
-from candlekeep.cache import BarCache, bar_key, forming_key
+from candlekeep.cache import BarCache, bar_key, forming_key, version_key
 from candlekeep.instruments import Instrument
 from candlekeep.messages import MessageError, decode_bar
 from candlekeep.query import MAX_BARS_PER_QUERY, OhlcvQuery, QueryError, build_query
@@ -136,7 +136,7 @@ class OhlcvService:
             query = self._limit_window(query, countback, now)
         elif limit is not None:
             query = self._first_window(query, limit)
-        rows, forming = self._stitch(query, now)
+        rows, forming, partial = self._stitch(query, now)
         if countback is not None and len(rows) > countback:
             rows = rows[-countback:]
             query = replace(query, start=rows[0][0])
@@ -145,14 +145,45 @@ class OhlcvService:
             query = replace(query, end=rows[-1][0] + query.interval.seconds)
             forming = forming if forming is not None and forming.start == rows[-1][0] else None
         closed_end = self._closed_end(query)
-        gaps = self._gaps(query, [r[0] for r in rows], closed_end)
+        gaps = self._gaps(query, [r[0] for r in rows], closed_end, partial)
         return Stitched(query, BarRows(query.instrument.id, query.interval.value, rows), gaps, not gaps, forming)
+
+    def answer_stamp(self, query: OhlcvQuery) -> tuple | None:
+        """What `read(query, ...)` depends on besides the question, read before the answer is: equal
+        stamps, equal answers (candlekeep.responses caches encoded answers under it). None when it
+        cannot be known (Redis failing).
+
+        Always the instrument's bar version (bumped in every writing transaction) and outages. Redis's
+        closed-bar version (bumped after every closed-bar write) when closed 1m bars of the window may
+        be read through Redis (younger than its TTL). And while a bucket of the window is open or
+        closing: the forming bar as Redis holds it, and the minute and closed end of the clock."""
+        instrument, interval = query.instrument.id, query.interval
+        stored = self.bar_store.change_stamp(instrument)
+        now = int(self.clock())
+        open_bucket = _M1.floor(now)
+        closed_end = self._closed_end(query)
+        settled = closed_end >= query.end
+        cache = self._usable_cache()
+        if cache is None:
+            return (stored,) if settled else (stored, open_bucket, closed_end)
+        through_redis = interval is _M1 and max(query.start, open_bucket - cache.closed_ttl_s) < min(query.end, open_bucket)
+        if settled and not through_redis:
+            return (stored,)
+        try:
+            version, forming = cache.client.mget([version_key(instrument), forming_key(instrument, "1m")])
+        except (redis.RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            return None
+        if settled:
+            return (stored, version)
+        return (stored, version, forming, open_bucket, closed_end)
 
     def _closed_end(self, query: OhlcvQuery) -> int:
         """End of the closed buckets of `query`: those that ended at least `closing_s` ago."""
         return min(query.end, query.interval.floor(int(self.clock() - self.closing_s)))
 
-    def _gaps(self, query: OhlcvQuery, starts: list[int], closed_end: int) -> list[tuple[int, int]]:
+    def _gaps(self, query: OhlcvQuery, starts: list[int], closed_end: int,
+              partial: list[int] | None = None) -> list[tuple[int, int]]:  # fmt: skip
         """Closed buckets of the window that lack a complete bar: no bar; a coarse bar derived from
         only some of its minutes; a bucket holding part of an outage whose bars are not final yet
         (the feed missed some of its trades: refilled by the coordinator, then final)."""
@@ -161,7 +192,9 @@ class OhlcvService:
         interval, instrument = query.interval, query.instrument.id
         missing = missing_ranges(starts, interval, query.start, closed_end)
         bad = {b for lo, hi in missing for b in range(lo, hi, interval.seconds)}
-        bad.update(b for b in self.bar_store.partial_buckets(instrument, interval, query.start, closed_end))
+        if partial is None:
+            partial = self.bar_store.partial_buckets(instrument, interval, query.start, closed_end)
+        bad.update(b for b in partial if query.start <= b < closed_end)
         if self.outages is not None:
             for outage in self.outages.list(instrument=instrument, start=_utc(query.start), end=_utc(closed_end)):
                 lo, hi = outage.refill_window(now=_utc(closed_end))
@@ -211,12 +244,15 @@ class OhlcvService:
 
     # -- stitching ---------------------------------------------------------------------------
 
-    def _stitch(self, query: OhlcvQuery, now: int) -> tuple[list[BarRow], Bar | None]:
+    def _stitch(self, query: OhlcvQuery, now: int) -> tuple[list[BarRow], Bar | None, list[int]]:
+        """(rows, the forming bar or None, starts of the coarse rows derived from only some minutes)."""
         instrument, interval = query.instrument.id, query.interval
+        partial: list[int] = []
         if interval is _M1:
             rows, forming_1m = self._read_1m(instrument, query.start, query.end, now)
         else:
-            rows = self.bar_store.read_rows(instrument, interval, query.start, query.end, limit=MAX_BARS_PER_QUERY)
+            rows, partial = self.bar_store.read_rows_and_partial(instrument, interval, query.start, query.end,
+                                                                 limit=MAX_BARS_PER_QUERY)  # fmt: skip
             forming_1m = self._forming(instrument)
         forming = None
         if forming_1m is not None and interval is not _M1:
@@ -231,7 +267,7 @@ class OhlcvService:
                 forming = forming_1m
         if forming is None and rows and not rows[-1][9] and rows[-1][0] >= interval.floor(now):
             forming = row_bar(instrument, interval.value, rows[-1])  # no Redis: the aggregator's last state
-        return rows, forming
+        return rows, forming, partial
 
     def _fold(self, forming: Bar, interval: Interval, derived: list[BarRow]) -> Bar | None:
         """The coarse bar of the forming minute's bucket, or None when it must not be folded."""

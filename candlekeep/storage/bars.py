@@ -15,10 +15,16 @@ locked, and never decompress a TimescaleDB compressed chunk), and the rest is me
   final bar overwrites a provisional one; a refused provisional bar counts as unchanged;
 - the stored `revision` is the database's count of changes; the incoming `Bar.revision` is ignored.
 
-Reads (`read_bars`; `copy_csv` streams the same SELECT as CSV): 1m bars are the stored ones. Coarser intervals are rolled up in SQL from the
-stored 1m bars exactly as candlekeep.bars.rollup_bars does (flat bars only carry the close); a 1h
-or 1d bucket without any 1m bar falls back to the stored 1h / 1d bar of that bucket (deep history,
-as the source gave it). A bucket is never made from both.
+Rollups: every batch that changes 1m bars also bumps `bar_versions` for its instruments (first: the
+row lock orders concurrent writers of one instrument) and refreshes, in the same transaction, the
+`bar_rollups` 1h rows of the hours it touched (from the stored 1m bars) and the 1d rows of their days
+(from the 1h rows), exactly as candlekeep.bars.rollup_bars does (flat bars only carry the close).
+
+Reads (`read_bars` / `read_rows`; `copy_csv` streams the same SELECT as CSV): 1m bars are the stored
+ones. 1h and 1d are the rollups; 5m, 15m, 30m and 4h are rolled up in SQL from the stored 1m bars as
+the rollups are. A 1h or 1d bucket without all its minutes falls back to the stored 1h / 1d bar of
+that bucket when there is one (deep history, as the source gave it). A bucket is never made from
+both. Reads run on autocommit connections (no ROLLBACK round trip when the connection goes back).
 
 Decimals go in as their exact text and come back as `Decimal` with the same digits (NUMERIC keeps
 trailing zeros: '1.50' reads back as Decimal('1.50')). Bucket starts are unix seconds, stored as
@@ -139,17 +145,6 @@ WITH m AS (
     FROM m
     GROUP BY agg
 )"""
-# A stored deep-history 1h/1d bar serves its bucket unless every minute of it is stored: a complete
-# bar beats a partial derivation from a few minutes (never a mix of the two).
-_DEEP = """
-SELECT {columns} FROM bars AS s
-WHERE s.instrument = :instrument AND s."interval" = :interval AND s.bucket >= :lo AND s.bucket < :hi
-  AND NOT EXISTS (SELECT 1 FROM derived AS d WHERE d.bucket = s.bucket AND d.minutes = :minutes)"""
-_DERIVED_NOT_DEEP = """
-SELECT {columns} FROM derived AS d
-WHERE d.minutes = :minutes OR NOT EXISTS (
-    SELECT 1 FROM bars AS s
-    WHERE s.instrument = :instrument AND s."interval" = :interval AND s.bucket = d.bucket)"""
 # Coarse buckets of [lo, hi) answered by a derivation from fewer than all their minutes.
 _PARTIAL = f"""{_DERIVED}
 SELECT extract(epoch FROM d.bucket)::bigint FROM derived AS d
@@ -165,10 +160,25 @@ WITH derived AS (
     SELECT bucket, open, high, low, close, volume, quote_volume, trades, source, final, revision, minutes
     FROM bar_rollups
     WHERE instrument = :instrument AND "interval" = :interval AND bucket >= :lo AND bucket < :hi
+), deep AS (
+    SELECT bucket, open, high, low, close, volume, quote_volume, trades, source, final, revision,
+           NULL::integer AS minutes
+    FROM bars
+    WHERE instrument = :instrument AND "interval" = :interval AND bucket >= :lo AND bucket < :hi
 )"""
+# A stored deep-history 1h/1d bar serves its bucket unless every minute of it is stored: a complete
+# bar beats a partial derivation from a few minutes (never a mix of the two). Each range is read once
+# (anti-joins, no probe per row).
+_ROLLED_OR_DEEP = """
+SELECT {columns} FROM derived AS d
+WHERE d.minutes = :minutes OR NOT EXISTS (SELECT 1 FROM deep AS s WHERE s.bucket = d.bucket)
+UNION ALL
+SELECT {columns} FROM deep AS s
+WHERE NOT EXISTS (SELECT 1 FROM derived AS d WHERE d.bucket = s.bucket AND d.minutes = :minutes)"""
 _ROLLED_PARTIAL = _PARTIAL.replace(_DERIVED, _ROLLED)
 
-# Rollups of the (instrument, bucket) keys given as two arrays, from their finer rows, as
+# Rollups of the buckets in the (instrument, lo, hi) ranges given as three arrays (edges on bucket
+# edges), from their finer rows (OFFSET 0: an index range scan per range, never a join of all), as
 # candlekeep.bars.rollup_bars does: 1h from the stored 1m bars, 1d from the 1h rollups (exact: a
 # rollup keeps whether all its minutes were flat, and first/last/extremes/sums compose). Rows that
 # would not change are left alone (not even locked).
@@ -181,7 +191,7 @@ _ROLLUP_COLUMNS = ('instrument, "interval", bucket, open, high, low, close, volu
 _ROLLUP_VALUES = ("open, high, low, close, volume, quote_volume, trades, source, final, revision, minutes, flat")
 _ROLLUP = f"""
 INSERT INTO bar_rollups AS r ({_ROLLUP_COLUMNS})
-SELECT k.instrument, '{{interval}}', k.bucket,
+SELECT k.instrument, '{{interval}}', date_bin(INTERVAL '{{width}}', m.bucket, TIMESTAMPTZ '1970-01-01 00:00:00+00'),
        coalesce((array_agg(m.open ORDER BY m.bucket) FILTER (WHERE NOT m.flat))[1],
                 (array_agg(m.close ORDER BY m.bucket DESC))[1]),
        coalesce(max(m.high) FILTER (WHERE NOT m.flat), (array_agg(m.close ORDER BY m.bucket DESC))[1]),
@@ -191,10 +201,10 @@ SELECT k.instrument, '{{interval}}', k.bucket,
        CASE WHEN count(m.trades) = count(*) THEN sum(m.trades) END,
        CASE WHEN min(m.source) = max(m.source) THEN min(m.source) ELSE 'mixed' END,
        bool_and(m.final), max(m.revision), sum(m.minutes), bool_and(m.flat)
-FROM unnest(%s::text[], %s::timestamptz[]) AS k(instrument, bucket)
-JOIN LATERAL ({{finer}} AND bucket >= k.bucket AND bucket < k.bucket + INTERVAL '{{width}}') AS m ON true
-GROUP BY k.instrument, k.bucket
-ORDER BY k.instrument, k.bucket
+FROM unnest(%s::text[], %s::timestamptz[], %s::timestamptz[]) AS k(instrument, lo, hi)
+JOIN LATERAL ({{finer}} AND bucket >= k.lo AND bucket < k.hi OFFSET 0) AS m ON true
+GROUP BY k.instrument, date_bin(INTERVAL '{{width}}', m.bucket, TIMESTAMPTZ '1970-01-01 00:00:00+00')
+ORDER BY 1, 3
 ON CONFLICT (instrument, "interval", bucket) DO UPDATE SET
     ({_ROLLUP_VALUES}) = (excluded.open, excluded.high, excluded.low, excluded.close, excluded.volume,
     excluded.quote_volume, excluded.trades, excluded.source, excluded.final, excluded.revision, excluded.minutes,
@@ -365,19 +375,36 @@ class BarStore:
         Decimal made: what an encoder writes as it is)."""
         return self._rows(str(instrument), Interval(interval), start, end, limit, text_numerics=True)
 
+    def read_rows_and_partial(
+        self, instrument: str, interval: Interval | str, start: int, end: int, *, limit: int | None = None
+    ) -> tuple[list[BarRow], list[int]]:
+        """`read_rows`, and the starts of the coarse rows among them derived from only some of their
+        minutes (what `partial_buckets` lists), from one query."""
+        interval = Interval(interval)
+        if interval is Interval.M1:
+            return self.read_rows(instrument, interval, start, end, limit=limit), []
+        rows = self._rows(str(instrument), interval, start, end, limit, text_numerics=True, columns=_OUT + ", minutes")
+        full = interval.seconds // 60
+        partial = [r[0] for r in rows if r[11] is not None and r[11] < full]
+        return [r[:11] for r in rows], partial
+
     def _rows(self, instrument: str, interval: Interval, start: int, end: int, limit: int | None, *,
-              text_numerics: bool = False) -> list[tuple]:  # fmt: skip
-        sql, params = self._query(instrument, interval, start, end, _OUT)
-        with self.engine.connect() as conn:  # psycopg's fetchall: rows made in C, not one by one
+              text_numerics: bool = False, columns: str = _OUT) -> list[tuple]:  # fmt: skip
+        sql, params = self._query(instrument, interval, start, end, columns)
+        with self._reading() as conn:  # psycopg's fetchall: rows made in C, not one by one
             cur = _cursor(conn)
             if text_numerics:
                 cur.adapters.register_loader("numeric", TextLoader)
             return cur.execute(_pyformat(sql + " ORDER BY start LIMIT :limit"), {**params, "limit": limit}).fetchall()
 
+    def _reading(self) -> Connection:
+        """A connection for reads: autocommit, so that giving it back costs no ROLLBACK round trip."""
+        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
     def change_stamp(self, instrument: str) -> tuple:
         """What changes whenever an answer about `instrument` may: its bar version (bumped in every
         writing transaction) and a digest of its outages. One round trip."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return tuple(_cursor(conn).execute(_STAMP, {"i": str(instrument)}).fetchone())
 
     def refresh_rollups(self, instrument: str, start: int, end: int) -> None:
@@ -401,7 +428,7 @@ class BarStore:
         """
         interval = Interval(interval)
         sql, params = self._query(str(instrument), interval, start, end, _START, stored_only=stored_only)
-        with self.engine.connect() as conn:  # one array, not a row per bucket
+        with self._reading() as conn:  # one array, not a row per bucket
             starts = conn.execute(text(f"SELECT array_agg(start ORDER BY start) FROM ({sql}) AS q"), params).scalar()
         return starts or []
 
@@ -411,12 +438,12 @@ class BarStore:
         """How many bars `read_bars` (or, `stored_only`, the stored `interval` rows) has in the range."""
         interval = Interval(interval)
         sql, params = self._query(str(instrument), interval, start, end, "bucket", stored_only=stored_only)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return conn.execute(text(f"SELECT count(*) FROM ({sql}) AS q"), params).scalar_one()
 
     def latest_start(self, instrument: str, interval: Interval | str = Interval.M1) -> int | None:
         """Start of the newest bar stored at `interval` (where a writer stopped), or None."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return conn.execute(
                 text(
                     'SELECT extract(epoch FROM max(bucket))::bigint FROM bars'
@@ -430,7 +457,7 @@ class BarStore:
 
         Stored rows only (nothing derived); one indexed scalar query (the serving cache watermark).
         """
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return conn.execute(
                 text(
                     'SELECT extract(epoch FROM max(bucket))::bigint FROM bars WHERE instrument = :instrument'
@@ -446,7 +473,7 @@ class BarStore:
 
         Stored rows only, as stored (not floored to a coarser bucket); one index probe per interval.
         """
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return conn.execute(
                 text(
                     'SELECT extract(epoch FROM max(bucket))::bigint FROM bars'
@@ -469,7 +496,7 @@ class BarStore:
         used = {k: v for k, v in params.items() if re.search(rf"(?<!:):{k}\b", sql)}
         compiled = text(sql + " ORDER BY start").bindparams(**used).compile(dialect=self.engine.dialect)
         statement = f"COPY ({compiled}) TO STDOUT WITH (FORMAT csv)"
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             driver = conn.connection.driver_connection
             with driver.cursor() as cur, cur.copy(statement, compiled.params) as copy:
                 buffer = bytearray()
@@ -494,7 +521,7 @@ class BarStore:
         params["step"] = timedelta(seconds=interval.seconds)
         if interval in _DEEP_HISTORY:  # the rollups (bar_rollups), and the source's own deep history
             params["minutes"] = interval.seconds // 60
-            sql = f"{_ROLLED} {_DERIVED_NOT_DEEP.format(columns=columns)} UNION ALL {_DEEP.format(columns=columns)}"
+            sql = f"{_ROLLED} {_ROLLED_OR_DEEP.format(columns=columns)}"
         else:
             sql = f"{_DERIVED} SELECT {columns} FROM derived"
         return sql, params
@@ -509,12 +536,12 @@ class BarStore:
         params = {"instrument": str(instrument), "interval": interval.value, "lo": lo, "hi": hi,
                   "step": timedelta(seconds=interval.seconds), "minutes": interval.seconds // 60}  # fmt: skip
         sql = _ROLLED_PARTIAL if interval in _DEEP_HISTORY else _PARTIAL
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return [int(r[0]) for r in conn.execute(text(sql), params)]
 
     def provisional_starts(self, instrument: str, start: int, end: int) -> set[int]:
         """1m buckets in `[start, end)` whose stored bar is not final."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 text('SELECT extract(epoch FROM bucket)::bigint FROM bars WHERE instrument = :i AND "interval" = \'1m\''
                      " AND bucket >= :lo AND bucket < :hi AND NOT final"),
@@ -555,9 +582,20 @@ class _Touched:
 def refresh_rollups(cur: psycopg.Cursor, hours: Sequence[tuple[str, int]]) -> None:
     """Roll the 1m bars of the (instrument, hour start) `hours` up into their 1h rows, then those
     into the 1d rows of their days (in the caller's transaction; rows already right are kept)."""
-    days = sorted({(i, h - h % 86400) for i, h in hours})
-    cur.execute(_ROLLUP_1H, ([i for i, _ in hours], [_utc(h) for _, h in hours]))
-    cur.execute(_ROLLUP_1D, ([i for i, _ in days], [_utc(d) for _, d in days]))
+    for statement, width, keys in ((_ROLLUP_1H, 3600, hours), (_ROLLUP_1D, 86400, {(i, h - h % 86400) for i, h in hours})):
+        runs = _runs(keys, width)
+        cur.execute(statement, ([i for i, _, _ in runs], [_utc(lo) for _, lo, _ in runs], [_utc(hi) for _, _, hi in runs]))
+
+
+def _runs(keys: Iterable[tuple[str, int]], width: int) -> list[tuple[str, int, int]]:
+    """(instrument, bucket start) keys as maximal (instrument, lo, hi) runs of adjacent buckets."""
+    runs: list[list] = []
+    for instrument, start in sorted(keys):
+        if runs and runs[-1][0] == instrument and runs[-1][2] == start:
+            runs[-1][2] = start + width
+        else:
+            runs.append([instrument, start, start + width])
+    return [(i, lo, hi) for i, lo, hi in runs]
 
 
 class _CopyText:

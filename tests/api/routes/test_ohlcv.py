@@ -324,13 +324,16 @@ def test_openapi_still_documents_the_response_models(client: TestClient) -> None
         assert "text/csv" in ok
 
 
-def test_iso_per_day_cache_matches_the_schema_iso() -> None:
+def test_encoded_bar_times_match_the_schema_iso() -> None:
     import random
 
-    from api.routes.ohlcv import _iso
     from api.schemas import iso
+    from candlekeep.bars import BarRows
 
     rng = random.Random(7)
     stamps = [0, 59, 86399, 86400, 951782400, 1709164800, 4102444799] + [rng.randrange(0, 4_102_444_800) for _ in range(5000)]
-    days: dict[int, str] = {}
-    assert [_iso(t, days) for t in stamps + stamps] == [iso(t) for t in stamps + stamps]
+    rows = [(t, "1", "1", "1", "1", "0", "0", None, "test", True, 0) for t in stamps + stamps]
+    query = build_query(instrument=BTC, interval="1m", start=str(T0), end=str(T0 + 60))
+    stitched = Stitched(query=query, bars=BarRows(BTC, "1m", rows), gaps=[], complete=True, forming=None)
+    starts = [b["start"] for b in msgspec.json.decode(_json(stitched, requested=BTC, seed=False))["bars"]]
+    assert starts == [iso(t) for t in stamps + stamps]
