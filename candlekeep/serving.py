@@ -195,14 +195,22 @@ class OhlcvService:
         if partial is None:
             partial = self.bar_store.partial_buckets(instrument, interval, query.start, closed_end)
         bad.update(b for b in partial if query.start <= b < closed_end)
-        if self.outages is not None:
-            for outage in self.outages.list(instrument=instrument, start=_utc(query.start), end=_utc(closed_end)):
-                lo, hi = outage.refill_window(now=_utc(closed_end))
-                lo, hi = max(lo, query.start), min(hi, closed_end)
-                if lo < hi:
-                    bad.update(interval.floor(m) for m in self.bar_store.provisional_starts(instrument, lo, hi))
+        bad.update(interval.floor(m) for m in self._outage_minutes(query, closed_end))
         present = [start for start in starts if start not in bad]
         return missing_ranges(present, interval, query.start, closed_end)
+
+    def _outage_minutes(self, query: OhlcvQuery, closed_end: int) -> set[int]:
+        """1m buckets of the window holding part of an outage whose bars are not final yet."""
+        found: set[int] = set()
+        if self.outages is None:
+            return found
+        instrument = query.instrument.id
+        for outage in self.outages.list(instrument=instrument, start=_utc(query.start), end=_utc(closed_end)):
+            lo, hi = outage.refill_window(now=_utc(closed_end))
+            lo, hi = max(lo, query.start), min(hi, closed_end)
+            if lo < hi:
+                found.update(self.bar_store.provisional_starts(instrument, lo, hi))
+        return found
 
     def latest_start(self, instrument: str, interval: Interval) -> int | None:
         """Start of the newest bucket with data (forming bar included), at `interval`, or None."""
@@ -222,10 +230,16 @@ class OhlcvService:
         closed_end = self._closed_end(query)
         if closed_end <= query.start:
             return []
+        if query.interval is _M1:  # a year of minutes: through the 1h rollups, no start per bar
+            missing = self.bar_store.missing_minutes(query.instrument.id, query.start, closed_end)
+            bad = self._outage_minutes(query, closed_end)
+            if bad:
+                missing = merge_ranges([*missing, *((m, m + 60) for m in bad)])
+            return missing
         starts = self.bar_store.bucket_starts(query.instrument.id, query.interval, query.start, closed_end)
         return self._gaps(query, starts, closed_end)
 
-    def csv_chunks(self, query: OhlcvQuery, *, chunk_bytes: int = 1 << 16) -> Iterator[bytes]:
+    def csv_chunks(self, query: OhlcvQuery, *, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
         """The bars of `query` as CSV (header first), in chunks: one COPY for the closed buckets,
         then the open bucket (with the forming bar) through `read`. At most MAX_CSV_BARS buckets."""
         now = int(self.clock())
@@ -627,6 +641,17 @@ def csv_line(bar: Bar) -> str:
         f"{bar.start},{decimal_str(bar.open)},{decimal_str(bar.high)},{decimal_str(bar.low)},{decimal_str(bar.close)},"
         f"{decimal_str(bar.volume)},{decimal_str(bar.quote_volume)},{trades},{source},{'true' if bar.final else 'false'}\n"
     )
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`[lo, hi)` ranges sorted, overlapping and touching ones merged."""
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return merged
 
 
 def _utc(ts: int) -> datetime:

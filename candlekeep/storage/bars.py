@@ -215,10 +215,11 @@ _ROLLUP_1H = _ROLLUP.format(interval="1h", finer=_FINER_1M, width="1 hour")
 _ROLLUP_1D = _ROLLUP.format(interval="1d", finer=_FINER_1H, width="1 day")
 # Bumped first in a writing transaction: the row lock also orders rollup refreshes of one instrument
 # (each refresh then sees every 1m bar committed before it), so two writers cannot lose a minute.
+# The version is the writing transaction's id: never the same twice, even after a TRUNCATE.
 _BUMP = """
 INSERT INTO bar_versions (instrument, version)
-SELECT i, 1 FROM unnest(%s::text[]) AS i ORDER BY i
-ON CONFLICT (instrument) DO UPDATE SET version = bar_versions.version + 1"""
+SELECT i, pg_current_xact_id()::text::bigint FROM unnest(%s::text[]) AS i ORDER BY i
+ON CONFLICT (instrument) DO UPDATE SET version = excluded.version"""
 # What makes an answer about one instrument stale: its bar version and its outages.
 _STAMP = """
 SELECT (SELECT version FROM bar_versions WHERE instrument = %(i)s),
@@ -525,6 +526,43 @@ class BarStore:
         else:
             sql = f"{_DERIVED} SELECT {columns} FROM derived"
         return sql, params
+
+    def missing_minutes(self, instrument: str, start: int, end: int) -> list[tuple[int, int]]:
+        """The `[lo, hi)` ranges of 1m buckets in `[start, end)` without a stored bar, ascending (what
+        missing_ranges gives of `bucket_starts`), read through the 1h rollups: a complete hour costs
+        nothing, and only the minutes of incomplete hours are looked at."""
+        lo, hi = Interval.M1.ceil(start), Interval.M1.ceil(end)
+        if lo >= hi:
+            return []
+        first, last = lo - lo % 3600, Interval.H1.ceil(hi)
+        with self._reading() as conn:
+            cur = _cursor(conn)
+            hours = dict(cur.execute(
+                'SELECT extract(epoch FROM bucket)::bigint, minutes FROM bar_rollups WHERE instrument = %s'
+                " AND \"interval\" = '1h' AND bucket >= %s AND bucket < %s", (str(instrument), _utc(first), _utc(last)),
+            ).fetchall())  # fmt: skip
+            partly = [h for h in range(first, last, 3600) if 0 < hours.get(h, 0) < 60]
+            runs = _runs(((str(instrument), h) for h in partly), 3600)
+            starts = cur.execute(
+                "SELECT array_agg(extract(epoch FROM b.bucket)::bigint ORDER BY b.bucket)"
+                " FROM unnest(%s::timestamptz[], %s::timestamptz[]) AS k(lo, hi) JOIN LATERAL (SELECT bucket FROM bars"
+                " WHERE instrument = %s AND \"interval\" = '1m' AND bucket >= k.lo AND bucket < k.hi OFFSET 0) AS b ON true",
+                ([_utc(a) for _, a, _ in runs], [_utc(b) for _, _, b in runs], str(instrument)),
+            ).fetchone()[0] if runs else None  # fmt: skip
+        present = set(starts or ())
+        gaps: list[tuple[int, int]] = []
+        for h in range(first, last, 3600):
+            held = hours.get(h, 0)
+            if held == 60:
+                continue
+            for m in range(max(h, lo), min(h + 3600, hi), 60):
+                if held and m in present:
+                    continue
+                if gaps and gaps[-1][1] == m:
+                    gaps[-1] = (gaps[-1][0], m + 60)
+                else:
+                    gaps.append((m, m + 60))
+        return gaps
 
     def partial_buckets(self, instrument: str, interval: Interval | str, start: int, end: int) -> list[int]:
         """Starts of the coarse buckets in `[start, end)` whose bar is derived from only some of
