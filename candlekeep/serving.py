@@ -497,8 +497,12 @@ class OnDemand:
         if not 0 <= wait <= MAX_WAIT_S:
             raise QueryError(f"wait {wait} must be between 0 and {MAX_WAIT_S:.0f} seconds")
         deadline = self.clock() + wait
-        stitched = await anyio.to_thread.run_sync(lambda: self.service.read(query, limit=limit, countback=countback))
-        asked = await anyio.to_thread.run_sync(self._ask, query, stitched, requester)
+
+        def read_and_ask() -> tuple[Stitched, bool]:  # one worker-thread hop for both
+            answer = self.service.read(query, limit=limit, countback=countback)
+            return answer, self._ask(query, answer, requester)
+
+        stitched, asked = await anyio.to_thread.run_sync(read_and_ask)
         if not asked or stitched.complete or self.clock() + self.poll_s > deadline:
             return stitched, asked
         async with waiting() if waiting is not None else nullcontext():
