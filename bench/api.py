@@ -4,9 +4,10 @@
 
 Data: `--days` of 1m bars ending at the current minute for 3 instruments, loaded with COPY (the last
 day provisional `stream` bars, as the aggregator leaves them; the rest final), then their 1h / 1d
-rollups (BarStore.refresh_rollups, what every upsert does in its transaction). The API runs under
-uvicorn on loopback in this process (a thread), with Redis (a `redis-server` of our own on a free
-port) and a closed-bar TTL of 2 days so a whole day can be cached; httpx with keep-alive is the client.
+rollups (BarStore.refresh_rollups, what every upsert does in its transaction). Two API
+processes (as deployed: the client's parsing does not share their GIL) run uvicorn on loopback: the
+cached app, with Redis (a `redis-server` of our own on a free port) and a closed-bar TTL of 2 days so
+a whole day can be cached, and the plain one; httpx with keep-alive is the client.
 Cases, each p50 / p99 / req/s, and the ratio to its baseline:
   (a) 1 day of 1m JSON, cached (Redis and the encoded-answer cache warm) and uncached (an app without
       Redis and with CANDLEKEEP_API_RESPONSE_CACHE_MB=0) vs SELECT of the rows (fetchall)
@@ -126,11 +127,48 @@ def serve(app, port: int) -> uvicorn.Server:
     return server
 
 
+def spawn_api(port: int, url: str, redis_url: str | None) -> subprocess.Popen:
+    """The API in a process of its own, as deployed (so the client's parsing does not share its GIL)."""
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--db", url, "--redis", redis_url or ""],
+                            stdin=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/udf/time", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the API did not start")
+
+
+def serve_forever(port: int, url: str, redis_url: str) -> None:
+    """`--serve`: the cached app (with Redis: a closed-bar TTL of 2 days, so a whole day is cacheable)
+    or the plain one (no Redis, no encoded-answer cache), until stdin closes."""
+    if redis_url:
+        app = create_app(Settings(database_url=url, redis_url=redis_url, api_rate_limit_per_minute=0))
+    else:
+        app = create_app(Settings(database_url=url, redis_url=None, api_rate_limit_per_minute=0,
+                                  api_response_cache_mb=0))  # fmt: skip
+    server = serve(app, port)
+    if redis_url:
+        app.state.ohlcv.cache = BarCache.from_url(redis_url, closed_ttl_s=2 * 86400)
+    sys.stdin.read()
+    server.should_exit = True
+    time.sleep(0.3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--days", type=int, default=365)
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the API process (spawn_api)
+    parser.add_argument("--db", help=argparse.SUPPRESS)
+    parser.add_argument("--redis", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        serve_forever(args.serve, args.db, args.redis)
+        return
 
     tmp = Path(tempfile.mkdtemp(prefix="candlekeep-bench-api-"))
     admin = os.environ.get("CANDLEKEEP_BENCH_PG_URL")
@@ -163,12 +201,8 @@ def main() -> None:
         print(f"1h / 1d rollups of them in {time.perf_counter() - began:.1f} s")
         InstrumentStore(engine).register(INSTRUMENTS, tracked=True)
         # Rate limiting off: the bench measures serving, not the limiter's refusals.
-        cached_app = create_app(Settings(database_url=url, redis_url=redis_url, api_rate_limit_per_minute=0))
-        plain_app = create_app(Settings(database_url=url, redis_url=None, api_rate_limit_per_minute=0,
-                                        api_response_cache_mb=0))  # fmt: skip
         p1, p2 = free_port(), free_port()
-        servers = [serve(cached_app, p1), serve(plain_app, p2)]
-        cached_app.state.ohlcv.cache = BarCache.from_url(redis_url, closed_ttl_s=2 * 86400)  # a whole day cacheable
+        servers = [spawn_api(p1, url, redis_url), spawn_api(p2, url, None)]
         cached = httpx.Client(base_url=f"http://127.0.0.1:{p1}", timeout=120)
         plain = httpx.Client(base_url=f"http://127.0.0.1:{p2}", timeout=120)
         pg = psycopg.connect(url)
@@ -258,9 +292,13 @@ def main() -> None:
         else:
             print("\nevery target met")
     finally:
-        for s in servers:
-            s.should_exit = True
-        time.sleep(0.5)
+        for proc in servers:
+            proc.stdin.close()
+        for proc in servers:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         redis_proc.terminate()
         redis_proc.wait(10)
         with psycopg.connect(admin, autocommit=True) as conn:

@@ -396,7 +396,7 @@ class BarStore:
             cur = _cursor(conn)
             if text_numerics:
                 cur.adapters.register_loader("numeric", TextLoader)
-            return cur.execute(_pyformat(sql + " ORDER BY start LIMIT :limit"), {**params, "limit": limit}).fetchall()
+            return cur.execute(_pyformat(sql + _order(interval) + " LIMIT :limit"), {**params, "limit": limit}).fetchall()
 
     def _reading(self) -> Connection:
         """A connection for reads: autocommit, so that giving it back costs no ROLLBACK round trip."""
@@ -495,7 +495,7 @@ class BarStore:
         from one COPY ... TO STDOUT, in chunks of about `chunk_bytes`. Nothing runs until iterated."""
         sql, params = self._query(str(instrument), Interval(interval), start, end, _CSV_COLUMNS)
         used = {k: v for k, v in params.items() if re.search(rf"(?<!:):{k}\b", sql)}
-        compiled = text(sql + " ORDER BY start").bindparams(**used).compile(dialect=self.engine.dialect)
+        compiled = text(sql + _order(Interval(interval))).bindparams(**used).compile(dialect=self.engine.dialect)
         statement = f"COPY ({compiled}) TO STDOUT WITH (FORMAT csv)"
         with self._reading() as conn:
             driver = conn.connection.driver_connection
@@ -660,6 +660,12 @@ class _CopyText:
                 return
             self._chunks.append(chunk)
             yield chunk
+
+
+def _order(interval: Interval) -> str:
+    """Stored 1m rows come in index order (ORDER BY the computed `start` would sort a year of them);
+    a union of rollups and deep history can only be ordered by its output column."""
+    return " ORDER BY bucket" if interval is Interval.M1 else " ORDER BY start"
 
 
 @lru_cache(maxsize=256)
