@@ -131,6 +131,10 @@ class OhlcvService:
                 raise QueryError(f"{name} {n} must be between 1 and {MAX_BARS_PER_QUERY} (the cap on bars per request)")
         if limit is not None and countback is not None:
             raise QueryError("give limit or countback, not both")
+        with self.bar_store.pinned():  # one connection for every read of the answer
+            return self._read(query, limit, countback)
+
+    def _read(self, query: OhlcvQuery, limit: int | None, countback: int | None) -> Stitched:
         now = int(self.clock())
         if countback is not None:
             query = self._limit_window(query, countback, now)
@@ -205,7 +209,9 @@ class OhlcvService:
         if self.outages is None:
             return found
         instrument = query.instrument.id
-        for outage in self.outages.list(instrument=instrument, start=_utc(query.start), end=_utc(closed_end)):
+        with self.bar_store.pinned() as conn:  # the answer's connection when pinned by `read`
+            outages = self.outages.list(instrument=instrument, start=_utc(query.start), end=_utc(closed_end), conn=conn)
+        for outage in outages:
             lo, hi = outage.refill_window(now=_utc(closed_end))
             lo, hi = max(lo, query.start), min(hi, closed_end)
             if lo < hi:

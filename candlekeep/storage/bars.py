@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -246,6 +248,7 @@ class UpsertResult:
 class BarStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._pinned = threading.local()  # .conn: the connection of `pinned()` in this thread
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -398,9 +401,28 @@ class BarStore:
                 cur.adapters.register_loader("numeric", TextLoader)
             return cur.execute(_pyformat(sql + _order(interval) + " LIMIT :limit"), {**params, "limit": limit}).fetchall()
 
-    def _reading(self) -> Connection:
-        """A connection for reads: autocommit, so that giving it back costs no ROLLBACK round trip."""
+    def _reading(self) -> AbstractContextManager[Connection]:
+        """A connection for reads: the one pinned by `pinned()` in this thread, else one of the
+        engine's, autocommit (giving it back costs no ROLLBACK round trip)."""
+        conn = getattr(self._pinned, "conn", None)
+        if conn is not None:
+            return nullcontext(conn)
         return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+    @contextmanager
+    def pinned(self) -> Iterator[Connection]:
+        """Every read of this store in this thread, inside the block, on one connection (one pool
+        checkout, one liveness ping, for an answer made of several reads); yields it for other
+        stores' reads."""
+        if getattr(self._pinned, "conn", None) is not None:
+            yield self._pinned.conn
+            return
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            self._pinned.conn = conn
+            try:
+                yield conn
+            finally:
+                self._pinned.conn = None
 
     def change_stamp(self, instrument: str) -> tuple:
         """What changes whenever an answer about `instrument` may: its bar version (bumped in every
