@@ -11,9 +11,15 @@ disagree. Nothing here imports FastAPI, Kafka or `streaming/`: the API hands `On
 `request_fetch(instrument, start, end)` that puts a `track` (start = end = None) or `fetch` command on
 `control`.
 
+Bars travel as BarRow tuples (candlekeep.bars: the decimals as PostgreSQL's text), from one pinned
+connection per answer; `Stitched.bars` is a BarRows that makes a Bar only when one is read, so the
+JSON encoder (candlekeep.responses) writes the rows as they came. `answer_stamp(query)` says what an
+answer depends on (the API caches encoded answers under it).
+
 Stitching rules (DESIGN.md "Bar semantics", "Redis"):
-- Stored bars come from `BarStore.read_bars`: final bars already win over provisional ones in the table
-  (a stream write never overwrites a final bar); coarser intervals are derived from 1m in SQL.
+- Stored bars come from `BarStore.read_rows`: final bars already win over provisional ones in the table
+  (a stream write never overwrites a final bar); 1h / 1d are the exact rollups kept with every 1m
+  write, the other coarser intervals are derived from 1m in SQL.
 - Recent closed 1m bars are read through Redis (`ohlcv:{instrument}:1m:{bucket}`), only for buckets
   (a) younger than the cache TTL and (b) AFTER the newest final 1m bar the database holds in the
   range (the "final watermark", one indexed scalar query). Every bucket up to the watermark comes
