@@ -41,6 +41,7 @@ bench: venv kafka-jars
 	$(BIN)/python bench/backfill.py
 	$(BIN)/python bench/stream.py
 	$(BIN)/python bench/replay.py
+	$(BIN)/python bench/api.py
 
 clean:
 	rm -rf $(VENV) .candlekeep .pytest_cache web/node_modules web/dist

@@ -31,6 +31,7 @@ from candlekeep.bus import Bus, make_bus
 from candlekeep.cache import BarCache
 from candlekeep.logs import configure as configure_logging
 from candlekeep.messages import ControlCommand
+from candlekeep.responses import ResponseCache
 from candlekeep.serving import OhlcvService, OnDemand
 from candlekeep.settings import Settings
 from candlekeep.sources.listing import make_listing
@@ -54,6 +55,8 @@ def create_app(settings: Settings | None = None, *, bus: Bus | None = None) -> F
         cache = BarCache.from_url(settings.redis_url) if settings.redis_url else None
         app.state.settings = settings
         app.state.limits = Limits.from_settings(settings)
+        app.state.responses = (ResponseCache(max_bytes=settings.api_response_cache_mb << 20)
+                               if settings.api_response_cache_mb else None)  # fmt: skip
         app.state.engine = engine
         app.state.bar_store = BarStore(engine)
         app.state.cache = cache

@@ -184,6 +184,52 @@ class Bar:
         return found
 
 
+# A bar as the database gives it to readers (candlekeep.storage.bars.BarStore.read_rows): (start,
+# open, high, low, close, volume, quote_volume, trades, source, final, revision), the six decimals as
+# plain decimal text ('1.50', '0.00000001': what decimal_str writes). Encoders write it as it is;
+# `row_bar` makes the Bar.
+BarRow = tuple[int, str, str, str, str, str, str, int | None, str, bool, int]
+
+
+def bar_row(bar: Bar) -> BarRow:
+    d = decimal_str
+    return (bar.start, d(bar.open), d(bar.high), d(bar.low), d(bar.close), d(bar.volume), d(bar.quote_volume),
+            bar.trades, bar.source, bar.final, bar.revision)  # fmt: skip
+
+
+def row_bar(instrument: str, interval: str, row: BarRow) -> Bar:
+    s, o, h, lo, c, v, qv, trades, source, final, revision = row
+    return Bar(instrument, interval, s, Decimal(o), Decimal(h), Decimal(lo), Decimal(c), Decimal(v), Decimal(qv),
+               trades, source, final, revision)  # fmt: skip
+
+
+class BarRows(Sequence[Bar]):
+    """Bars of one instrument and interval held as BarRows; each Bar is made when it is asked for
+    (an encoder reads `rows` and makes none)."""
+
+    __slots__ = ("instrument", "interval", "rows")
+
+    def __init__(self, instrument: str, interval: str, rows: list[BarRow]) -> None:
+        self.instrument, self.interval, self.rows = instrument, interval, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [row_bar(self.instrument, self.interval, r) for r in self.rows[index]]
+        return row_bar(self.instrument, self.interval, self.rows[index])
+
+    def __iter__(self) -> Iterator[Bar]:
+        return (row_bar(self.instrument, self.interval, r) for r in self.rows)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"BarRows({list(self)!r})"
+
+
 def flat_bar(instrument: str, interval: Interval, start: int, price: Decimal, source: str) -> Bar:
     zero = Decimal(0)
     return Bar(instrument, interval.value, start, price, price, price, price, zero, zero, 0, source)

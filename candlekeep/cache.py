@@ -9,6 +9,9 @@ Keys (helpers below, so readers such as the API build the same names):
     ohlcv:{instrument}:{interval}:forming                 the forming bar (JSON, `forming_ttl_s`, so
                                                           a stopped writer's bar goes away)
     channel ohlcv:{instrument}:{interval}:updates         every write, published (same JSON)
+    ohlcv:{instrument}:version                            a counter, incremented after every write of
+                                                          closed bars of the instrument (readers of
+                                                          encoded answers compare it; no TTL)
 The JSON is `candlekeep.messages.encode_bar`, the `bars` topic's shape. The bucket text is
 `2024-01-01T00:00:00Z`.
 
@@ -22,7 +25,8 @@ bars) and carries on as usual.
 
 State: `_closed` / `_forming` (key -> (payload, channel, ttl), oldest first: the backlog, empty
 while Redis answers), `_down_since` (monotonic time of the first failure, None while Redis
-answers), `_next_try` and `_streak` (the backoff), the counters `failures`, `dropped`, `written`;
+answers), `_versions` (instruments whose version is to be incremented with the backlog's next
+write), `_next_try` and `_streak` (the backoff), the counters `failures`, `dropped`, `written`;
 all guarded by one lock.
 """
 
@@ -59,6 +63,10 @@ def forming_key(instrument: str, interval: str) -> str:
     return f"ohlcv:{instrument}:{interval}:forming"
 
 
+def version_key(instrument: str) -> str:
+    return f"ohlcv:{instrument}:version"
+
+
 def updates_channel(instrument: str, interval: str) -> str:
     return f"ohlcv:{instrument}:{interval}:updates"
 
@@ -89,6 +97,7 @@ class BarCache:
         # key -> (payload, channel, ttl), oldest first; closed bars are written before forming ones
         self._closed: OrderedDict[str, tuple[bytes, str, int]] = OrderedDict()
         self._forming: OrderedDict[str, tuple[bytes, str, int]] = OrderedDict()
+        self._versions: set[str] = set()  # instruments whose closed bars are in the backlog
         self._down_since: float | None = None
         self._next_try = 0.0
         self.failures = 0
@@ -108,6 +117,7 @@ class BarCache:
         """Cache and publish `closed` and `forming` bars; True when Redis has everything now."""
         with self._lock:
             for b in closed:
+                self._versions.add(b.instrument)
                 key = bar_key(b.instrument, b.interval, b.start)
                 self._closed[key] = (encode_bar(b), updates_channel(b.instrument, b.interval), self.closed_ttl_s)
                 self._closed.move_to_end(key)
@@ -134,6 +144,8 @@ class BarCache:
             for key, (payload, channel, ttl) in items:
                 pipe.set(key, payload, ex=ttl)
                 pipe.publish(channel, payload)
+            for instrument in sorted(self._versions):  # after the bars: a reader seeing it sees them
+                pipe.incr(version_key(instrument))
             pipe.execute()
         except (redis.RedisError, OSError) as exc:
             self.failures += 1
@@ -148,6 +160,7 @@ class BarCache:
             return False
         self._closed.clear()  # under the lock: nothing newer arrived meanwhile
         self._forming.clear()
+        self._versions.clear()
         self.written += len(items)
         if self._down_since is not None:
             down_s = round(self._clock() - self._down_since, 3)

@@ -11,9 +11,15 @@ disagree. Nothing here imports FastAPI, Kafka or `streaming/`: the API hands `On
 `request_fetch(instrument, start, end)` that puts a `track` (start = end = None) or `fetch` command on
 `control`.
 
+Bars travel as BarRow tuples (candlekeep.bars: the decimals as PostgreSQL's text), from one pinned
+connection per answer; `Stitched.bars` is a BarRows that makes a Bar only when one is read, so the
+JSON encoder (candlekeep.responses) writes the rows as they came. `answer_stamp(query)` says what an
+answer depends on (the API caches encoded answers under it).
+
 Stitching rules (DESIGN.md "Bar semantics", "Redis"):
-- Stored bars come from `BarStore.read_bars`: final bars already win over provisional ones in the table
-  (a stream write never overwrites a final bar); coarser intervals are derived from 1m in SQL.
+- Stored bars come from `BarStore.read_rows`: final bars already win over provisional ones in the table
+  (a stream write never overwrites a final bar); 1h / 1d are the exact rollups kept with every 1m
+  write, the other coarser intervals are derived from 1m in SQL.
 - Recent closed 1m bars are read through Redis (`ohlcv:{instrument}:1m:{bucket}`), only for buckets
   (a) younger than the cache TTL and (b) AFTER the newest final 1m bar the database holds in the
   range (the "final watermark", one indexed scalar query). Every bucket up to the watermark comes
@@ -48,7 +54,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -58,8 +64,8 @@ import anyio
 import anyio.to_thread
 import redis
 
-from candlekeep.bars import Bar, Interval, decimal_str, missing_ranges, rollup_bars
-from candlekeep.cache import BarCache, bar_key, forming_key
+from candlekeep.bars import Bar, BarRow, BarRows, Interval, bar_row, decimal_str, missing_ranges, rollup_bars, row_bar
+from candlekeep.cache import BarCache, bar_key, forming_key, version_key
 from candlekeep.instruments import Instrument
 from candlekeep.messages import MessageError, decode_bar
 from candlekeep.query import MAX_BARS_PER_QUERY, OhlcvQuery, QueryError, build_query
@@ -93,7 +99,8 @@ class Stitched:
     """The answer to one OHLCV question."""
 
     query: OhlcvQuery  # the window answered (start moves up to the first bar under `limit`)
-    bars: list[Bar]  # ascending, one per bucket, forming bar last (final=False) when in range
+    bars: Sequence[Bar]  # ascending, one per bucket, forming bar last (final=False) when in range; from
+    # `read`, a BarRows (the encoders read its rows, no Bar made)
     gaps: list[tuple[int, int]]  # closed buckets of the window without a bar
     complete: bool
     forming: Bar | None
@@ -130,28 +137,63 @@ class OhlcvService:
                 raise QueryError(f"{name} {n} must be between 1 and {MAX_BARS_PER_QUERY} (the cap on bars per request)")
         if limit is not None and countback is not None:
             raise QueryError("give limit or countback, not both")
+        with self.bar_store.pinned():  # one connection for every read of the answer
+            return self._read(query, limit, countback)
+
+    def _read(self, query: OhlcvQuery, limit: int | None, countback: int | None) -> Stitched:
         now = int(self.clock())
         if countback is not None:
             query = self._limit_window(query, countback, now)
         elif limit is not None:
             query = self._first_window(query, limit)
-        bars, forming = self._stitch(query, now)
-        if countback is not None and len(bars) > countback:
-            bars = bars[-countback:]
-            query = replace(query, start=bars[0].start)
-        elif limit is not None and len(bars) > limit:
-            bars = bars[:limit]
-            query = replace(query, end=bars[-1].start + query.interval.seconds)
-            forming = forming if forming is not None and forming.start == bars[-1].start else None
+        rows, forming, partial = self._stitch(query, now)
+        if countback is not None and len(rows) > countback:
+            rows = rows[-countback:]
+            query = replace(query, start=rows[0][0])
+        elif limit is not None and len(rows) > limit:
+            rows = rows[:limit]
+            query = replace(query, end=rows[-1][0] + query.interval.seconds)
+            forming = forming if forming is not None and forming.start == rows[-1][0] else None
         closed_end = self._closed_end(query)
-        gaps = self._gaps(query, [b.start for b in bars], closed_end)
-        return Stitched(query, bars, gaps, not gaps, forming)
+        gaps = self._gaps(query, [r[0] for r in rows], closed_end, partial)
+        return Stitched(query, BarRows(query.instrument.id, query.interval.value, rows), gaps, not gaps, forming)
+
+    def answer_stamp(self, query: OhlcvQuery) -> tuple | None:
+        """What `read(query, ...)` depends on besides the question, read before the answer is: equal
+        stamps, equal answers (candlekeep.responses caches encoded answers under it). None when it
+        cannot be known (Redis failing).
+
+        Always the instrument's bar version (bumped in every writing transaction) and outages. Redis's
+        closed-bar version (bumped after every closed-bar write) when closed 1m bars of the window may
+        be read through Redis (younger than its TTL). And while a bucket of the window is open or
+        closing: the forming bar as Redis holds it, and the minute and closed end of the clock."""
+        instrument, interval = query.instrument.id, query.interval
+        stored = self.bar_store.change_stamp(instrument)
+        now = int(self.clock())
+        open_bucket = _M1.floor(now)
+        closed_end = self._closed_end(query)
+        settled = closed_end >= query.end
+        cache = self._usable_cache()
+        if cache is None:
+            return (stored,) if settled else (stored, open_bucket, closed_end)
+        through_redis = interval is _M1 and max(query.start, open_bucket - cache.closed_ttl_s) < min(query.end, open_bucket)
+        if settled and not through_redis:
+            return (stored,)
+        try:
+            version, forming = cache.client.mget([version_key(instrument), forming_key(instrument, "1m")])
+        except (redis.RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            return None
+        if settled:
+            return (stored, version)
+        return (stored, version, forming, open_bucket, closed_end)
 
     def _closed_end(self, query: OhlcvQuery) -> int:
         """End of the closed buckets of `query`: those that ended at least `closing_s` ago."""
         return min(query.end, query.interval.floor(int(self.clock() - self.closing_s)))
 
-    def _gaps(self, query: OhlcvQuery, starts: list[int], closed_end: int) -> list[tuple[int, int]]:
+    def _gaps(self, query: OhlcvQuery, starts: list[int], closed_end: int,
+              partial: list[int] | None = None) -> list[tuple[int, int]]:  # fmt: skip
         """Closed buckets of the window that lack a complete bar: no bar; a coarse bar derived from
         only some of its minutes; a bucket holding part of an outage whose bars are not final yet
         (the feed missed some of its trades: refilled by the coordinator, then final)."""
@@ -160,15 +202,27 @@ class OhlcvService:
         interval, instrument = query.interval, query.instrument.id
         missing = missing_ranges(starts, interval, query.start, closed_end)
         bad = {b for lo, hi in missing for b in range(lo, hi, interval.seconds)}
-        bad.update(b for b in self.bar_store.partial_buckets(instrument, interval, query.start, closed_end))
-        if self.outages is not None:
-            for outage in self.outages.list(instrument=instrument, start=_utc(query.start), end=_utc(closed_end)):
-                lo, hi = outage.refill_window(now=_utc(closed_end))
-                lo, hi = max(lo, query.start), min(hi, closed_end)
-                if lo < hi:
-                    bad.update(interval.floor(m) for m in self.bar_store.provisional_starts(instrument, lo, hi))
+        if partial is None:
+            partial = self.bar_store.partial_buckets(instrument, interval, query.start, closed_end)
+        bad.update(b for b in partial if query.start <= b < closed_end)
+        bad.update(interval.floor(m) for m in self._outage_minutes(query, closed_end))
         present = [start for start in starts if start not in bad]
         return missing_ranges(present, interval, query.start, closed_end)
+
+    def _outage_minutes(self, query: OhlcvQuery, closed_end: int) -> set[int]:
+        """1m buckets of the window holding part of an outage whose bars are not final yet."""
+        found: set[int] = set()
+        if self.outages is None:
+            return found
+        instrument = query.instrument.id
+        with self.bar_store.pinned() as conn:  # the answer's connection when pinned by `read`
+            outages = self.outages.list(instrument=instrument, start=_utc(query.start), end=_utc(closed_end), conn=conn)
+        for outage in outages:
+            lo, hi = outage.refill_window(now=_utc(closed_end))
+            lo, hi = max(lo, query.start), min(hi, closed_end)
+            if lo < hi:
+                found.update(self.bar_store.provisional_starts(instrument, lo, hi))
+        return found
 
     def latest_start(self, instrument: str, interval: Interval) -> int | None:
         """Start of the newest bucket with data (forming bar included), at `interval`, or None."""
@@ -188,10 +242,16 @@ class OhlcvService:
         closed_end = self._closed_end(query)
         if closed_end <= query.start:
             return []
+        if query.interval is _M1:  # a year of minutes: through the 1h rollups, no start per bar
+            missing = self.bar_store.missing_minutes(query.instrument.id, query.start, closed_end)
+            bad = self._outage_minutes(query, closed_end)
+            if bad:
+                missing = merge_ranges([*missing, *((m, m + 60) for m in bad)])
+            return missing
         starts = self.bar_store.bucket_starts(query.instrument.id, query.interval, query.start, closed_end)
         return self._gaps(query, starts, closed_end)
 
-    def csv_chunks(self, query: OhlcvQuery, *, chunk_bytes: int = 1 << 16) -> Iterator[bytes]:
+    def csv_chunks(self, query: OhlcvQuery, *, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
         """The bars of `query` as CSV (header first), in chunks: one COPY for the closed buckets,
         then the open bucket (with the forming bar) through `read`. At most MAX_CSV_BARS buckets."""
         now = int(self.clock())
@@ -210,29 +270,32 @@ class OhlcvService:
 
     # -- stitching ---------------------------------------------------------------------------
 
-    def _stitch(self, query: OhlcvQuery, now: int) -> tuple[list[Bar], Bar | None]:
+    def _stitch(self, query: OhlcvQuery, now: int) -> tuple[list[BarRow], Bar | None, list[int]]:
+        """(rows, the forming bar or None, starts of the coarse rows derived from only some minutes)."""
         instrument, interval = query.instrument.id, query.interval
+        partial: list[int] = []
         if interval is _M1:
-            bars, forming_1m = self._read_1m(instrument, query.start, query.end, now)
+            rows, forming_1m = self._read_1m(instrument, query.start, query.end, now)
         else:
-            bars = self.bar_store.read_bars(instrument, interval, query.start, query.end, limit=MAX_BARS_PER_QUERY)
+            rows, partial = self.bar_store.read_rows_and_partial(instrument, interval, query.start, query.end,
+                                                                 limit=MAX_BARS_PER_QUERY)  # fmt: skip
             forming_1m = self._forming(instrument)
         forming = None
         if forming_1m is not None and interval is not _M1:
-            forming_1m = self._fold(forming_1m, interval, bars)
+            forming_1m = self._fold(forming_1m, interval, rows)
         if forming_1m is not None and query.start <= forming_1m.start < query.end:
-            last = bars[-1] if bars else None
-            if last is None or last.start < forming_1m.start:
-                bars.append(forming_1m)
+            last = rows[-1] if rows else None
+            if last is None or last[0] < forming_1m.start:
+                rows.append(bar_row(forming_1m))
                 forming = forming_1m
-            elif last.start == forming_1m.start and not last.final:
-                bars[-1] = forming_1m
+            elif last[0] == forming_1m.start and not last[9]:
+                rows[-1] = bar_row(forming_1m)
                 forming = forming_1m
-        if forming is None and bars and not bars[-1].final and bars[-1].start >= interval.floor(now):
-            forming = bars[-1]  # no Redis: the aggregator's last state in the database
-        return bars, forming
+        if forming is None and rows and not rows[-1][9] and rows[-1][0] >= interval.floor(now):
+            forming = row_bar(instrument, interval.value, rows[-1])  # no Redis: the aggregator's last state
+        return rows, forming, partial
 
-    def _fold(self, forming: Bar, interval: Interval, derived: list[Bar]) -> Bar | None:
+    def _fold(self, forming: Bar, interval: Interval, derived: list[BarRow]) -> Bar | None:
         """The coarse bar of the forming minute's bucket, or None when it must not be folded."""
         coarse = interval.floor(forming.start)
         minutes = self.bar_store.read_bars(forming.instrument, _M1, coarse, forming.start + 60)
@@ -240,20 +303,21 @@ class OhlcvService:
         if stored_same is not None and stored_same.final:
             return None  # a final bar for that minute is stored: the derived bar already has it
         minutes = [m for m in minutes if m.start < forming.start]
-        if not minutes and any(b.start == coarse for b in derived):
+        if not minutes and any(r[0] == coarse for r in derived):
             return None  # that bucket is a stored deep-history bar: never mixed with 1m
         folded = next(rollup_bars([*minutes, forming], interval))
         return replace(folded, final=False)
 
-    def _read_1m(self, instrument: str, start: int, end: int, now: int) -> tuple[list[Bar], Bar | None]:
+    def _read_1m(self, instrument: str, start: int, end: int, now: int) -> tuple[list[BarRow], Bar | None]:
         """1m bars of [start, end) with recent closed buckets read through Redis, and the forming bar."""
         open_bucket = _M1.floor(now)
         cache = self._usable_cache()
         lo = max(start, open_bucket - cache.closed_ttl_s) if cache else open_bucket
         hi = min(end, open_bucket)
+        read = self.bar_store.read_rows
         if cache is None or lo >= hi:
-            bars = self.bar_store.read_bars(instrument, _M1, start, end, limit=MAX_BARS_PER_QUERY)
-            return bars, self._forming(instrument) if cache else None
+            rows = read(instrument, _M1, start, end, limit=MAX_BARS_PER_QUERY)
+            return rows, self._forming(instrument) if cache else None
         watermark = self.bar_store.latest_final_start(instrument, _M1, lo, hi)
         cached_lo = lo if watermark is None else max(lo, watermark + 60)
         starts = list(range(cached_lo, hi, 60))
@@ -261,12 +325,11 @@ class OhlcvService:
             raws = cache.client.mget([*(bar_key(instrument, "1m", s) for s in starts), forming_key(instrument, "1m")])
         except (redis.RedisError, OSError) as exc:
             self._redis_failed(exc)
-            bars = self.bar_store.read_bars(instrument, _M1, start, end, limit=MAX_BARS_PER_QUERY)
-            return bars, None
-        hits: dict[int, Bar] = {}
+            return read(instrument, _M1, start, end, limit=MAX_BARS_PER_QUERY), None
+        hits: dict[int, BarRow] = {}
         for s, raw in zip(starts, raws, strict=False):
             if raw is not None and (b := _decode(raw, instrument, "1m")) is not None and b.start == s:
-                hits[s] = b
+                hits[s] = bar_row(b)
         forming = _decode(raws[-1], instrument, "1m") if raws[-1] is not None else None
         misses = [s for s in starts if s not in hits]
         if self.metrics is not None:
@@ -274,16 +337,16 @@ class OhlcvService:
         # The database: everything before the cached window, and the span of the misses.
         db_hi = max(misses[-1] + 60, cached_lo) if misses else cached_lo
         db_lo_misses = misses[0] if misses else cached_lo
-        stored = self.bar_store.read_bars(instrument, _M1, start, cached_lo, limit=MAX_BARS_PER_QUERY) if start < cached_lo else []
-        from_db = self.bar_store.read_bars(instrument, _M1, db_lo_misses, db_hi, limit=MAX_BARS_PER_QUERY) if misses else []
-        fill = [b for b in from_db if b.start not in hits]
+        stored = read(instrument, _M1, start, cached_lo, limit=MAX_BARS_PER_QUERY) if start < cached_lo else []
+        from_db = read(instrument, _M1, db_lo_misses, db_hi, limit=MAX_BARS_PER_QUERY) if misses else []
+        fill = [r for r in from_db if r[0] not in hits]
         if fill:
-            self._populate(cache, fill)
-        tail = self.bar_store.read_bars(instrument, _M1, hi, end, limit=MAX_BARS_PER_QUERY) if hi < end else []
-        merged = {b.start: b for b in stored}
-        merged.update((b.start, b) for b in fill)
+            self._populate(cache, [row_bar(instrument, "1m", r) for r in fill])
+        tail = read(instrument, _M1, hi, end, limit=MAX_BARS_PER_QUERY) if hi < end else []
+        merged = {r[0]: r for r in stored}
+        merged.update((r[0], r) for r in fill)
         merged.update(hits)
-        merged.update((b.start, b) for b in tail)
+        merged.update((r[0], r) for r in tail)
         return [merged[s] for s in sorted(merged)], forming
 
     def _populate(self, cache: BarCache, bars: list[Bar]) -> None:
@@ -446,8 +509,12 @@ class OnDemand:
         if not 0 <= wait <= MAX_WAIT_S:
             raise QueryError(f"wait {wait} must be between 0 and {MAX_WAIT_S:.0f} seconds")
         deadline = self.clock() + wait
-        stitched = await anyio.to_thread.run_sync(lambda: self.service.read(query, limit=limit, countback=countback))
-        asked = await anyio.to_thread.run_sync(self._ask, query, stitched, requester)
+
+        def read_and_ask() -> tuple[Stitched, bool]:  # one worker-thread hop for both
+            answer = self.service.read(query, limit=limit, countback=countback)
+            return answer, self._ask(query, answer, requester)
+
+        stitched, asked = await anyio.to_thread.run_sync(read_and_ask)
         if not asked or stitched.complete or self.clock() + self.poll_s > deadline:
             return stitched, asked
         async with waiting() if waiting is not None else nullcontext():
@@ -590,6 +657,17 @@ def csv_line(bar: Bar) -> str:
         f"{bar.start},{decimal_str(bar.open)},{decimal_str(bar.high)},{decimal_str(bar.low)},{decimal_str(bar.close)},"
         f"{decimal_str(bar.volume)},{decimal_str(bar.quote_volume)},{trades},{source},{'true' if bar.final else 'false'}\n"
     )
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`[lo, hi)` ranges sorted, overlapping and touching ones merged."""
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return merged
 
 
 def _utc(ts: int) -> datetime:

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     api_max_tracks_per_key: int = Field(10, ge=0)
     # A CSV export whose client reads nothing for this long is dropped (its COPY cancelled).
     api_send_timeout_s: float = Field(30.0, gt=0)
+    # Encoded /v1/ohlcv JSON answers kept per API process, served while their stamp is current
+    # (candlekeep.responses); 0 turns the cache off.
+    api_response_cache_mb: int = Field(64, ge=0)
 
     simulator_seed: int = 0
     # First day (UTC) offered as a Dagster partition.

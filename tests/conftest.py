@@ -63,6 +63,7 @@ def engine(session_engine: Engine) -> Engine:
     """The test database, emptied before each test."""
     with session_engine.begin() as conn:
         conn.execute(text("TRUNCATE bars, ticks, coverage, instruments, outages, stream_state, replay_sessions"))
+        conn.execute(text("TRUNCATE bar_rollups, bar_versions"))  # issue 13
         conn.execute(text("TRUNCATE book_snapshots, book_buckets, book_metrics, book_metrics_1m"))  # issue 11
     return session_engine
 

@@ -19,16 +19,16 @@ from contextlib import nullcontext
 from enum import StrEnum
 from typing import Annotated
 
-import msgspec
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 import anyio.to_thread
 
 from api.deps import OhlcvDep
 from api.limits import CsvResponse, identity_of
 from api.replay_reads import replay_ohlcv
-from api.schemas import OhlcvPublic, OhlcvSeedPublic, iso
-from candlekeep.bars import Bar, Interval, decimal_str
+from api.schemas import OhlcvPublic, OhlcvSeedPublic
+from candlekeep.bars import Interval
 from candlekeep.query import MAX_BARS_PER_QUERY, OhlcvQuery, QueryError, build_query, parse_timestamp
+from candlekeep.responses import ResponseCache, encode_ohlcv_json
 from candlekeep.serving import (
     MAX_CSV_BARS,
     MAX_WAIT_S,
@@ -146,6 +146,13 @@ async def _answer(request: Request, service: OhlcvService, *, instrument: str, i
                               headers=headers)  # fmt: skip
             await csv.prime()  # releases on failure
             return csv  # type: ignore[return-value]
+        responses: ResponseCache | None = getattr(request.app.state, "responses", None)
+        key = (query, limit, countback, instrument, seed)
+        stamp = None
+        if responses is not None and fmt is Format.json:  # the encoded answer, while nothing changed
+            stamp, body = await anyio.to_thread.run_sync(_cached, service, responses, key, query)
+            if body is not None:
+                return Response(body, media_type="application/json")
         limits = request.app.state.limits
         n = limit or countback
         buckets = (query.end - query.start) // query.interval.seconds
@@ -161,6 +168,8 @@ async def _answer(request: Request, service: OhlcvService, *, instrument: str, i
                 return Response(body, media_type="text/csv; charset=utf-8",
                                 headers={**_gap_headers(stitched.gaps, asked), **headers})  # fmt: skip
             encoded = await anyio.to_thread.run_sync(lambda: _json(stitched, requested=instrument, seed=seed))
+            if responses is not None and stamp is not None and stitched.complete and not asked:
+                responses.put(key, stamp, encoded)
             return Response(encoded, media_type="application/json", headers=headers)
     except QueryError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from None
@@ -211,44 +220,13 @@ def _countback_query(*, instrument: str, interval: str, end: str, countback: int
     return build_query(instrument=instrument, interval=interval, start=str(max(start_s, 0)), end=str(end_s))
 
 
-def _json(stitched: Stitched, *, requested: str, seed: bool) -> bytes:
-    """The OhlcvPublic shape, encoded directly (a pydantic model per bar costs more than the read)."""
-    q = stitched.query
-    days: dict[int, str] = {}
-    body = {
-        "instrument": q.instrument.id,
-        "requested": requested,
-        "interval": q.interval.value,
-        "start": q.start,
-        "end": q.end,
-        "bars": [_bar(b, days, forming=b is stitched.forming) for b in stitched.bars],
-        "gaps": [{"start": s, "end": e} for s, e in stitched.gaps],
-        "complete": stitched.complete,
-        "forming": stitched.forming is not None,
-    }
-    if seed:
-        body["resolved"] = q.instrument.id
-    return msgspec.json.encode(body)
+def _cached(service: OhlcvService, responses: ResponseCache, key: tuple, query: OhlcvQuery) -> tuple[tuple | None, bytes | None]:
+    """(the current stamp of `query`'s answer, the encoded answer cached under it or None)."""
+    stamp = service.answer_stamp(query)
+    return stamp, None if stamp is None else responses.get(key, stamp)
 
 
-def _bar(b: Bar, days: dict[int, str], *, forming: bool = False) -> dict:
-    return {
-        "time": b.start, "start": _iso(b.start, days), "open": decimal_str(b.open), "high": decimal_str(b.high),
-        "low": decimal_str(b.low), "close": decimal_str(b.close), "volume": decimal_str(b.volume),
-        "quote_volume": decimal_str(b.quote_volume), "trades": b.trades, "source": b.source, "final": b.final,
-        "state": "final" if b.final else "forming" if forming else "provisional",
-    }  # fmt: skip
-
-
-def _iso(ts_s: int, days: dict[int, str]) -> str:
-    """api.schemas.iso(ts_s), strftime once per day (`days` caches the date part for one response)."""
-    day, sec = divmod(ts_s, 86400)
-    prefix = days.get(day)
-    if prefix is None:
-        prefix = days[day] = iso(day * 86400)[:11]  # "YYYY-MM-DDT"
-    hours, rest = divmod(sec, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{prefix}{hours:02d}:{minutes:02d}:{seconds:02d}Z"
+_json = encode_ohlcv_json  # the OhlcvPublic shape in one pass (a pydantic model per bar costs more than the read)
 
 
 def _filename(query: OhlcvQuery) -> str:

@@ -15,10 +15,16 @@ locked, and never decompress a TimescaleDB compressed chunk), and the rest is me
   final bar overwrites a provisional one; a refused provisional bar counts as unchanged;
 - the stored `revision` is the database's count of changes; the incoming `Bar.revision` is ignored.
 
-Reads (`read_bars`; `copy_csv` streams the same SELECT as CSV): 1m bars are the stored ones. Coarser intervals are rolled up in SQL from the
-stored 1m bars exactly as candlekeep.bars.rollup_bars does (flat bars only carry the close); a 1h
-or 1d bucket without any 1m bar falls back to the stored 1h / 1d bar of that bucket (deep history,
-as the source gave it). A bucket is never made from both.
+Rollups: every batch that changes 1m bars also bumps `bar_versions` for its instruments (first: the
+row lock orders concurrent writers of one instrument) and refreshes, in the same transaction, the
+`bar_rollups` 1h rows of the hours it touched (from the stored 1m bars) and the 1d rows of their days
+(from the 1h rows), exactly as candlekeep.bars.rollup_bars does (flat bars only carry the close).
+
+Reads (`read_bars` / `read_rows`; `copy_csv` streams the same SELECT as CSV): 1m bars are the stored
+ones. 1h and 1d are the rollups; 5m, 15m, 30m and 4h are rolled up in SQL from the stored 1m bars as
+the rollups are. A 1h or 1d bucket without all its minutes falls back to the stored 1h / 1d bar of
+that bucket when there is one (deep history, as the source gave it). A bucket is never made from
+both. Reads run on autocommit connections (no ROLLBACK round trip when the connection goes back).
 
 Decimals go in as their exact text and come back as `Decimal` with the same digits (NUMERIC keeps
 trailing zeros: '1.50' reads back as Decimal('1.50')). Bucket starts are unix seconds, stored as
@@ -29,7 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -38,9 +46,10 @@ from itertools import islice
 from typing import Any
 
 import psycopg
+from psycopg.types.string import TextLoader
 from sqlalchemy import Connection, Engine, text
 
-from candlekeep.bars import Bar, Interval
+from candlekeep.bars import Bar, BarRow, Interval
 from candlekeep.storage import partitions
 
 _SECONDS: dict[str, int] = {i.value: i.seconds for i in Interval}
@@ -112,6 +121,7 @@ _CSV_COLUMNS = (  # copy_csv: final as 'true' / 'false'
 _STORED = """
 SELECT {columns} FROM bars
 WHERE instrument = :instrument AND "interval" = :interval AND bucket >= :lo AND bucket < :hi"""
+_FLAT = "(volume = 0 AND open = high AND high = low AND low = close)"
 # 1m bars of [lo, hi) rolled up into buckets of :step (epoch-aligned, UTC), as rollup_bars does.
 _DERIVED = """
 WITH m AS (
@@ -137,17 +147,6 @@ WITH m AS (
     FROM m
     GROUP BY agg
 )"""
-# A stored deep-history 1h/1d bar serves its bucket unless every minute of it is stored: a complete
-# bar beats a partial derivation from a few minutes (never a mix of the two).
-_DEEP = """
-SELECT {columns} FROM bars AS s
-WHERE s.instrument = :instrument AND s."interval" = :interval AND s.bucket >= :lo AND s.bucket < :hi
-  AND NOT EXISTS (SELECT 1 FROM derived AS d WHERE d.bucket = s.bucket AND d.minutes = :minutes)"""
-_DERIVED_NOT_DEEP = """
-SELECT {columns} FROM derived AS d
-WHERE d.minutes = :minutes OR NOT EXISTS (
-    SELECT 1 FROM bars AS s
-    WHERE s.instrument = :instrument AND s."interval" = :interval AND s.bucket = d.bucket)"""
 # Coarse buckets of [lo, hi) answered by a derivation from fewer than all their minutes.
 _PARTIAL = f"""{_DERIVED}
 SELECT extract(epoch FROM d.bucket)::bigint FROM derived AS d
@@ -155,6 +154,79 @@ WHERE d.minutes < :minutes AND NOT EXISTS (
     SELECT 1 FROM bars AS s
     WHERE s.instrument = :instrument AND s."interval" = :interval AND s.bucket = d.bucket)
 ORDER BY 1"""
+
+# Stored 1h / 1d buckets (bar_rollups, migration 0006) in the shape of `derived` above: what the
+# derivation from 1m gives, kept exact in the transaction of every 1m write.
+_ROLLED = """
+WITH derived AS (
+    SELECT bucket, open, high, low, close, volume, quote_volume, trades, source, final, revision, minutes
+    FROM bar_rollups
+    WHERE instrument = :instrument AND "interval" = :interval AND bucket >= :lo AND bucket < :hi
+), deep AS (
+    SELECT bucket, open, high, low, close, volume, quote_volume, trades, source, final, revision,
+           NULL::integer AS minutes
+    FROM bars
+    WHERE instrument = :instrument AND "interval" = :interval AND bucket >= :lo AND bucket < :hi
+)"""
+# A stored deep-history 1h/1d bar serves its bucket unless every minute of it is stored: a complete
+# bar beats a partial derivation from a few minutes (never a mix of the two). Each range is read once
+# (anti-joins, no probe per row).
+_ROLLED_OR_DEEP = """
+SELECT {columns} FROM derived AS d
+WHERE d.minutes = :minutes OR NOT EXISTS (SELECT 1 FROM deep AS s WHERE s.bucket = d.bucket)
+UNION ALL
+SELECT {columns} FROM deep AS s
+WHERE NOT EXISTS (SELECT 1 FROM derived AS d WHERE d.bucket = s.bucket AND d.minutes = :minutes)"""
+_ROLLED_PARTIAL = _PARTIAL.replace(_DERIVED, _ROLLED)
+
+# Rollups of the buckets in the (instrument, lo, hi) ranges given as three arrays (edges on bucket
+# edges), from their finer rows (OFFSET 0: an index range scan per range, never a join of all), as
+# candlekeep.bars.rollup_bars does: 1h from the stored 1m bars, 1d from the 1h rollups (exact: a
+# rollup keeps whether all its minutes were flat, and first/last/extremes/sums compose). Rows that
+# would not change are left alone (not even locked).
+_FINER_1M = f"""SELECT bucket, open, high, low, close, volume, quote_volume, trades, source, final, revision,
+           1 AS minutes, {_FLAT} AS flat FROM bars WHERE instrument = k.instrument AND "interval" = '1m'"""
+_FINER_1H = """SELECT bucket, open, high, low, close, volume, quote_volume, trades, source, final, revision,
+           minutes, flat FROM bar_rollups WHERE instrument = k.instrument AND "interval" = '1h'"""
+_ROLLUP_COLUMNS = ('instrument, "interval", bucket, open, high, low, close, volume, quote_volume, trades, source,'
+                   " final, revision, minutes, flat")
+_ROLLUP_VALUES = ("open, high, low, close, volume, quote_volume, trades, source, final, revision, minutes, flat")
+_ROLLUP = f"""
+INSERT INTO bar_rollups AS r ({_ROLLUP_COLUMNS})
+SELECT k.instrument, '{{interval}}', date_bin(INTERVAL '{{width}}', m.bucket, TIMESTAMPTZ '1970-01-01 00:00:00+00'),
+       coalesce((array_agg(m.open ORDER BY m.bucket) FILTER (WHERE NOT m.flat))[1],
+                (array_agg(m.close ORDER BY m.bucket DESC))[1]),
+       coalesce(max(m.high) FILTER (WHERE NOT m.flat), (array_agg(m.close ORDER BY m.bucket DESC))[1]),
+       coalesce(min(m.low) FILTER (WHERE NOT m.flat), (array_agg(m.close ORDER BY m.bucket DESC))[1]),
+       (array_agg(m.close ORDER BY m.bucket DESC))[1],
+       sum(m.volume), sum(m.quote_volume),
+       CASE WHEN count(m.trades) = count(*) THEN sum(m.trades) END,
+       CASE WHEN min(m.source) = max(m.source) THEN min(m.source) ELSE 'mixed' END,
+       bool_and(m.final), max(m.revision), sum(m.minutes), bool_and(m.flat)
+FROM unnest(%s::text[], %s::timestamptz[], %s::timestamptz[]) AS k(instrument, lo, hi)
+JOIN LATERAL ({{finer}} AND bucket >= k.lo AND bucket < k.hi OFFSET 0) AS m ON true
+GROUP BY k.instrument, date_bin(INTERVAL '{{width}}', m.bucket, TIMESTAMPTZ '1970-01-01 00:00:00+00')
+ORDER BY 1, 3
+ON CONFLICT (instrument, "interval", bucket) DO UPDATE SET
+    ({_ROLLUP_VALUES}) = (excluded.open, excluded.high, excluded.low, excluded.close, excluded.volume,
+    excluded.quote_volume, excluded.trades, excluded.source, excluded.final, excluded.revision, excluded.minutes,
+    excluded.flat)
+WHERE ({', '.join('r.' + c for c in _ROLLUP_VALUES.split(', '))})
+      IS DISTINCT FROM ({', '.join('excluded.' + c for c in _ROLLUP_VALUES.split(', '))})"""
+_ROLLUP_1H = _ROLLUP.format(interval="1h", finer=_FINER_1M, width="1 hour")
+_ROLLUP_1D = _ROLLUP.format(interval="1d", finer=_FINER_1H, width="1 day")
+# Bumped first in a writing transaction: the row lock also orders rollup refreshes of one instrument
+# (each refresh then sees every 1m bar committed before it), so two writers cannot lose a minute.
+# The version is the writing transaction's id: never the same twice, even after a TRUNCATE.
+_BUMP = """
+INSERT INTO bar_versions (instrument, version)
+SELECT i, pg_current_xact_id()::text::bigint FROM unnest(%s::text[]) AS i ORDER BY i
+ON CONFLICT (instrument) DO UPDATE SET version = excluded.version"""
+# What makes an answer about one instrument stale: its bar version and its outages.
+_STAMP = """
+SELECT (SELECT version FROM bar_versions WHERE instrument = %(i)s),
+       (SELECT md5(string_agg(o::text, ',' ORDER BY o.id)) FROM outages AS o WHERE %(i)s = ANY(o.instruments))"""
+
 
 
 @dataclass(frozen=True)
@@ -176,6 +248,7 @@ class UpsertResult:
 class BarStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._pinned = threading.local()  # .conn: the connection of `pinned()` in this thread
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -206,9 +279,10 @@ class BarStore:
             elif bar.start > span[1]:
                 span[1] = bar.start
         lines = _CopyText(bars)
+        touched = _Touched.of(bars)
         for attempt in range(1, _ATTEMPTS + 1):
             try:
-                return self._merge(lines, spans)
+                return self._merge(lines, spans, touched)
             except psycopg.errors.CheckViolation as err:
                 # "no partition of relation ... found for row": partitions this process remembered
                 # were dropped meanwhile. Forget them and ensure again.
@@ -222,7 +296,7 @@ class BarStore:
                     raise
         raise AssertionError("unreachable")
 
-    def _merge(self, lines: _CopyText, spans: dict[tuple[str, str], list[int]]) -> UpsertResult:
+    def _merge(self, lines: _CopyText, spans: dict[tuple[str, str], list[int]], touched: _Touched) -> UpsertResult:
         first = _utc(min(lo for lo, _ in spans.values()))
         last = _utc(max(hi for _, hi in spans.values()) + 1)
         keys = list(spans)
@@ -244,14 +318,20 @@ class BarStore:
                     stored = cur.fetchone()[0]
                     if not stored:  # the fast path: nothing to merge with
                         _copy(cur, f"COPY bars ({_KEYS_AND_VALUES}) FROM STDIN", lines)
-                        return UpsertResult(inserted=len(lines))
-                    return _stage_and_merge(cur, lines)
+                        result = UpsertResult(inserted=len(lines))
+                    else:
+                        result = _stage_and_merge(cur, lines)
+                    touched.record(cur, result)
+                    return result
             except psycopg.errors.UniqueViolation:
                 if stored:
                     raise
                 # A concurrent writer stored some of these buckets after the check: merge instead.
             with conn.begin():
-                return _stage_and_merge(_cursor(conn), lines)
+                cur = _cursor(conn)
+                result = _stage_and_merge(cur, lines)
+                touched.record(cur, result)
+                return result
 
     def upsert_written(self, bars: Collection[Bar]) -> list[Bar]:
         """Upsert `bars` (one transaction, any order) and return those PostgreSQL now holds as given
@@ -271,6 +351,8 @@ class BarStore:
                 cur.execute(_CREATE_STAGE)
                 _copy(cur, f"COPY {_STAGE} ({_KEYS_AND_VALUES}) FROM STDIN", _CopyText(list(latest.values())))
                 cur.execute(_MERGE)
+                inserted, updated = cur.fetchone() or (0, 0)
+                _Touched.of(latest.values()).record(cur, UpsertResult(inserted, updated))
                 cur.execute(_HELD)
                 rows = cur.fetchall()
         out = []
@@ -288,10 +370,76 @@ class BarStore:
         """Bars with `start <= bar.start < end` (unix s), ascending, at most `limit` of them."""
         interval = Interval(interval)
         instrument = str(instrument)
-        sql, params = self._query(instrument, interval, start, end, _OUT)
-        with self.engine.connect() as conn:
-            result = conn.execute(text(sql + " ORDER BY start LIMIT :limit"), {**params, "limit": limit})
-            return [Bar(instrument, interval.value, *row) for row in result]
+        return [Bar(instrument, interval.value, *row) for row in self._rows(instrument, interval, start, end, limit)]
+
+    def read_rows(
+        self, instrument: str, interval: Interval | str, start: int, end: int, *, limit: int | None = None
+    ) -> list[BarRow]:
+        """The bars `read_bars` gives, as BarRow tuples with the decimals as PostgreSQL's text (no
+        Decimal made: what an encoder writes as it is)."""
+        return self._rows(str(instrument), Interval(interval), start, end, limit, text_numerics=True)
+
+    def read_rows_and_partial(
+        self, instrument: str, interval: Interval | str, start: int, end: int, *, limit: int | None = None
+    ) -> tuple[list[BarRow], list[int]]:
+        """`read_rows`, and the starts of the coarse rows among them derived from only some of their
+        minutes (what `partial_buckets` lists), from one query."""
+        interval = Interval(interval)
+        if interval is Interval.M1:
+            return self.read_rows(instrument, interval, start, end, limit=limit), []
+        rows = self._rows(str(instrument), interval, start, end, limit, text_numerics=True, columns=_OUT + ", minutes")
+        full = interval.seconds // 60
+        partial = [r[0] for r in rows if r[11] is not None and r[11] < full]
+        return [r[:11] for r in rows], partial
+
+    def _rows(self, instrument: str, interval: Interval, start: int, end: int, limit: int | None, *,
+              text_numerics: bool = False, columns: str = _OUT) -> list[tuple]:  # fmt: skip
+        sql, params = self._query(instrument, interval, start, end, columns)
+        with self._reading() as conn:  # psycopg's fetchall: rows made in C, not one by one
+            cur = _cursor(conn)
+            if text_numerics:
+                cur.adapters.register_loader("numeric", TextLoader)
+            return cur.execute(_pyformat(sql + _order(interval) + " LIMIT :limit"), {**params, "limit": limit}).fetchall()
+
+    def _reading(self) -> AbstractContextManager[Connection]:
+        """A connection for reads: the one pinned by `pinned()` in this thread, else one of the
+        engine's, autocommit (giving it back costs no ROLLBACK round trip)."""
+        conn = getattr(self._pinned, "conn", None)
+        if conn is not None:
+            return nullcontext(conn)
+        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+    @contextmanager
+    def pinned(self) -> Iterator[Connection]:
+        """Every read of this store in this thread, inside the block, on one connection (one pool
+        checkout, one liveness ping, for an answer made of several reads); yields it for other
+        stores' reads."""
+        if getattr(self._pinned, "conn", None) is not None:
+            yield self._pinned.conn
+            return
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            self._pinned.conn = conn
+            try:
+                yield conn
+            finally:
+                self._pinned.conn = None
+
+    def change_stamp(self, instrument: str) -> tuple:
+        """What changes whenever an answer about `instrument` may: its bar version (bumped in every
+        writing transaction) and a digest of its outages. One round trip."""
+        with self._reading() as conn:
+            return tuple(_cursor(conn).execute(_STAMP, {"i": str(instrument)}).fetchone())
+
+    def refresh_rollups(self, instrument: str, start: int, end: int) -> None:
+        """Rebuild the 1h / 1d rollups of the whole days around `[start, end)` from the stored 1m bars
+        (for 1m bars written around this store, e.g. a bulk COPY), and bump the version."""
+        lo, hi = start - start % 86400, Interval.D1.ceil(end)
+        with self.engine.begin() as conn:
+            cur = _cursor(conn)
+            cur.execute(_BUMP, ([str(instrument)],))
+            cur.execute('DELETE FROM bar_rollups WHERE instrument = %s AND bucket >= %s AND bucket < %s',
+                        (str(instrument), _utc(lo), _utc(hi)))  # fmt: skip
+            refresh_rollups(cur, [(str(instrument), h) for h in range(lo, hi, 3600)])
 
     def bucket_starts(
         self, instrument: str, interval: Interval | str, start: int, end: int, *, stored_only: bool = False
@@ -303,7 +451,7 @@ class BarStore:
         """
         interval = Interval(interval)
         sql, params = self._query(str(instrument), interval, start, end, _START, stored_only=stored_only)
-        with self.engine.connect() as conn:  # one array, not a row per bucket
+        with self._reading() as conn:  # one array, not a row per bucket
             starts = conn.execute(text(f"SELECT array_agg(start ORDER BY start) FROM ({sql}) AS q"), params).scalar()
         return starts or []
 
@@ -313,12 +461,12 @@ class BarStore:
         """How many bars `read_bars` (or, `stored_only`, the stored `interval` rows) has in the range."""
         interval = Interval(interval)
         sql, params = self._query(str(instrument), interval, start, end, "bucket", stored_only=stored_only)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return conn.execute(text(f"SELECT count(*) FROM ({sql}) AS q"), params).scalar_one()
 
     def latest_start(self, instrument: str, interval: Interval | str = Interval.M1) -> int | None:
         """Start of the newest bar stored at `interval` (where a writer stopped), or None."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return conn.execute(
                 text(
                     'SELECT extract(epoch FROM max(bucket))::bigint FROM bars'
@@ -332,7 +480,7 @@ class BarStore:
 
         Stored rows only (nothing derived); one indexed scalar query (the serving cache watermark).
         """
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return conn.execute(
                 text(
                     'SELECT extract(epoch FROM max(bucket))::bigint FROM bars WHERE instrument = :instrument'
@@ -348,7 +496,7 @@ class BarStore:
 
         Stored rows only, as stored (not floored to a coarser bucket); one index probe per interval.
         """
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return conn.execute(
                 text(
                     'SELECT extract(epoch FROM max(bucket))::bigint FROM bars'
@@ -369,9 +517,9 @@ class BarStore:
         from one COPY ... TO STDOUT, in chunks of about `chunk_bytes`. Nothing runs until iterated."""
         sql, params = self._query(str(instrument), Interval(interval), start, end, _CSV_COLUMNS)
         used = {k: v for k, v in params.items() if re.search(rf"(?<!:):{k}\b", sql)}
-        compiled = text(sql + " ORDER BY start").bindparams(**used).compile(dialect=self.engine.dialect)
+        compiled = text(sql + _order(Interval(interval))).bindparams(**used).compile(dialect=self.engine.dialect)
         statement = f"COPY ({compiled}) TO STDOUT WITH (FORMAT csv)"
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             driver = conn.connection.driver_connection
             with driver.cursor() as cur, cur.copy(statement, compiled.params) as copy:
                 buffer = bytearray()
@@ -394,12 +542,49 @@ class BarStore:
         if interval is Interval.M1 or stored_only:
             return _STORED.format(columns=columns), params
         params["step"] = timedelta(seconds=interval.seconds)
-        if interval in _DEEP_HISTORY:
+        if interval in _DEEP_HISTORY:  # the rollups (bar_rollups), and the source's own deep history
             params["minutes"] = interval.seconds // 60
-            sql = f"{_DERIVED} {_DERIVED_NOT_DEEP.format(columns=columns)} UNION ALL {_DEEP.format(columns=columns)}"
+            sql = f"{_ROLLED} {_ROLLED_OR_DEEP.format(columns=columns)}"
         else:
             sql = f"{_DERIVED} SELECT {columns} FROM derived"
         return sql, params
+
+    def missing_minutes(self, instrument: str, start: int, end: int) -> list[tuple[int, int]]:
+        """The `[lo, hi)` ranges of 1m buckets in `[start, end)` without a stored bar, ascending (what
+        missing_ranges gives of `bucket_starts`), read through the 1h rollups: a complete hour costs
+        nothing, and only the minutes of incomplete hours are looked at."""
+        lo, hi = Interval.M1.ceil(start), Interval.M1.ceil(end)
+        if lo >= hi:
+            return []
+        first, last = lo - lo % 3600, Interval.H1.ceil(hi)
+        with self._reading() as conn:
+            cur = _cursor(conn)
+            hours = dict(cur.execute(
+                'SELECT extract(epoch FROM bucket)::bigint, minutes FROM bar_rollups WHERE instrument = %s'
+                " AND \"interval\" = '1h' AND bucket >= %s AND bucket < %s", (str(instrument), _utc(first), _utc(last)),
+            ).fetchall())  # fmt: skip
+            partly = [h for h in range(first, last, 3600) if 0 < hours.get(h, 0) < 60]
+            runs = _runs(((str(instrument), h) for h in partly), 3600)
+            starts = cur.execute(
+                "SELECT array_agg(extract(epoch FROM b.bucket)::bigint ORDER BY b.bucket)"
+                " FROM unnest(%s::timestamptz[], %s::timestamptz[]) AS k(lo, hi) JOIN LATERAL (SELECT bucket FROM bars"
+                " WHERE instrument = %s AND \"interval\" = '1m' AND bucket >= k.lo AND bucket < k.hi OFFSET 0) AS b ON true",
+                ([_utc(a) for _, a, _ in runs], [_utc(b) for _, _, b in runs], str(instrument)),
+            ).fetchone()[0] if runs else None  # fmt: skip
+        present = set(starts or ())
+        gaps: list[tuple[int, int]] = []
+        for h in range(first, last, 3600):
+            held = hours.get(h, 0)
+            if held == 60:
+                continue
+            for m in range(max(h, lo), min(h + 3600, hi), 60):
+                if held and m in present:
+                    continue
+                if gaps and gaps[-1][1] == m:
+                    gaps[-1] = (gaps[-1][0], m + 60)
+                else:
+                    gaps.append((m, m + 60))
+        return gaps
 
     def partial_buckets(self, instrument: str, interval: Interval | str, start: int, end: int) -> list[int]:
         """Starts of the coarse buckets in `[start, end)` whose bar is derived from only some of
@@ -410,18 +595,67 @@ class BarStore:
         lo, hi = _utc(interval.ceil(start)), _utc(interval.ceil(end))
         params = {"instrument": str(instrument), "interval": interval.value, "lo": lo, "hi": hi,
                   "step": timedelta(seconds=interval.seconds), "minutes": interval.seconds // 60}  # fmt: skip
-        with self.engine.connect() as conn:
-            return [int(r[0]) for r in conn.execute(text(_PARTIAL), params)]
+        sql = _ROLLED_PARTIAL if interval in _DEEP_HISTORY else _PARTIAL
+        with self._reading() as conn:
+            return [int(r[0]) for r in conn.execute(text(sql), params)]
 
     def provisional_starts(self, instrument: str, start: int, end: int) -> set[int]:
         """1m buckets in `[start, end)` whose stored bar is not final."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 text('SELECT extract(epoch FROM bucket)::bigint FROM bars WHERE instrument = :i AND "interval" = \'1m\''
                      " AND bucket >= :lo AND bucket < :hi AND NOT final"),
                 {"i": str(instrument), "lo": _utc(start), "hi": _utc(end)},
             )  # fmt: skip
             return {int(r[0]) for r in rows}
+
+
+@dataclass
+class _Touched:
+    """What a batch may change besides its bars: the instruments' versions, and the 1h / 1d rollups
+    of the hours and days holding its 1m bars."""
+
+    instruments: set[str]
+    hours: set[tuple[str, int]]
+
+    @classmethod
+    def of(cls, bars: Iterable[Bar]) -> _Touched:
+        instruments: set[str] = set()
+        hours: set[tuple[str, int]] = set()
+        for bar in bars:
+            instruments.add(bar.instrument)
+            if bar.interval == "1m":
+                hours.add((bar.instrument, bar.start - bar.start % 3600))
+        return cls(instruments, hours)
+
+    def record(self, cur: psycopg.Cursor, result: UpsertResult) -> None:
+        """In the batch's transaction, after its bars: bump the versions (which orders this against
+        other writers of these instruments, see _BUMP), then refresh the rollups."""
+        if not result.written:
+            return
+        cur.execute(_BUMP, (sorted(self.instruments),))
+        if not self.hours:
+            return
+        refresh_rollups(cur, sorted(self.hours))
+
+
+def refresh_rollups(cur: psycopg.Cursor, hours: Sequence[tuple[str, int]]) -> None:
+    """Roll the 1m bars of the (instrument, hour start) `hours` up into their 1h rows, then those
+    into the 1d rows of their days (in the caller's transaction; rows already right are kept)."""
+    for statement, width, keys in ((_ROLLUP_1H, 3600, hours), (_ROLLUP_1D, 86400, {(i, h - h % 86400) for i, h in hours})):
+        runs = _runs(keys, width)
+        cur.execute(statement, ([i for i, _, _ in runs], [_utc(lo) for _, lo, _ in runs], [_utc(hi) for _, _, hi in runs]))
+
+
+def _runs(keys: Iterable[tuple[str, int]], width: int) -> list[tuple[str, int, int]]:
+    """(instrument, bucket start) keys as maximal (instrument, lo, hi) runs of adjacent buckets."""
+    runs: list[list] = []
+    for instrument, start in sorted(keys):
+        if runs and runs[-1][0] == instrument and runs[-1][2] == start:
+            runs[-1][2] = start + width
+        else:
+            runs.append([instrument, start, start + width])
+    return [(i, lo, hi) for i, lo, hi in runs]
 
 
 class _CopyText:
@@ -448,6 +682,18 @@ class _CopyText:
                 return
             self._chunks.append(chunk)
             yield chunk
+
+
+def _order(interval: Interval) -> str:
+    """Stored 1m rows come in index order (ORDER BY the computed `start` would sort a year of them);
+    a union of rollups and deep history can only be ordered by its output column."""
+    return " ORDER BY bucket" if interval is Interval.M1 else " ORDER BY start"
+
+
+@lru_cache(maxsize=256)
+def _pyformat(sql: str) -> str:
+    """SQLAlchemy's `:name` placeholders as psycopg's `%(name)s` (casts such as `::bigint` kept)."""
+    return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql)
 
 
 def _cursor(conn: Connection) -> psycopg.Cursor:

@@ -89,14 +89,14 @@ def storage_features(engine: Engine) -> dict[str, Any]:
     """What the schema runs on, read from the catalogs (the migration decides; see 0001).
 
     {"timescaledb": bool, "partitioning": "native" | "timescaledb" | "none",
-     "continuous_aggregates": bool, "compression": bool, "license": "timescale" | "apache" | None}
+     "compression": bool, "license": "timescale" | "apache" | None}
+    (0001's continuous aggregates are gone since 0006: the exact 1h / 1d rows are `bar_rollups`.)
     """
     with engine.connect() as conn:
         timescale = conn.execute(text("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")).first()
         features: dict[str, Any] = {
             "timescaledb": timescale is not None,
             "partitioning": "none",
-            "continuous_aggregates": False,
             "compression": False,
             "license": None,
         }
@@ -108,13 +108,6 @@ def storage_features(engine: Engine) -> dict[str, Any]:
             ).first()
             if hyper:
                 features["partitioning"] = "timescaledb"
-            caggs = conn.execute(
-                text(
-                    "SELECT count(*) FROM timescaledb_information.continuous_aggregates"
-                    " WHERE view_name IN ('bars_1h_cagg', 'bars_1d_cagg')"
-                )
-            ).scalar_one()
-            features["continuous_aggregates"] = caggs == 2
             policy = conn.execute(
                 text(
                     "SELECT 1 FROM timescaledb_information.jobs"

@@ -9,10 +9,11 @@ Times are timestamptz (microseconds); `from_ns` converts the sources' nanosecond
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
@@ -113,9 +114,11 @@ class OutageStore:
         instrument: str | None = None,
         start: datetime | None = None,
         end: datetime | None = None,
+        conn: Connection | None = None,
     ) -> list[OutageRow]:
         """Outages overlapping [start, end) (either bound optional; an open one runs on), of
-        `source` and touching `instrument` when given, oldest first."""
+        `source` and touching `instrument` when given, oldest first. `conn`: a connection of the
+        caller's to read on (one checkout for a whole answer), else one of the engine's."""
         sql = f"SELECT {_COLUMNS} FROM outages WHERE true"
         params: dict[str, object] = {}
         if source is not None:
@@ -130,10 +133,10 @@ class OutageStore:
         if end is not None:
             sql += " AND started_at < :end"
             params["end"] = end
-        return self._rows(sql + " ORDER BY started_at, id", params)
+        return self._rows(sql + " ORDER BY started_at, id", params, conn)
 
-    def _rows(self, sql: str, params: dict[str, object]) -> list[OutageRow]:
-        with self.engine.connect() as conn:
+    def _rows(self, sql: str, params: dict[str, object], conn: Connection | None = None) -> list[OutageRow]:
+        with self.engine.connect() if conn is None else nullcontext(conn) as conn:
             return [
                 OutageRow(row.id, row.source, row.started_at, row.ended_at, list(row.instruments), row.reason)
                 for row in conn.execute(text(sql), params)

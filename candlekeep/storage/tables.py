@@ -69,6 +69,39 @@ bars = Table(
     postgresql_partition_by="RANGE (bucket)",
 )
 
+# Exact 1h / 1d rollups of the 1m bars (migration 0006; candlekeep.storage.bars keeps them in the
+# transaction of every 1m write): `minutes` is how many 1m bars a bucket holds, `flat` whether all
+# of them are flat. Apart from `bars`, whose 1h / 1d rows are the source's own deep history.
+bar_rollups = Table(
+    "bar_rollups",
+    metadata,
+    Column("instrument", Text, nullable=False),
+    Column("interval", Text, nullable=False),
+    Column("bucket", DateTime(timezone=True), nullable=False),
+    Column("open", Numeric, nullable=False),
+    Column("high", Numeric, nullable=False),
+    Column("low", Numeric, nullable=False),
+    Column("close", Numeric, nullable=False),
+    Column("volume", Numeric, nullable=False),
+    Column("quote_volume", Numeric, nullable=False),
+    Column("trades", BigInteger),
+    Column("source", Text, nullable=False),
+    Column("final", Boolean, nullable=False),
+    Column("revision", Integer, nullable=False),
+    Column("minutes", Integer, nullable=False),
+    Column("flat", Boolean, nullable=False),
+    PrimaryKeyConstraint("instrument", "interval", "bucket", name="bar_rollups_pkey"),
+    CheckConstraint("interval IN ('1h','1d')", name="bar_rollups_interval_valid"),
+)
+
+# Bumped with every bar write that changes something, in its transaction (the API's response cache).
+bar_versions = Table(
+    "bar_versions",
+    metadata,
+    Column("instrument", Text, primary_key=True),
+    Column("version", BigInteger, nullable=False),
+)
+
 ticks = Table(
     "ticks",
     metadata,
@@ -222,8 +255,8 @@ book_metrics_1m = Table(
 )
 
 # Tables that exist in the database but not in this metadata, on purpose: native partitions (made on
-# demand) and the continuous aggregates of the TimescaleDB path. Alembic's comparison skips them.
-UNMANAGED_TABLE = re.compile(r"^(bars_p\d{6}|ticks_p\d{8}|bars_1h_cagg|bars_1d_cagg"
+# demand). Alembic's comparison skips them.
+UNMANAGED_TABLE = re.compile(r"^(bars_p\d{6}|ticks_p\d{8}"
                              r"|book_(snapshots|buckets|metrics)_p\d{8})$")
 
 

@@ -324,13 +324,44 @@ def test_openapi_still_documents_the_response_models(client: TestClient) -> None
         assert "text/csv" in ok
 
 
-def test_iso_per_day_cache_matches_the_schema_iso() -> None:
+def test_encoded_bar_times_match_the_schema_iso() -> None:
     import random
 
-    from api.routes.ohlcv import _iso
     from api.schemas import iso
+    from candlekeep.bars import BarRows
 
     rng = random.Random(7)
     stamps = [0, 59, 86399, 86400, 951782400, 1709164800, 4102444799] + [rng.randrange(0, 4_102_444_800) for _ in range(5000)]
-    days: dict[int, str] = {}
-    assert [_iso(t, days) for t in stamps + stamps] == [iso(t) for t in stamps + stamps]
+    rows = [(t, "1", "1", "1", "1", "0", "0", None, "test", True, 0) for t in stamps + stamps]
+    query = build_query(instrument=BTC, interval="1m", start=str(T0), end=str(T0 + 60))
+    stitched = Stitched(query=query, bars=BarRows(BTC, "1m", rows), gaps=[], complete=True, forming=None)
+    starts = [b["start"] for b in msgspec.json.decode(_json(stitched, requested=BTC, seed=False))["bars"]]
+    assert starts == [iso(t) for t in stamps + stamps]
+
+
+def test_an_encoded_answer_is_served_until_a_write_or_an_outage_changes_it(client: TestClient, engine: Engine) -> None:
+    from candlekeep.storage.instruments import InstrumentStore
+    from candlekeep.storage.outages import OutageStore
+
+    InstrumentStore(engine).register([BTC], tracked=True)  # nothing asked for on its behalf: cacheable
+    store = BarStore(engine)
+    store.upsert_bars([make_bar(BTC, T0 + 60 * i, "42000.5") for i in range(5)])
+    params = {"instrument": BTC, "interval": "1m", "start": T0, "end": T0 + 300, "wait": 0}
+    responses = client.app.state.responses
+
+    first = client.get("/v1/ohlcv", params=params)
+    assert client.get("/v1/ohlcv", params=params).content == first.content
+    assert responses.hits == 1  # the second answer was the cached one
+
+    store.upsert_bars([make_bar(BTC, T0 + 120, "42001.25")])  # a revision
+    revised = client.get("/v1/ohlcv", params=params).json()
+    assert [b["close"] for b in revised["bars"]] == ["42000.5", "42000.5", "42001.25", "42000.5", "42000.5"]
+    assert revised["bars"][2]["final"] is True
+
+    store.upsert_bars([make_bar(BTC, T0 + 60 * i, "42000.5", source="stream", final=False) for i in range(5, 10)])
+    params_10 = {**params, "end": T0 + 600}
+    assert client.get("/v1/ohlcv", params=params_10).json()["complete"] is True
+    OutageStore(engine).record(source="stream", started_at=datetime.fromtimestamp(T0 + 390, UTC),
+                               ended_at=datetime.fromtimestamp(T0 + 450, UTC), instruments=[BTC], reason="test")
+    after = client.get("/v1/ohlcv", params=params_10).json()
+    assert after["complete"] is False and after["gaps"]  # provisional minutes of the outage are gaps now

@@ -85,13 +85,13 @@ def test_migrations_run_from_any_directory(tmp_path, monkeypatch, empty_database
 def test_storage_features_name_the_backend(session_engine: Engine) -> None:
     features = storage_features(session_engine)
     if backend(session_engine) == "native":
-        assert features == {"timescaledb": False, "partitioning": "native", "continuous_aggregates": False,
-                            "compression": False, "license": None}  # fmt: skip
+        assert features == {"timescaledb": False, "partitioning": "native", "compression": False,
+                            "license": None}  # fmt: skip
         return
     # TimescaleDB: hypertables under either license; the TSL features only under the Timescale one.
     tsl = features["license"] == "timescale"
-    assert features == {"timescaledb": True, "partitioning": "timescaledb", "continuous_aggregates": tsl,
-                        "compression": tsl, "license": features["license"]}  # fmt: skip
+    assert features == {"timescaledb": True, "partitioning": "timescaledb", "compression": tsl,
+                        "license": features["license"]}  # fmt: skip
     assert features["license"] in ("timescale", "apache")
 
 
@@ -185,3 +185,33 @@ def test_partition_periods() -> None:
     assert [str(p) for p in periods] == ["2023-11-01", "2023-12-01", "2024-01-01"]
     days = partitions.periods("ticks", datetime(2024, 2, 28, 12, tzinfo=UTC), datetime(2024, 3, 1, 0, 1, tzinfo=UTC))
     assert [str(p) for p in days] == ["2024-02-28", "2024-02-29", "2024-03-01"]
+
+
+def test_0006_rolls_up_the_1m_bars_already_stored(empty_database: str) -> None:
+    """An existing database: 0006 fills bar_rollups from its 1m bars (what reads of 1h / 1d use)."""
+    from candlekeep.bars import Interval, rollup_bars
+    from candlekeep.storage.bars import BarStore
+    from tests.utils.bars import make_bar
+
+    upgrade(empty_database, "0004")
+    engine = create_engine(empty_database)
+    try:
+        t0 = int(datetime(2024, 1, 1, 23, tzinfo=UTC).timestamp())
+        minutes = [make_bar("cccagg:BTC-USD", t0 + 60 * i, f"{100 + i % 9}.5") for i in range(0, 150, 2)]
+        with engine.begin() as conn:
+            partitions.ensure_partitions(conn, "bars", datetime.fromtimestamp(t0, UTC),
+                                         datetime.fromtimestamp(t0 + 86400, UTC))  # fmt: skip
+            for b in minutes:  # written the way 0004's code wrote them: no rollups
+                conn.execute(text("INSERT INTO bars (instrument, \"interval\", bucket, open, high, low, close, volume,"
+                                  " quote_volume, trades, source, final) VALUES (:i, '1m', to_timestamp(:s), :o, :h, :l,"
+                                  " :c, :v, :qv, :t, :src, true)"),
+                             {"i": b.instrument, "s": b.start, "o": b.open, "h": b.high, "l": b.low, "c": b.close,
+                              "v": b.volume, "qv": b.quote_volume, "t": b.trades, "src": b.source})  # fmt: skip
+        upgrade(empty_database)
+        store = BarStore(engine)
+        for interval in (Interval.H1, Interval.D1):
+            assert store.read_bars("cccagg:BTC-USD", interval, t0 - 86400, t0 + 86400) == list(
+                rollup_bars(minutes, interval))
+    finally:
+        engine.dispose()
+        partitions.forget(engine)
