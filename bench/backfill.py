@@ -77,9 +77,16 @@ def _cents(value: int) -> str:
 def serve(port_queue: multiprocessing.Queue, days: int, instruments: list[str]) -> None:
     """The CryptoCompare-format server: pages of limit+1 bars ending at toTs."""
     minutes = days * 1440
-    history = {Instrument.parse(i).base: synthetic_rows(i, START, minutes) for i in instruments}
+    # Rows pre-encoded, and connections kept alive (as CryptoCompare's are): the server stands in for
+    # a remote API, so its own CPU should take as little as it can of this machine's two cores.
+    history = {
+        Instrument.parse(i).base: [(t, text.encode()) for t, text in synthetic_rows(i, START, minutes)]
+        for i in instruments
+    }
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
         def do_GET(self) -> None:
             url = urlparse(self.path)
             q = {k: v[0] for k, v in parse_qs(url.query).items()}
@@ -89,10 +96,10 @@ def serve(port_queue: multiprocessing.Queue, days: int, instruments: list[str]) 
             first = max(0, last - limit)
             page = rows[first : last + 1]
             body = (
-                '{"Response":"Success","Message":"","HasWarning":false,"Type":100,"RateLimit":{},'
-                f'"Data":{{"Aggregated":false,"TimeFrom":{page[0][0]},"TimeTo":{page[-1][0]},"Data":['
-                + ",".join(text for _, text in page) + "]}}"
-            ).encode()
+                b'{"Response":"Success","Message":"","HasWarning":false,"Type":100,"RateLimit":{},'
+                b'"Data":{"Aggregated":false,"TimeFrom":%d,"TimeTo":%d,"Data":[' % (page[0][0], page[-1][0])
+                + b",".join(text for _, text in page) + b"]}}"
+            )
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
