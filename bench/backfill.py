@@ -7,8 +7,8 @@ CryptoCompare min-api v2 format (`/data/v2/histominute`, `limit`/`toTs` paging, 
 page). The backfill fetches every page through `CryptoCompareClient`, parses it with exact
 decimals and upserts it through `BarStore` (the same `candlekeep.backfill.backfill` the Dagster
 asset runs). The baseline is a plain `COPY` of the same rows into the same (emptied) table.
-Target: backfill rate >= 0.5 x COPY rate. Memory: peak traced allocations of a backfill of N days
-against one of N/3 days; flat means the ratio stays near 1.
+Targets (exit status 1 when one is missed): backfill rate >= 0.8 x COPY rate, and memory flat:
+the peak traced allocations of a backfill of N days at most 1.5 x those of one of N/3 days.
 
 PostgreSQL: `CANDLEKEEP_BENCH_PG_URL` (an admin URL; a scratch database is created and dropped), or
 an embedded server in a temp directory.
@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import random
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -43,6 +44,8 @@ from candlekeep.storage.db import create_engine, with_database
 from candlekeep.storage.migrate import upgrade
 from candlekeep.storage.partitions import ensure_partitions
 
+TARGET = 0.8  # backfill rate / COPY rate
+MEMORY_TARGET = 1.5  # peak traced memory, N days / N/3 days
 START = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp())
 INSTRUMENTS = ["cccagg:BTC-USD", "cccagg:ETH-USD", "cccagg:SOL-USD", "cccagg:XRP-USD", "cccagg:ADA-USD"]
 
@@ -209,12 +212,18 @@ def main() -> None:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     copy_rate, fill_rate, rerun_rate = copied / copy_s, filled / fill_s, filled / rerun_s
+    ratio, memory_ratio = fill_rate / copy_rate, peaks[args.days] / peaks[small_days]
     print(f"bars: {args.days} days x {len(instruments)} instruments = {filled} (stored {stored}, copied {copied})")
     print(f"COPY baseline:          {copy_rate:12,.0f} rows/s  ({copy_s:.2f} s)")
-    print(f"backfill (HTTP+upsert): {fill_rate:12,.0f} rows/s  ({fill_s:.2f} s)  ratio {fill_rate / copy_rate:.2f} (target >= 0.50)")
+    print(f"backfill (HTTP+upsert): {fill_rate:12,.0f} rows/s  ({fill_s:.2f} s)  ratio {ratio:.2f} (target >= {TARGET:.2f})")
     print(f"re-run (all unchanged): {rerun_rate:12,.0f} rows/s  ({rerun_s:.2f} s)  ratio {rerun_rate / copy_rate:.2f}")
     print(f"peak traced memory: {small_days} days {peaks[small_days] / 2**20:.1f} MiB, {args.days} days "
-          f"{peaks[args.days] / 2**20:.1f} MiB, ratio {peaks[args.days] / peaks[small_days]:.2f} (flat ~ 1)")
+          f"{peaks[args.days] / 2**20:.1f} MiB, ratio {memory_ratio:.2f} (target <= {MEMORY_TARGET:.2f}, flat ~ 1)")
+    missed = [what for what, ok in (("backfill ratio", ratio >= TARGET), ("memory", memory_ratio <= MEMORY_TARGET))
+              if not ok]  # fmt: skip
+    if missed:
+        print(f"MISSED: {', '.join(missed)}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
