@@ -147,3 +147,21 @@ def test_count_stored_counts_each_range_at_its_interval(engine: Engine) -> None:
     assert store.count_stored(BTC, Interval.M1, ranges) == [10, 90, 0, 0]
     assert store.count_stored(BTC, Interval.H1, ranges) == [0, 0, 0, 0]
     assert store.count_stored(BTC, Interval.M1, []) == []
+
+
+def test_a_source_error_mid_batch_rolls_the_batch_back_and_is_raised(engine: Engine) -> None:
+    class SourceDown(Exception):
+        pass
+
+    def pages() -> Iterator[BarBlock]:
+        yield block(T0, 50)
+        yield block(T0 + 3000, 50)
+        yield block(T0 + 6000, 50)
+        raise SourceDown("HTTP 503")
+
+    written: list[int] = []
+    with pytest.raises(SourceDown):
+        BarStore(engine).upsert_blocks(pages(), batch_rows=100, on_written=lambda b: written.append(len(b)),
+                                       span=(BTC, Interval.M1, T0, T0 + 9000))  # fmt: skip
+    assert written == [50, 50]  # the first batch was committed; the second, cut short, was not
+    assert len(stored_text(engine)) == 100
