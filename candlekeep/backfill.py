@@ -1,12 +1,13 @@
 """Backfill: stream a source's bar pages into the store, then record what each period now holds.
 
 Plain core, called by the Dagster assets (pipelines/assets.py) and through them by `candlekeep
-backfill`; it imports no Dagster. A pipeline of two threads: one fetches the source's pages and
-parses them into `BarBlock`s (CryptoCompare's straight from the JSON text, with no per-bar record),
-while this one writes them with `BarStore.upsert_blocks`, `BATCH_ROWS` bars per COPY transaction
-(fetching waits on the network and writing on PostgreSQL, both without the GIL). Memory stays flat:
-at most `PREFETCH_PAGES` pages wait, and one batch is held for its transaction. Idempotent: the store's upserts make a second run over the same range change nothing (it reports
-the rows as unchanged).
+backfill`; it imports no Dagster. A pipeline: fetch threads (one per stream, a long range being
+fetched as `FETCH_STREAMS` consecutive ranges) get the source's pages and parse them into
+`BarBlock`s (CryptoCompare's straight from the JSON text, with no per-bar record), while the calling
+thread writes them with `BarStore.upsert_blocks`, `BATCH_ROWS` bars per COPY transaction (fetching
+waits on the network and writing on PostgreSQL, both without the GIL). Memory stays flat: at most
+`PREFETCH_PAGES` pages wait, and one batch is held for its transaction. Idempotent: the store's
+upserts make a second run over the same range change nothing (it reports the rows as unchanged).
 
 Coverage (DESIGN.md "Storage"): one `coverage` row per period touched — a UTC day for intervals
 below 1h, a UTC month for 1h and coarser (`day` = the period's first day) — with the rows the store
@@ -19,8 +20,8 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import closing
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from queue import Full, Queue
