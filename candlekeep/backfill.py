@@ -42,7 +42,7 @@ COMPLETE, GAPS, EMPTY, OPEN = "complete", "gaps", "empty", "open"
 # One transaction per BATCH_ROWS bars (whole pages); PREFETCH_PAGES pages fetched and parsed ahead
 # while a batch is written. Together they bound memory (a few pages, whatever the range).
 BATCH_ROWS = 4_000
-PREFETCH_PAGES = 4
+PREFETCH_PAGES = 2
 # A range of SPLIT_BUCKETS buckets or more (two CryptoCompare pages) is fetched as FETCH_STREAMS
 # consecutive ranges side by side, so one stream's round trip overlaps another's (the rate limiter
 # still spaces every call); at most one request more than a single stream.
