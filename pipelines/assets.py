@@ -44,6 +44,7 @@ MAX_LISTED_GAPS = 10
 # most one chunk's materialization records (the bars are already stored; a rerun finds them unchanged).
 DAYS_PER_RUN = 31
 MONTHS_PER_RUN = 12
+PROGRESS_EVERY_S = 5.0
 POOL = "cryptocompare"
 GROUP = "bars"
 KINDS = {"postgres", "python"}
@@ -64,6 +65,7 @@ def fetch_bars(
     for r in ranges:
         span = f"{r.instrument} {interval.value} {r.start:%Y-%m-%d}..{r.end:%Y-%m-%d} ({len(r.keys)} partitions)"
         context.log.info(f"fetching {span} from {source.name}")
+        progress = _Progress(context, span)
         result = backfill(
             source=source,
             bar_store=bar_store,
@@ -73,6 +75,7 @@ def fetch_bars(
             start=r.start_ts,
             end=r.end_ts,
             now=now,
+            on_page=progress,
         )
         context.log.info(
             f"{span}: {result.rows_fetched} bars, {result.inserted} inserted, {result.updated} updated,"
@@ -128,6 +131,19 @@ def bars_1d(context: dg.AssetExecutionContext, candlekeep: CandlekeepResource) -
 
 
 BAR_ASSETS = {Interval.M1: bars_1m, Interval.H1: bars_1h, Interval.D1: bars_1d}
+
+
+class _Progress:
+    """`on_page` of a backfill: logs the bars stored so far, at most every PROGRESS_EVERY_S seconds."""
+
+    def __init__(self, context: dg.AssetExecutionContext, span: str) -> None:
+        self.context, self.span, self.bars, self.logged = context, span, 0, time.monotonic()
+
+    def __call__(self, bars: int) -> None:
+        self.bars += bars
+        if time.monotonic() - self.logged >= PROGRESS_EVERY_S:
+            self.logged = time.monotonic()
+            self.context.log.info(f"{self.span}: {self.bars} bars stored so far")
 
 
 def _metadata(

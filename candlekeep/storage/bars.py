@@ -36,19 +36,21 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 from itertools import islice
+from operator import add
 from typing import Any
 
 import psycopg
 from psycopg.types.string import TextLoader
 from sqlalchemy import Connection, Engine, text
 
+from candlekeep.bar_block import BarBlock
 from candlekeep.bars import Bar, BarRow, Interval
 from candlekeep.storage import partitions
 
@@ -267,6 +269,100 @@ class BarStore:
             total += self._write(batch.values())
         return total
 
+    def upsert_blocks(
+        self,
+        blocks: Iterable[BarBlock],
+        *,
+        batch_rows: int = 8_000,
+        on_written: Callable[[BarBlock], None] | None = None,
+        span: tuple[str, Interval | str, int, int] | None = None,
+    ) -> UpsertResult:
+        """Write `blocks` as `upsert_bars` writes bars (same semantics), whole blocks per transaction.
+
+        The bulk path of a backfill: a batch gathers blocks until it holds `batch_rows` bars (memory
+        stays bounded by a batch), and its COPY text is one join per block (no per-bar record).
+        `span = (instrument, interval, start, end)` promises every block is of that instrument and
+        interval inside `[start, end)` (a block outside it raises ValueError). When nothing is stored
+        in the span yet, each batch is streamed straight into `bars` while its blocks arrive (the
+        database works while the next page is fetched); should a concurrent writer store one of its
+        buckets meanwhile, that batch is rolled back and merged, and so are the later ones.
+        `on_written(block)` is called for each block once its batch is committed.
+        """
+        if batch_rows < 1:
+            raise ValueError("batch_rows must be positive")
+        streaming = span is not None and self._span_is_empty(*span)
+        pending = _Pending(blocks)
+        total = UpsertResult()
+        while (head := pending.peek()) is not None:
+            batch: list[BarBlock] = []
+            result = self._stream_batch(pending, batch, batch_rows, span) if streaming and span else None
+            if result is None:  # not streaming, or the stream met a stored bar and was rolled back
+                streaming = False
+                if not batch:
+                    _gather(pending, batch, batch_rows, head.columns, None)
+                result = self._write_blocks(batch)
+            total += result
+            if on_written is not None:
+                for block in batch:
+                    on_written(block)
+        return total
+
+    def _span_is_empty(self, instrument: str, interval: Interval | str, start: int, end: int) -> bool:
+        """Nothing stored at `interval` in `[start, end)`; its partitions are made meanwhile."""
+        if start >= end:
+            return False
+        with self.engine.connect() as conn:
+            partitions.ensure_partitions(conn, "bars", _utc(start), _utc(end))
+            with conn.begin():
+                cur = _cursor(conn)
+                cur.execute(_ANY_STORED, ([str(instrument)], [Interval(interval).value], [_utc(start)], [_utc(end - 1)]))
+                return not cur.fetchone()[0]
+
+    def _stream_batch(
+        self, pending: _Pending, batch: list[BarBlock], batch_rows: int, span: tuple[str, Interval | str, int, int]
+    ) -> UpsertResult | None:
+        """COPY one batch straight into `bars` as its blocks arrive; None (rolled back, the blocks
+        gathered so far left in `batch`) when a bar of it is stored already or its partition went."""
+        instrument, interval, start, end = str(span[0]), Interval(span[1]).value, span[2], span[3]
+
+        def check(block: BarBlock) -> None:
+            if block.instrument != instrument or block.interval != interval or not (
+                start <= block.starts[0] and block.starts[-1] < end
+            ):
+                raise ValueError(f"block of {block.instrument} {block.interval} outside the span {span}")
+
+        head = pending.peek()
+        assert head is not None
+        columns = _BlockText([head]).columns
+        with self.engine.connect() as conn:
+            try:
+                with conn.begin():
+                    cur = _cursor(conn)
+                    with cur.copy(f"COPY bars ({columns}) FROM STDIN") as copy:
+                        _gather(pending, batch, batch_rows, head.columns,
+                                lambda block: (check(block), copy.write(_block_copy_text(block))))  # fmt: skip
+                    result = UpsertResult(inserted=sum(len(b) for b in batch))
+                    _Touched.of_blocks(batch).record(cur, result)  # the rollups, in the same transaction
+                return result
+            except (psycopg.errors.UniqueViolation, psycopg.errors.CheckViolation, psycopg.errors.DeadlockDetected):
+                return None
+
+    def _write_blocks(self, blocks: list[BarBlock]) -> UpsertResult:
+        ranges: dict[tuple[str, str], list[tuple[int, int]]] = {}  # (instrument, interval) -> block spans
+        for block in blocks:
+            ranges.setdefault((block.instrument, block.interval), []).append((block.starts[0], block.starts[-1]))
+        spans: dict[tuple[str, str], list[int]] = {}  # (instrument, interval) -> [first, last] start
+        overlapping = False
+        for key, key_ranges in ranges.items():
+            key_ranges.sort()
+            overlapping = overlapping or any(a[1] >= b[0] for a, b in zip(key_ranges, key_ranges[1:]))
+            spans[key] = [key_ranges[0][0], max(hi for _, hi in key_ranges)]
+        if overlapping:  # a bucket in two blocks: the last one wins, as in upsert_bars
+            result = self.upsert_bars(bar for block in blocks for bar in block.bars())
+        else:
+            result = self._write_text(_BlockText(blocks), spans, _Touched.of_blocks(blocks))
+        return result
+
     def _write(self, bars: Collection[Bar]) -> UpsertResult:
         spans: dict[tuple[str, str], list[int]] = {}  # (instrument, interval) -> [first, last] start
         for bar in bars:
@@ -278,8 +374,12 @@ class BarStore:
                 span[0] = bar.start
             elif bar.start > span[1]:
                 span[1] = bar.start
-        lines = _CopyText(bars)
-        touched = _Touched.of(bars)
+        return self._write_text(_CopyText(bars), spans, _Touched.of(bars))
+
+    def _write_text(
+        self, lines: _CopyText | _BlockText, spans: dict[tuple[str, str], list[int]], touched: _Touched
+    ) -> UpsertResult:
+        """One batch's COPY text written in one transaction, retried when that is safe."""
         for attempt in range(1, _ATTEMPTS + 1):
             try:
                 return self._merge(lines, spans, touched)
@@ -296,7 +396,9 @@ class BarStore:
                     raise
         raise AssertionError("unreachable")
 
-    def _merge(self, lines: _CopyText, spans: dict[tuple[str, str], list[int]], touched: _Touched) -> UpsertResult:
+    def _merge(
+        self, lines: _CopyText | _BlockText, spans: dict[tuple[str, str], list[int]], touched: _Touched
+    ) -> UpsertResult:
         first = _utc(min(lo for lo, _ in spans.values()))
         last = _utc(max(hi for _, hi in spans.values()) + 1)
         keys = list(spans)
@@ -317,7 +419,7 @@ class BarStore:
                     )
                     stored = cur.fetchone()[0]
                     if not stored:  # the fast path: nothing to merge with
-                        _copy(cur, f"COPY bars ({_KEYS_AND_VALUES}) FROM STDIN", lines)
+                        _copy(cur, f"COPY bars ({lines.columns}) FROM STDIN", lines)
                         result = UpsertResult(inserted=len(lines))
                     else:
                         result = _stage_and_merge(cur, lines)
@@ -463,6 +565,29 @@ class BarStore:
         sql, params = self._query(str(instrument), interval, start, end, "bucket", stored_only=stored_only)
         with self._reading() as conn:
             return conn.execute(text(f"SELECT count(*) FROM ({sql}) AS q"), params).scalar_one()
+
+    def count_stored(
+        self, instrument: str, interval: Interval | str, ranges: Sequence[tuple[int, int]]
+    ) -> list[int]:
+        """How many bars are stored at `interval` itself in each `[start, end)` range, in one query."""
+        if not ranges:
+            return []
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT (SELECT count(*) FROM bars WHERE instrument = :instrument AND \"interval\" = :interval"
+                    "        AND bucket >= r.lo AND bucket < r.hi)"
+                    " FROM unnest(CAST(:los AS timestamptz[]), CAST(:his AS timestamptz[])) WITH ORDINALITY"
+                    " AS r(lo, hi, i) ORDER BY r.i"
+                ),
+                {
+                    "instrument": str(instrument),
+                    "interval": Interval(interval).value,
+                    "los": [_utc(lo) for lo, _ in ranges],
+                    "his": [_utc(max(lo, hi)) for lo, hi in ranges],
+                },
+            )
+            return [int(r[0]) for r in rows]
 
     def latest_start(self, instrument: str, interval: Interval | str = Interval.M1) -> int | None:
         """Start of the newest bar stored at `interval` (where a writer stopped), or None."""
@@ -628,6 +753,16 @@ class _Touched:
                 hours.add((bar.instrument, bar.start - bar.start % 3600))
         return cls(instruments, hours)
 
+    @classmethod
+    def of_blocks(cls, blocks: Iterable[BarBlock]) -> _Touched:
+        instruments: set[str] = set()
+        hours: set[tuple[str, int]] = set()
+        for block in blocks:
+            instruments.add(block.instrument)
+            if block.interval == "1m":
+                hours.update((block.instrument, start - start % 3600) for start in block.starts)
+        return cls(instruments, hours)
+
     def record(self, cur: psycopg.Cursor, result: UpsertResult) -> None:
         """In the batch's transaction, after its bars: bump the versions (which orders this against
         other writers of these instruments, see _BUMP), then refresh the rollups."""
@@ -663,6 +798,7 @@ class _CopyText:
     format) and kept, should the batch be sent twice."""
 
     CHUNK = 1000  # lines
+    columns = _KEYS_AND_VALUES  # of each line, in order
 
     def __init__(self, bars: Collection[Bar]) -> None:
         self._bars = iter(bars)
@@ -696,23 +832,93 @@ def _pyformat(sql: str) -> str:
     return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql)
 
 
+class _Pending:
+    """The blocks still to write, non-empty ones only, with a look at the next one."""
+
+    def __init__(self, blocks: Iterable[BarBlock]) -> None:
+        self._blocks = (b for b in blocks if b)
+        self._next: BarBlock | None = None
+
+    def peek(self) -> BarBlock | None:
+        if self._next is None:
+            self._next = next(self._blocks, None)
+        return self._next
+
+    def pop(self) -> BarBlock | None:
+        block, self._next = self.peek(), None
+        return block
+
+
+def _gather(
+    pending: _Pending,
+    batch: list[BarBlock],
+    batch_rows: int,
+    columns: tuple[str, ...],
+    sink: Callable[[BarBlock], object] | None,
+) -> None:
+    """Move blocks with `columns` from `pending` into `batch` (each given to `sink` as it comes)
+    until the batch holds `batch_rows` bars; the next block is not awaited once it is full."""
+    rows = sum(len(b) for b in batch)
+    while rows < batch_rows and (block := pending.peek()) is not None and block.columns == columns:
+        batch.append(pending.pop())  # type: ignore[arg-type]
+        if sink is not None:
+            sink(block)
+        rows += len(block)
+
+
+class _BlockText:
+    """The COPY text of a batch of blocks with the same `columns`, one join per block, made while the
+    COPY runs and kept, should the batch be sent twice."""
+
+    def __init__(self, blocks: list[BarBlock]) -> None:
+        self._blocks = blocks
+        self._count = sum(len(b) for b in blocks)
+        self._chunks: list[str] = []
+        self.columns = f'bucket, {", ".join(blocks[0].columns)}, instrument, "interval", trades, source, final'
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[str]:
+        yield from list(self._chunks)
+        for block in self._blocks[len(self._chunks) :]:
+            chunk = _block_copy_text(block)
+            self._chunks.append(chunk)
+            yield chunk
+
+
+def _block_copy_text(block: BarBlock) -> str:
+    """The block's COPY text lines (`_BlockText.columns` order): bucket, values as given, the rest."""
+    buckets = _bucket_texts(block.starts)
+    ident = f"{_copy_text(block.instrument)}\t{_PLAIN[block.interval]}"
+    tail = f"{_copy_text(block.source)}\t{'t' if block.final else 'f'}\n"
+    if block.trades is None:
+        suffix = f"\t{ident}\t\\N\t{tail}"
+        return suffix.join(map(add, buckets, block.values)) + suffix
+    null = "\\N"
+    return "".join(
+        f"{b}{v}\t{ident}\t{null if t is None else int(t)}\t{tail}"
+        for b, v, t in zip(buckets, block.values, block.trades, strict=True)
+    )
+
+
 def _cursor(conn: Connection) -> psycopg.Cursor:
     driver = conn.connection.driver_connection
     assert isinstance(driver, psycopg.Connection)
     return driver.cursor()
 
 
-def _copy(cur: psycopg.Cursor, statement: str, lines: _CopyText) -> None:
+def _copy(cur: psycopg.Cursor, statement: str, lines: Iterable[str]) -> None:
     with cur.copy(statement) as copy:
         for chunk in lines:
             copy.write(chunk)
 
 
-def _stage_and_merge(cur: psycopg.Cursor, lines: _CopyText) -> UpsertResult:
+def _stage_and_merge(cur: psycopg.Cursor, lines: _CopyText | _BlockText) -> UpsertResult:
     """COPY into the session's temp table, drop what would not change, then one INSERT ... ON CONFLICT
     DO UPDATE from the rest."""
     cur.execute(_CREATE_STAGE)
-    _copy(cur, f"COPY {_STAGE} ({_KEYS_AND_VALUES}) FROM STDIN", lines)
+    _copy(cur, f"COPY {_STAGE} ({lines.columns}) FROM STDIN", lines)
     cur.execute(_DROP_UNCHANGED)
     if cur.rowcount == len(lines):  # nothing left to write
         return UpsertResult(0, 0, len(lines))
@@ -774,6 +980,28 @@ def _day_text(day: int) -> str:
 def _time_of_day_text(second: int) -> str:
     hours, rest = divmod(second, 3600)
     return f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def _bucket_texts(starts: Sequence[int]) -> list[str]:
+    """'YYYY-MM-DD HH:MM:SS+00\t' of each start (ascending): a COPY bucket field and its tab."""
+    first, last = starts[0], starts[-1]
+    if last - first != 60 * (len(starts) - 1):  # not one run of consecutive minutes
+        return [f"{_day_text(s // 86400)} {_time_of_day_text(s % 86400)}+00\t" for s in starts]
+    texts: list[str] = []
+    clocks = _minute_clocks()
+    minute, end = first // 60, last // 60 + 1
+    while minute < end:  # one slice of the day's clock texts per UTC day
+        day, of_day = divmod(minute, 1440)
+        n = min(1440 - of_day, end - minute)
+        texts += map(_day_text(day).__add__, clocks[of_day : of_day + n])
+        minute += n
+    return texts
+
+
+@lru_cache(maxsize=1)
+def _minute_clocks() -> tuple[str, ...]:
+    """' HH:MM:00+00\t' for each minute of a day."""
+    return tuple(f" {m // 60:02d}:{m % 60:02d}:00+00\t" for m in range(1440))
 
 
 def _utc(ts: int) -> datetime:

@@ -8,6 +8,7 @@ not over yet).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 
@@ -56,6 +57,35 @@ class CoverageStore:
                     "source": source,
                     "rows": rows,
                     "status": status,
+                },
+            )
+
+    def record_many(self, rows: Sequence[tuple[str, Interval | str, date, str, int, str]]) -> None:
+        """Upsert several partitions' coverage, `(instrument, interval, day, source, rows, status)`
+        each, in one statement (what `record` does for one)."""
+        for _, _, _, _, count, status in rows:
+            if status not in STATUSES:
+                raise ValueError(f"invalid coverage status {status!r}: expected one of {' '.join(STATUSES)}")
+            if count < 0:
+                raise ValueError(f"coverage rows must be >= 0, got {count}")
+        if not rows:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(
+                    'INSERT INTO coverage (instrument, "interval", day, source, rows, status, fetched_at)'
+                    " SELECT *, now() FROM unnest(CAST(:instruments AS text[]), CAST(:intervals AS text[]),"
+                    " CAST(:days AS date[]), CAST(:sources AS text[]), CAST(:rows AS integer[]), CAST(:statuses AS text[]))"
+                    ' ON CONFLICT (instrument, "interval", day, source) DO UPDATE'
+                    " SET rows = excluded.rows, status = excluded.status, fetched_at = excluded.fetched_at"
+                ),
+                {
+                    "instruments": [str(r[0]) for r in rows],
+                    "intervals": [Interval(r[1]).value for r in rows],
+                    "days": [r[2] for r in rows],
+                    "sources": [r[3] for r in rows],
+                    "rows": [r[4] for r in rows],
+                    "statuses": [r[5] for r in rows],
                 },
             )
 

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from candlekeep.backfill import backfill, coverage_periods
+from candlekeep.backfill import backfill, coverage_periods, fetch_ranges
 from candlekeep.bars import Bar, Interval
 from candlekeep.instruments import Instrument
 from candlekeep.sources.simulator import Simulator
@@ -130,6 +130,40 @@ def test_holes_in_the_source_are_reported_as_gaps(stores):
     rows = {r.day: (r.rows, r.status) for r in coverage_store.read(instrument=BTC.id, interval=Interval.M1, start_day=date(2024, 3, 5))
             if r.source == "grid"}  # fmt: skip
     assert rows == {date(2024, 3, 5): (1440, "complete"), date(2024, 3, 6): (1440, "complete")}
+
+
+def test_a_long_range_is_fetched_as_two_streams_and_the_seam_between_them_is_no_gap(stores):
+    bar_store, coverage_store = stores
+    day = ts("2024-03-05")
+    seam = day + 60 * (5 * 1440 // 2)  # where fetch_ranges cuts five days
+    holes = {seam - 120, seam - 60, seam, seam + 60} | {day + 60 * m for m in range(10)}
+    source = GridSource(holes, page_size=700)
+    pages: list[int] = []
+
+    result = backfill(source=source, bar_store=bar_store, coverage_store=coverage_store, instrument=BTC,
+                      interval=Interval.M1, start=day, end=day + 5 * DAY, now=ts("2024-04-01"), on_page=pages.append)  # fmt: skip
+
+    assert sorted(source.calls) == [(day, seam), (seam, day + 5 * DAY)]
+    assert result.gaps == [(day, day + 600), (seam - 120, seam + 120)]
+    assert result.rows_fetched == result.inserted == sum(pages) == 5 * 1440 - len(holes)
+    starts = bar_store.bucket_starts(BTC.id, Interval.M1, day, day + 5 * DAY)
+    assert starts == sorted(set(range(day, day + 5 * DAY, 60)) - holes)
+    rows = {r.day: (r.rows, r.status) for r in coverage_store.read(instrument=BTC.id, interval=Interval.M1)}
+    assert rows == {date(2024, 3, 5): (1430, "gaps"), date(2024, 3, 6): (1440, "complete"),
+                    date(2024, 3, 7): (1436, "gaps"), date(2024, 3, 8): (1440, "complete"),
+                    date(2024, 3, 9): (1440, "complete")}  # fmt: skip
+
+    again = backfill(source=GridSource(holes), bar_store=bar_store, coverage_store=coverage_store, instrument=BTC,
+                     interval=Interval.M1, start=day, end=day + 5 * DAY, now=ts("2024-04-01"))  # fmt: skip
+    assert (again.inserted, again.updated, again.unchanged) == (0, 0, 5 * 1440 - len(holes))
+
+
+def test_fetch_ranges_cut_long_ranges_on_bucket_boundaries():
+    day = ts("2024-03-05")
+    assert fetch_ranges(Interval.M1, day, day + DAY) == [(day, day + DAY)]  # 1440 buckets: one stream
+    assert fetch_ranges(Interval.M1, day, day + 30 * DAY) == [(day, day + 15 * DAY), (day + 15 * DAY, day + 30 * DAY)]
+    three = fetch_ranges(Interval.H1, day, day + 4001 * 3600)
+    assert [lo % 3600 for lo, _ in three] == [0, 0] and three[0][1] == three[1][0] and three[-1][1] == day + 4001 * 3600
 
 
 def test_a_gap_across_midnight_is_one_range_and_clipped_to_the_range_asked(stores):

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 
+from candlekeep.bar_block import blocks_from_bars
 from candlekeep.bars import Bar, Interval, missing_ranges, rollup_bars
 from candlekeep.storage.bars import BarStore
 from tests.candlekeep.storage.test_derived_bars import minute_bars
@@ -118,3 +119,19 @@ def test_decimals_of_rollups_keep_every_digit(engine: Engine) -> None:
     (row,) = rollup_rows(engine, BTC, "1h")
     assert str(row[5]) == "12345678901234567890.123456789000000001"  # exact sums, no rounding
     assert str(row[4]) == "1.23456780E-10"  # the last close, its trailing zero kept
+
+
+def test_rollups_follow_the_backfills_block_path_streamed_and_merged(engine: Engine) -> None:
+    """upsert_blocks' COPY straight into an empty span, and its merge over stored minutes, keep the
+    rollups in the same transaction as upsert_bars does."""
+    store = BarStore(engine)
+    minutes = [make_bar(BTC, T0 + 60 * i, f"{200 + i % 11}.{i % 10}", volume=f"0.{i + 1:04d}") for i in range(3000)]
+    span = (BTC, Interval.M1, T0, T0 + 60 * 3000)
+    assert store.upsert_blocks(blocks_from_bars(minutes[:2000]), batch_rows=700, span=span).inserted == 2000
+    assert_rollups_follow_1m(store, BTC)
+    first = version(engine, BTC)
+
+    revised = [dataclasses.replace(b, close=Decimal("1.5")) for b in minutes[1500:]]  # merged, then new minutes
+    store.upsert_blocks(blocks_from_bars(revised), batch_rows=700, span=span)
+    assert_rollups_follow_1m(store, BTC)
+    assert version(engine, BTC) != first
