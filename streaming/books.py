@@ -5,8 +5,17 @@
 
 Consumer group `books` (with the topic prefix) on `books`. Each record is decoded (bad ones go to
 `deadletter` with the reason) and applied to its instrument's candlekeep.orderbook.OrderBook:
-- a snapshot replaces the book (and sets its depth: after each delta the book is cut to the
-  snapshot's larger side, since a venue such as Kraken sends no delete for a level pushed out);
+- a snapshot replaces the book; where the venue's connector keeps its book cut to a subscribed
+  depth (`Connector.book_depth`: Kraken, 1000 per side), the daemon cuts its copy the same way after
+  every delta (`venue_book_depth`). Kraken documents that a client must truncate its book to the
+  subscribed depth after each update, because it sends no "qty 0" for a level that falls out of
+  scope (docs.kraken.com, "Book checksum (v2)", Maintaining the book; the v1 feed the connector
+  reads behaves the same and republishes, flagged "r", the level that comes back into scope). So the
+  connector publishes the levels Kraken sent and no deletes for the cut ones, and only the same cut
+  makes the daemon's book the connector's book, level for level. It must be the subscribed depth,
+  not the snapshot's size: a shallow pair's book (fewer levels than subscribed on both sides) grows
+  without anything falling out. Venues whose connector keeps every level (no book_depth) are not
+  cut: their deletes come on the wire;
 - a delta before any snapshot of its instrument waits: it is dropped and counted, the instrument
   stays `waiting` until its first snapshot; a delta whose `prev_sequence` is not the sequence
   the book is at is a break: the book is dropped, and the instrument waits for the next snapshot.
@@ -26,12 +35,24 @@ is computed again from the same records, so it is the same row, already stored (
 at any moment, then a restart, leaves exactly the outputs of an uninterrupted run. A venue that
 publishes a snapshot every N seconds bounds the replay to about N seconds of its records.
 
+Retention (`CANDLEKEEP_BOOK_RETENTION_DAYS`): after a flush has written and committed, the daemon
+drops the day partitions of the three tables (TimescaleDB: their 1-day chunks, `drop_chunks`) that lie
+wholly before `retention clock - retention days` (BookStore.drop_older_than), once per new cutoff day.
+The retention clock is the EARLIER of the book clock (the largest `ts_ns` applied, the outputs' own
+clock) and the wall clock. The book clock makes stored rows a function of the log: a replayed or
+recorded day of 2022 (tests, bench, `--start` in the past) is kept while it is being written, not
+dropped the moment it lands as a wall clock would; the wall clock bounds it, so one record stamped
+far in the future cannot wipe the table. One mechanism for both backends: TimescaleDB's own
+`add_retention_policy` runs on the wall clock in its job scheduler and exists only under the
+Timescale (community) license, while `drop_chunks` works under either license.
+
 State (one block):
     state      idle | syncing | consuming | error (StateMachine; every transition logged): syncing
                while some instrument seen waits for a snapshot, consuming when every one has a book
     _books     instrument -> _Live (book, sequence, interval, base offset, partition) or None: waiting
     _outputs   outputs not yet written; _offsets the next offset per partition read so far
     committed  the offsets this member committed last, per partition
+    _book_clock_ns  the largest ts_ns applied; _retained_to the retention cutoff (a date) last applied
 """
 
 from __future__ import annotations
@@ -44,6 +65,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -62,10 +84,12 @@ from candlekeep.book_analytics import (
 )
 from candlekeep.books import BookDelta, BookSnapshot, Level
 from candlekeep.bus import Bus, BusConsumer, BusProducer, Record, publish_waiting
+from candlekeep.instruments import Instrument
 from candlekeep.messages import BOOKS, DEADLETTER, MessageError, decode_book, encode_deadletter
 from candlekeep.messages import topic as topic_name
 from candlekeep.orderbook import OrderBook
 from candlekeep.settings import Settings
+from candlekeep.sources.exchanges.registry import ID_VENUES, VENUES
 from candlekeep.storage.books import BookStore
 from streaming.health import HealthServer, StateMachine
 
@@ -112,9 +136,16 @@ class BooksDaemon:
         group: str | None = None,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
+        retention_days: int | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if interval_ns <= 0:
             raise ValueError("interval must be positive")
+        if retention_days is not None and retention_days <= 0:
+            raise ValueError("retention_days must be positive (None: no retention)")
+        self.retention_days, self._wall_clock = retention_days, wall_clock
+        self._book_clock_ns: int | None = None
+        self._retained_to: date | None = None
         self.bus, self.store = bus, store
         self.books_topic = topic_name(prefix, BOOKS)
         self.deadletter_topic = topic_name(prefix, DEADLETTER)
@@ -150,6 +181,8 @@ class BooksDaemon:
         self.m_deadletters = Counter(f"{p}_deadletters", "Records sent to deadletter", registry=r)
         self.m_outputs = Counter(f"{p}_outputs", "Outputs made (snapshot + buckets + metrics each)", registry=r)
         self.m_written = Counter(f"{p}_outputs_stored", "Outputs newly stored (replays store nothing)", registry=r)
+        self.m_dropped = Counter(f"{p}_retention_dropped", "Day partitions or chunks dropped by retention",
+                                 registry=r)  # fmt: skip
         self.m_flush = Histogram(f"{p}_flush_seconds", "Seconds to write a batch and commit", registry=r)
         self.m_lag = Gauge(f"{p}_consumer_lag", "Records in held partitions not yet consumed", registry=r)
         self.m_books = Gauge(f"{p}_instruments", "Instruments by book state", ["book"], registry=r)
@@ -237,15 +270,16 @@ class BooksDaemon:
         """One record of the log, at `position` (topic, partition, offset), in log order."""
         instrument = update.instrument
         self._partition[instrument] = position[:2]
+        if self._book_clock_ns is None or update.ts_ns > self._book_clock_ns:
+            self._book_clock_ns = update.ts_ns
         live = self._books.get(instrument)
         interval = update.ts_ns // self.interval_ns
         if live is not None and live.dirty and interval > live.interval:
             self._emit(instrument, live)
         if isinstance(update, BookSnapshot):
             self.m_records.labels("snapshot").inc()
-            book = OrderBook(instrument)
+            book = OrderBook(instrument, venue_book_depth(instrument))
             book.replace(update.bids, update.asks)
-            book.depth = max(book.bid_count, book.ask_count) or None
             self._books[instrument] = _Live(book, update.sequence, update.verified, update.source,
                                             max(interval, live.interval if live else interval), True, position)  # fmt: skip
             return
@@ -265,7 +299,7 @@ class BooksDaemon:
             self._books[instrument] = None
             return
         live.book.update(update.bids, update.asks)
-        live.book.truncate()
+        live.book.truncate()  # the venue's subscribed depth, if it has one (module doc)
         live.sequence = update.sequence if update.sequence is not None else live.sequence
         live.verified, live.source = update.verified, update.source
         live.interval = max(live.interval, interval)
@@ -319,6 +353,27 @@ class BooksDaemon:
             self.committed.update(offsets)
         self._last_flush = self._clock()
         self.m_flush.observe(time.perf_counter() - started)
+        self.apply_retention()
+
+    def retention_clock(self) -> datetime | None:
+        """The earlier of the book clock and the wall clock (module doc); None before any record."""
+        if self._book_clock_ns is None:
+            return None
+        return datetime.fromtimestamp(min(self._book_clock_ns // NS_PER_S, int(self._wall_clock())), UTC)
+
+    def apply_retention(self) -> None:
+        """Drop what lies wholly before the cutoff, once per new cutoff day (after the outputs are safe)."""
+        now = self.retention_clock()
+        if self.retention_days is None or now is None:
+            return
+        cutoff = (now - timedelta(days=self.retention_days)).date()
+        if self._retained_to is not None and cutoff <= self._retained_to:
+            return
+        dropped = self.store.drop_older_than(self.retention_days, now)
+        self._retained_to = cutoff
+        self.m_dropped.inc(dropped)
+        log.info("books retention: %d partition(s) or chunk(s) before %s dropped", dropped, cutoff,
+                 extra={"cutoff": cutoff.isoformat(), "dropped": dropped})  # fmt: skip
 
     def _on_assign(self, partitions: list[tuple[str, int]]) -> None:
         log.info("books: assigned %s", partitions)
@@ -354,8 +409,18 @@ class BooksDaemon:
             instruments={i: ("live" if b is not None else "waiting") for i, b in sorted(self._books.items())},
             pending_outputs=len(self._outputs),
             committed={f"{t}[{p}]": offset for (t, p), offset in sorted(self.committed.items())},
+            retained_from=None if self._retained_to is None else self._retained_to.isoformat(),
             last_error=self.last_error,
         )
+
+
+def venue_book_depth(instrument: str) -> int | None:
+    """The depth per side at which `instrument`'s connector cuts its book (None: it keeps every level)."""
+    try:
+        venue = VENUES[ID_VENUES[Instrument.parse(instrument).venue]]
+    except (KeyError, ValueError):
+        return None
+    return venue.connector.book_depth
 
 
 def _band(book: OrderBook, top: int, bps: int) -> tuple[tuple[Level, ...], tuple[Level, ...]]:
@@ -390,7 +455,8 @@ def _band(book: OrderBook, top: int, bps: int) -> tuple[tuple[Level, ...], tuple
 def build(settings: Settings, bus: Bus, engine: Engine, **kw: Any) -> BooksDaemon:
     """The books daemon of `settings` on `bus` and `engine` (streaming.runner and `main` share it)."""
     options: dict[str, Any] = {"interval_ns": int(Decimal(str(settings.book_interval_s)) * NS_PER_S),
-                               "depth": settings.book_depth, "widths": settings.bucket_widths()}  # fmt: skip
+                               "depth": settings.book_depth, "widths": settings.bucket_widths(),
+                               "retention_days": settings.book_retention_days}  # fmt: skip
     options.update(kw)
     return BooksDaemon(bus, BookStore(engine), prefix=settings.topic_prefix, **options)
 
