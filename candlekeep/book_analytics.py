@@ -501,6 +501,17 @@ def intensity(size: Decimal, largest: Decimal) -> Decimal:
         return ((2 * scale * size + largest) // (2 * largest)) * Decimal(1).scaleb(-INTENSITY_PLACES)
 
 
+def intensity_texts(sizes: Sequence[Decimal]) -> list[str]:
+    """`decimal_str(intensity(size, max(sizes)))` for every size of one slice (what book_buckets stores):
+    the same integer division in one decimal context, its quotient written as `units.micros` (6 places)."""
+    largest = max(sizes)
+    scale = 10**INTENSITY_PLACES
+    with decimal.localcontext(EXACT):
+        twice = 2 * largest
+        quotients = [int((2 * scale * size + largest) // twice) for size in sizes]
+    return [f"{q // scale}.{q % scale:06d}" for q in quotients]
+
+
 # --- the 1-minute roll-up (Dagster's book_metrics_1m) --------------------------------------------------
 
 MINUTE_NS = 60 * 1_000_000_000

@@ -27,9 +27,12 @@ ts = the interval's end) before the record is applied. Intervals without an upda
 So the outputs are a function of the log alone.
 
 Durability and restart (kdb+ `r.q`: startup is recovery). Every `flush_interval` (or `flush_max`
-outputs) the outputs are written (BookStore, COPY, idempotent on (instrument, ts)), and only then
-is each partition's offset committed, at the offset of the OLDEST snapshot a live book of that
-partition was built from (the next offset when no book is live). A restart reads from there: every
+outputs) the outputs made so far go to a writer thread as one batch (BookStore, COPY, idempotent on
+(instrument, ts)), with the offsets a restart must read from at that point: for each partition the
+offset of the OLDEST snapshot a live book of that partition was built from (the next offset when no
+book is live). Those offsets are committed, by the consuming thread, only once that batch and every
+earlier one are stored; at most `max_in_flight` (2) batches wait, then consuming waits. The thread
+lets PostgreSQL store one batch while the next is computed (outputs and commits are unchanged). A restart reads from there: every
 book is rebuilt from a snapshot, instruments whose snapshot comes later wait for it, and each output
 is computed again from the same records, so it is the same row, already stored (DO NOTHING). `kill -9`
 at any moment, then a restart, leaves exactly the outputs of an uninterrupted run. A venue that
@@ -50,7 +53,8 @@ State (one block):
     state      idle | syncing | consuming | error (StateMachine; every transition logged): syncing
                while some instrument seen waits for a snapshot, consuming when every one has a book
     _books     instrument -> _Live (book, sequence, interval, base offset, partition) or None: waiting
-    _outputs   outputs not yet written; _offsets the next offset per partition read so far
+    _outputs   outputs not yet handed to the writer; _offsets the next offset per partition read so far
+    _in_flight batches handed to the writer (_Batch: future, outputs, restart offsets), oldest first
     committed  the offsets this member committed last, per partition
     _book_clock_ns  the largest ts_ns applied; _retained_to the retention cutoff (a date) last applied
 """
@@ -63,7 +67,9 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -105,6 +111,16 @@ TRANSITIONS = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """Outputs handed to the writer thread, and where a restart reads from once they are stored."""
+
+    future: Future[int] | None  # None: nothing to write (a commit only)
+    outputs: list[BookOutput]
+    restart: dict[tuple[str, int], int]
+    started: float
+
+
 @dataclass
 class _Live:
     """One instrument's live book and where it came from."""
@@ -129,7 +145,8 @@ class BooksDaemon:
         depth: int = 25,
         widths: Mapping[str, Decimal] | None = None,
         flush_interval_s: float = 0.5,
-        flush_max: int = 5_000,
+        flush_max: int = 1_000,
+        max_in_flight: int = 2,
         max_records: int = 5_000,
         poll_timeout_s: float = 0.1,
         max_backoff_s: float = 30.0,
@@ -159,6 +176,9 @@ class BooksDaemon:
         self._books: dict[str, _Live | None] = {}
         self._partition: dict[str, tuple[str, int]] = {}
         self._outputs: list[BookOutput] = []
+        self._writer: ThreadPoolExecutor | None = None  # made on the first write, one thread
+        self._in_flight: deque[_Batch] = deque()
+        self.max_in_flight = max_in_flight
         self._offsets: dict[tuple[str, int], int] = {}
         self._consumer: BusConsumer | None = None
         self._producer: BusProducer | None = None
@@ -174,6 +194,7 @@ class BooksDaemon:
     def _metrics(self) -> None:
         r, p = self.registry, "candlekeep_books"
         self.m_records = Counter(f"{p}_records", "Records consumed from books", ["kind"], registry=r)
+        self._count_snapshot, self._count_delta = self.m_records.labels("snapshot").inc, self.m_records.labels("delta").inc
         self.m_waiting = Counter(f"{p}_deltas_waiting", "Deltas dropped: their instrument has no snapshot yet",
                                  registry=r)  # fmt: skip
         self.m_breaks = Counter(f"{p}_sequence_breaks", "Deltas that did not chain; the book waits for a snapshot",
@@ -226,7 +247,8 @@ class BooksDaemon:
             self._producer.poll(0)
         self._measure_lag()
         if len(self._outputs) >= self.flush_max or self._clock() - self._last_flush >= self.flush_interval_s:
-            self.flush()
+            self._submit()
+        self._settle(wait=False)
 
     def _start(self) -> None:
         self.bus.ensure_topics([self.books_topic, self.deadletter_topic])
@@ -250,6 +272,9 @@ class BooksDaemon:
                 self._producer.flush(10)
         except Exception as exc:  # nothing committed: the next run reads these records again
             log.error("books daemon stopped without flushing: %s", exc, extra={"error": str(exc)})
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
         if self.state.state != "idle":
             self.state.to("idle", reason="stopped")
 
@@ -277,13 +302,13 @@ class BooksDaemon:
         if live is not None and live.dirty and interval > live.interval:
             self._emit(instrument, live)
         if isinstance(update, BookSnapshot):
-            self.m_records.labels("snapshot").inc()
+            self._count_snapshot()
             book = OrderBook(instrument, venue_book_depth(instrument))
             book.replace(update.bids, update.asks)
             self._books[instrument] = _Live(book, update.sequence, update.verified, update.source,
                                             max(interval, live.interval if live else interval), True, position)  # fmt: skip
             return
-        self.m_records.labels("delta").inc()
+        self._count_delta()
         if live is None:
             if instrument not in self._books:
                 log.info("%s: deltas wait for the first snapshot", instrument)
@@ -339,20 +364,58 @@ class BooksDaemon:
         return out
 
     def flush(self) -> None:
-        """Write the outputs made so far, then commit where a restart must read from."""
-        started = time.perf_counter()
-        if self._outputs:
-            written = self.store.insert(self._outputs)
-            self.m_written.inc(written)
-            self._outputs = []
+        """Write the outputs made so far, then commit where a restart must read from (waits for the writer)."""
+        self._submit()
+        self._settle(wait=True)
+
+    def _submit(self) -> None:
+        """Hand the outputs made so far to the writer thread, with where a restart must read from once they
+        (and every batch before them) are stored. At most `max_in_flight` batches wait: then this waits."""
+        outputs, self._outputs = self._outputs, []
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="books-writer")
+        future = self._writer.submit(self.store.insert, outputs) if outputs else None
+        self._in_flight.append(_Batch(future, outputs, self.restart_offsets(), time.perf_counter()))
+        self._last_flush = self._clock()
+        while len(self._in_flight) > self.max_in_flight:
+            self._in_flight[0].future.result()  # type: ignore[union-attr]  # the oldest; _settle reports errors
+            self._settle(wait=False)
+
+    def _settle(self, *, wait: bool) -> None:
+        """Commit the restart offsets of the newest batch stored with all before it (waiting for all when
+        `wait`). A failed write puts its outputs and every later batch's back, in order, and raises: they
+        are written again (idempotent) and nothing past them is committed."""
+        stored: dict[tuple[str, int], int] | None = None
+        while self._in_flight:
+            batch = self._in_flight[0]
+            if batch.future is not None:
+                if not wait and not batch.future.done():
+                    break
+                try:
+                    written = batch.future.result()
+                except Exception:
+                    for later in self._in_flight:
+                        if later.future is not None:
+                            later.future.exception()  # wait: none may still run when they are retried
+                    self._outputs = [o for b in self._in_flight for o in b.outputs] + self._outputs
+                    self._in_flight.clear()
+                    if stored is not None:
+                        self._commit(stored)
+                    raise
+                self.m_written.inc(written)
+                self.m_flush.observe(time.perf_counter() - batch.started)
+            self._in_flight.popleft()
+            stored = batch.restart
+        if stored is not None:
+            self._commit(stored)
+
+    def _commit(self, restart: dict[tuple[str, int], int]) -> None:
         if self._producer is not None and self._producer.flush(10):
             raise RuntimeError("dead letters not delivered; not committing")
-        offsets = {tp: o for tp, o in self.restart_offsets().items() if o > self.committed.get(tp, -1)}
+        offsets = {tp: o for tp, o in restart.items() if o > self.committed.get(tp, -1)}
         if offsets and self._consumer is not None:
             self._consumer.commit(offsets)
             self.committed.update(offsets)
-        self._last_flush = self._clock()
-        self.m_flush.observe(time.perf_counter() - started)
         self.apply_retention()
 
     def retention_clock(self) -> datetime | None:
@@ -407,7 +470,7 @@ class BooksDaemon:
         return self.state.health(
             lag=self._lag,
             instruments={i: ("live" if b is not None else "waiting") for i, b in sorted(self._books.items())},
-            pending_outputs=len(self._outputs),
+            pending_outputs=len(self._outputs) + sum(len(b.outputs) for b in self._in_flight),
             committed={f"{t}[{p}]": offset for (t, p), offset in sorted(self.committed.items())},
             retained_from=None if self._retained_to is None else self._retained_to.isoformat(),
             last_error=self.last_error,
@@ -434,19 +497,7 @@ def _band(book: OrderBook, top: int, bps: int) -> tuple[tuple[Level, ...], tuple
         mid = (best_bid[0] + best_ask[0]) / 2
         reach = mid * bps / 10_000
         low, high = mid - reach, mid + reach
-    n = max(top, 64)
-    while True:
-        bids = book.bids(n)
-        if len(bids) < n or bids[-1][0] < low:
-            break
-        n *= 4
-    n = max(top, 64)
-    while True:
-        asks = book.asks(n)
-        if len(asks) < n or asks[-1][0] > high:
-            break
-        n *= 4
-    return bids, asks
+    return book.bids(max(top, book.bids_at_or_above(low))), book.asks(max(top, book.asks_at_or_below(high)))
 
 
 # -- construction and entry point -----------------------------------------------------------------

@@ -223,3 +223,18 @@ def test_book_output_is_the_composition_digit_for_digit() -> None:
             out = book_output("t:A-B", 0, bids, asks, sequence=None, verified=True, source="t", width=width, depth=depth)
             fused = (out.summary, out.metrics, out.bid_buckets, out.ask_buckets)
             assert repr(fused) == repr(_composed(bids, asks, width, depth))
+
+
+def test_intensity_texts_are_the_digits_of_intensity() -> None:
+    import random
+
+    from candlekeep.bars import decimal_str
+    from candlekeep.book_analytics import intensity_texts
+
+    rng = random.Random(11)
+    for _ in range(300):
+        sizes = [D(rng.randint(1, 10**9)).scaleb(-rng.randint(-3, 12)) for _ in range(rng.randint(1, 40))]
+        sizes += [max(sizes) / 2000001 * 2] if rng.random() < 0.3 else []  # a half-way quotient, rounded up
+        largest = max(sizes)
+        assert intensity_texts(sizes) == [decimal_str(intensity(s, largest)) for s in sizes]
+    assert intensity_texts([D("0.5"), D("1"), D("0.0000001")]) == ["0.500000", "1.000000", "0.000000"]

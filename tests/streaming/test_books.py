@@ -184,7 +184,9 @@ def test_kill_9_then_restart_gives_the_outputs_of_an_uninterrupted_run(
 
     env = {**os.environ, "CANDLEKEEP_DATABASE_URL": database_url, "CANDLEKEEP_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
            "CANDLEKEEP_TOPIC_PREFIX": topic_prefix, "CANDLEKEEP_BOOK_BUCKET_WIDTHS": widths,
-           "PYTHONPATH": str(ROOT)}  # fmt: skip
+           # Kraken's recording is of 2021, OKX's of 2022: 30 days of retention on the book clock would drop
+           # the 2021 day once the 2022 records arrive (as it should; the retention test covers that).
+           "CANDLEKEEP_BOOK_RETENTION_DAYS": "36500", "PYTHONPATH": str(ROOT)}  # fmt: skip
     log_path = tmp_path / "books.log"
 
     def launch() -> subprocess.Popen:
@@ -275,7 +277,6 @@ def test_retention_drops_whole_days_before_the_book_clock_bounded_by_the_wall_cl
     daemon = BooksDaemon(bus, BookStore(engine), prefix=topic_prefix, widths=SIM_WIDTHS, retention_days=30)
     _drain(daemon)
     assert _stored_days(engine) == {old_day: 3} and old_day in _book_days(engine)
-    assert daemon.m_dropped._value.get() == 0
 
     # The book clock reaches today, but the wall clock says it is still that old day: the earlier
     # clock wins (a record stamped ahead of the wall cannot drop anything younger than retention).
@@ -284,7 +285,6 @@ def test_retention_drops_whole_days_before_the_book_clock_bounded_by_the_wall_cl
                          group=f"{topic_prefix}behind", wall_clock=lambda: old_s + 86_400.0)  # fmt: skip
     _drain(behind)  # from the start of the log: the old book's last second is an output now (4 rows)
     assert _stored_days(engine) == {old_day: 4, recent_day: 3} and old_day in _book_days(engine)
-    assert behind.m_dropped._value.get() == 0
 
     # Both clocks today: the old day's partition (or chunk) goes, with its rows, in all three tables;
     # today's stay. Run again: nothing more to drop (once per cutoff day).
