@@ -64,12 +64,12 @@ from __future__ import annotations
 import argparse
 import decimal
 import logging
+import multiprocessing
 import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -83,7 +83,6 @@ from candlekeep.book_analytics import (
     BUCKET_RANGE_BPS,
     DEPTH_BPS,
     IMBALANCE_LEVELS,
-    BookOutput,
     book_output,
     mid_price,
     width_for,
@@ -111,12 +110,15 @@ TRANSITIONS = {
 }
 
 
+# One output to make: (instrument, ts_ns, sequence, verified, source, width, bids, asks), levels as text.
+PendingOutput = tuple[str, int, int | None, bool, str, str, list[tuple[str, str]], list[tuple[str, str]]]
+
+
 @dataclass(frozen=True, slots=True)
 class _Batch:
-    """Outputs handed to the writer thread, and where a restart reads from once they are stored."""
+    """Outputs handed to the writer process, and where a restart reads from once they are stored."""
 
-    future: Future[int] | None  # None: nothing to write (a commit only)
-    outputs: list[BookOutput]
+    outputs: list[PendingOutput]  # empty: nothing to write (a commit only)
     restart: dict[tuple[str, int], int]
     started: float
 
@@ -145,7 +147,7 @@ class BooksDaemon:
         depth: int = 25,
         widths: Mapping[str, Decimal] | None = None,
         flush_interval_s: float = 0.5,
-        flush_max: int = 1_000,
+        flush_max: int = 250,
         max_in_flight: int = 2,
         max_records: int = 5_000,
         poll_timeout_s: float = 0.1,
@@ -175,8 +177,8 @@ class BooksDaemon:
         self._clock = clock
         self._books: dict[str, _Live | None] = {}
         self._partition: dict[str, tuple[str, int]] = {}
-        self._outputs: list[BookOutput] = []
-        self._writer: ThreadPoolExecutor | None = None  # made on the first write, one thread
+        self._outputs: list[PendingOutput] = []
+        self._writer: _WriterProcess | None = None  # started on the first write
         self._in_flight: deque[_Batch] = deque()
         self.max_in_flight = max_in_flight
         self._offsets: dict[tuple[str, int], int] = {}
@@ -253,6 +255,8 @@ class BooksDaemon:
     def _start(self) -> None:
         self.bus.ensure_topics([self.books_topic, self.deadletter_topic])
         self._producer = self._producer or self.bus.producer(name="books")
+        if self._writer is None:  # started now: it imports and connects while the first records are read
+            self._writer = _WriterProcess(self.store.engine.url.render_as_string(hide_password=False))
         self._consumer = self.bus.consumer(group=self.group, topics=[self.books_topic],
                                            on_assign=self._on_assign, on_revoke=self._on_revoke)  # fmt: skip
         self.state.to("syncing", reason="started", topic=self.books_topic, group=self.group)
@@ -273,7 +277,7 @@ class BooksDaemon:
         except Exception as exc:  # nothing committed: the next run reads these records again
             log.error("books daemon stopped without flushing: %s", exc, extra={"error": str(exc)})
         if self._writer is not None:
-            self._writer.shutdown(wait=True)
+            self._writer.close()
             self._writer = None
         if self.state.state != "idle":
             self.state.to("idle", reason="stopped")
@@ -294,7 +298,8 @@ class BooksDaemon:
     def apply(self, update: BookSnapshot | BookDelta, position: tuple[str, int, int]) -> None:
         """One record of the log, at `position` (topic, partition, offset), in log order."""
         instrument = update.instrument
-        self._partition[instrument] = position[:2]
+        if instrument not in self._partition:  # keyed partitioning: an instrument stays in its partition
+            self._partition[instrument] = position[:2]
         if self._book_clock_ns is None or update.ts_ns > self._book_clock_ns:
             self._book_clock_ns = update.ts_ns
         live = self._books.get(instrument)
@@ -323,8 +328,10 @@ class BooksDaemon:
                                "sequence": live.sequence})  # fmt: skip
             self._books[instrument] = None
             return
-        live.book.update(update.bids, update.asks)
-        live.book.truncate()  # the venue's subscribed depth, if it has one (module doc)
+        book = live.book
+        book.update(update.bids, update.asks)
+        if book.depth is not None:
+            book.truncate()  # the venue's subscribed depth (module doc)
         live.sequence = update.sequence if update.sequence is not None else live.sequence
         live.verified, live.source = update.verified, update.source
         live.interval = max(live.interval, interval)
@@ -335,9 +342,10 @@ class BooksDaemon:
         price = mid_price(bids, asks) or next((side[0][0] for side in (bids, asks) if side), None)
         width = width_for(instrument, self.widths, price)
         ts_ns = (live.interval + 1) * self.interval_ns
-        self._outputs.append(book_output(instrument, ts_ns, bids, asks, sequence=live.sequence,
-                                         verified=live.verified, source=live.source, width=width,
-                                         depth=self.depth))  # fmt: skip
+        # The writer process computes the output (book_output) from the band: sent as exact text
+        # (str(Decimal) and Decimal(str) round-trip every digit and exponent).
+        self._outputs.append((instrument, ts_ns, live.sequence, live.verified, live.source, str(width),
+                              [(str(p), str(q)) for p, q in bids], [(str(p), str(q)) for p, q in asks]))  # fmt: skip
         live.dirty = False
         self.m_outputs.inc()
 
@@ -369,34 +377,35 @@ class BooksDaemon:
         self._settle(wait=True)
 
     def _submit(self) -> None:
-        """Hand the outputs made so far to the writer thread, with where a restart must read from once they
+        """Hand the outputs made so far to the writer process, with where a restart must read from once they
         (and every batch before them) are stored. At most `max_in_flight` batches wait: then this waits."""
         outputs, self._outputs = self._outputs, []
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="books-writer")
-        future = self._writer.submit(self.store.insert, outputs) if outputs else None
-        self._in_flight.append(_Batch(future, outputs, self.restart_offsets(), time.perf_counter()))
+        if outputs:
+            if self._writer is None:
+                self._writer = _WriterProcess(self.store.engine.url.render_as_string(hide_password=False))
+            self._writer.submit((self.depth, outputs))
+        self._in_flight.append(_Batch(outputs, self.restart_offsets(), time.perf_counter()))
         self._last_flush = self._clock()
         while len(self._in_flight) > self.max_in_flight:
-            self._in_flight[0].future.result()  # type: ignore[union-attr]  # the oldest; _settle reports errors
-            self._settle(wait=False)
+            self._settle(wait=True, limit=1)
 
-    def _settle(self, *, wait: bool) -> None:
-        """Commit the restart offsets of the newest batch stored with all before it (waiting for all when
-        `wait`). A failed write puts its outputs and every later batch's back, in order, and raises: they
-        are written again (idempotent) and nothing past them is committed."""
+    def _settle(self, *, wait: bool, limit: int | None = None) -> None:
+        """Commit the restart offsets of the newest batch stored with all before it (waiting for each when
+        `wait`; at most `limit` batches). A failed write stops the writer, puts its outputs and every later
+        batch's back, in order, and raises: they are written again (idempotent), nothing past them committed."""
         stored: dict[tuple[str, int], int] | None = None
-        while self._in_flight:
+        settled = 0
+        while self._in_flight and (limit is None or settled < limit):
             batch = self._in_flight[0]
-            if batch.future is not None:
-                if not wait and not batch.future.done():
+            if batch.outputs:
+                assert self._writer is not None
+                if not wait and not self._writer.ready():
                     break
                 try:
-                    written = batch.future.result()
+                    written = self._writer.result()
                 except Exception:
-                    for later in self._in_flight:
-                        if later.future is not None:
-                            later.future.exception()  # wait: none may still run when they are retried
+                    self._writer.close()
+                    self._writer = None
                     self._outputs = [o for b in self._in_flight for o in b.outputs] + self._outputs
                     self._in_flight.clear()
                     if stored is not None:
@@ -406,6 +415,7 @@ class BooksDaemon:
                 self.m_flush.observe(time.perf_counter() - batch.started)
             self._in_flight.popleft()
             stored = batch.restart
+            settled += 1
         if stored is not None:
             self._commit(stored)
 
@@ -451,7 +461,7 @@ class BooksDaemon:
             self._books.pop(instrument, None)
             self._partition.pop(instrument, None)
         self._offsets = {tp: o for tp, o in self._offsets.items() if tp not in gone}
-        self._outputs = [o for o in self._outputs if o.instrument in self._books]
+        self._outputs = [o for o in self._outputs if o[0] in self._books]
         self._retry = [r for r in self._retry if (r.topic, r.partition) not in gone]
 
     # -- health ------------------------------------------------------------------------------
@@ -475,6 +485,96 @@ class BooksDaemon:
             retained_from=None if self._retained_to is None else self._retained_to.isoformat(),
             last_error=self.last_error,
         )
+
+
+class _WriterProcess:
+    """The child process that makes and stores the outputs, batch by batch, in order (`_writer_main`).
+
+    Spawned (nothing inherited: no connection of this process is shared), joined by one pipe. It exits
+    when told (`close`), or when the pipe reaches EOF: this process is gone, `kill -9` included; what it
+    stored by then is rows a restart would store again (idempotent)."""
+
+    def __init__(self, url: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_writer_main, args=(child, url), name="books-writer", daemon=True)
+        self._process.start()
+        child.close()
+        self._started = False  # its first message, once its engine is made, says it has started
+
+    def submit(self, batch: tuple[int, list[PendingOutput]]) -> None:
+        self._conn.send(batch)
+
+    def wait_started(self, timeout: float = 60.0) -> None:
+        if not self._started and self._conn.poll(timeout):
+            self._receive()
+
+    def ready(self) -> bool:
+        """The oldest batch's answer has come (or the process died: `result` says so)."""
+        if not self._started and self._conn.poll():
+            self._receive()
+        return self._conn.poll() or not self._process.is_alive()
+
+    def result(self) -> int:
+        """The oldest batch's new snapshot rows (waits); raises what the writer reported."""
+        kind, value = self._receive()
+        if kind == "started":
+            kind, value = self._receive()
+        if kind != "ok":
+            raise RuntimeError(f"the books writer failed: {value}")
+        return value
+
+    def _receive(self) -> tuple[str, Any]:
+        try:
+            kind, value = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the books writer process exited ({self._process.exitcode})") from None
+        self._started = True
+        return kind, value
+
+    def close(self) -> None:
+        try:
+            self._conn.send(None)
+        except OSError:
+            pass  # already gone
+        self._process.join(30)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5)
+        self._conn.close()
+
+
+def _writer_main(conn: Any, url: str) -> None:
+    """The writer process: each batch (depth, outputs) made with book_output and stored (BookStore, COPY),
+    answered ("ok", new snapshot rows) or ("error", why). SIGINT is the parent's to handle."""
+    from candlekeep.storage.db import create_engine
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    engine = create_engine(url)
+    store = BookStore(engine)
+    conn.send(("started", None))
+    try:
+        while True:
+            try:
+                batch = conn.recv()
+            except EOFError:
+                return
+            if batch is None:
+                return
+            depth, pending = batch
+            try:
+                outputs = [book_output(instrument, ts_ns, _levels(bids), _levels(asks), sequence=sequence,
+                                       verified=verified, source=source, width=Decimal(width), depth=depth)
+                           for instrument, ts_ns, sequence, verified, source, width, bids, asks in pending]  # fmt: skip
+                conn.send(("ok", store.insert(outputs)))
+            except Exception as exc:  # reported to the daemon, which retries the batch
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        engine.dispose()
+
+
+def _levels(texts: list[tuple[str, str]]) -> tuple[Level, ...]:
+    return tuple((Decimal(p), Decimal(q)) for p, q in texts)
 
 
 def venue_book_depth(instrument: str) -> int | None:

@@ -325,3 +325,33 @@ def test_only_a_venue_that_cuts_its_book_at_a_subscribed_depth_is_cut(engine: En
         expected = 1000 if instrument.startswith("kraken:") else 1200
         assert book.ask_count == expected and book.asks(1)[0][0] == d(101), instrument
         assert book.asks()[-1][0] == d(101 + expected - 1)
+
+
+def test_a_failed_write_commits_nothing_and_the_same_outputs_are_written_on_retry(
+    engine: Engine, pg_admin_url: str, topic_prefix: str
+) -> None:
+    from candlekeep.storage.db import create_engine, with_database
+
+    books = _simulated(20)
+    bus = InProcessBus()
+    _publish(bus, topic_prefix, books)
+    nowhere = create_engine(with_database(pg_admin_url, f"missing_{topic_prefix.strip('.')}"))
+    daemon = BooksDaemon(bus, BookStore(nowhere), prefix=topic_prefix, widths=SIM_WIDTHS)
+    daemon._start()
+    while daemon.m_records.labels("snapshot")._value.get() + daemon.m_records.labels("delta")._value.get() < 20:
+        records = daemon._consumer.poll_batch(max_records=100, timeout=0.5)
+        for r in records:
+            daemon._ingest(r)
+            daemon._offsets[(r.topic, r.partition)] = r.offset + 1
+    made = daemon.health()["pending_outputs"]
+    assert made == 19
+    with pytest.raises(RuntimeError, match="books writer failed"):
+        daemon.flush()
+    assert daemon.committed == {} and daemon.health()["pending_outputs"] == made  # all kept, in order
+    daemon.store = BookStore(engine)  # the database is back
+    daemon.flush()
+    assert daemon.committed == daemon.restart_offsets()
+    stored = _stored(engine)["snapshots"]
+    assert [r[1] for r in stored] == [r.ts_ns for r in reference(books, NS_PER_S, SIM_WIDTHS)]
+    daemon._shutdown()
+    nowhere.dispose()
