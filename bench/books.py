@@ -284,7 +284,7 @@ def daemon_run(url: str, records: list, encoded: list[bytes]) -> tuple[float, in
     producer.flush(30)
     daemon = BooksDaemon(bus, BookStore(engine), prefix=prefix, retention_days=30)
     daemon._start()
-    daemon._writer.wait_started()  # type: ignore[union-attr]  # a daemon's start-up (a process) is not its rate
+    daemon.wait_writers_started()  # a daemon's start-up (its writer processes) is not its rate
     began = time.perf_counter()
     consumed = daemon.m_records.labels("snapshot")._value.get, daemon.m_records.labels("delta")._value.get
     while consumed[0]() + consumed[1]() < len(records):

@@ -1,6 +1,6 @@
 """The books daemon: `books` topic -> per-instrument L2 books -> `book_snapshots`, `book_buckets`, `book_metrics`.
 
-    python -m streaming.books [--port 9105] [--interval 1] [--depth 25] [--flush-interval 0.5]
+    python -m streaming.books [--port 9106] [--interval 1] [--depth 25] [--flush-interval 0.5] [--writers 2]
     candlekeep stream books
 
 Consumer group `books` (with the topic prefix) on `books`. Each record is decoded (bad ones go to
@@ -27,12 +27,16 @@ ts = the interval's end) before the record is applied. Intervals without an upda
 So the outputs are a function of the log alone.
 
 Durability and restart (kdb+ `r.q`: startup is recovery). Every `flush_interval` (or `flush_max`
-outputs) the outputs made so far go to a writer thread as one batch (BookStore, COPY, idempotent on
-(instrument, ts)), with the offsets a restart must read from at that point: for each partition the
-offset of the OLDEST snapshot a live book of that partition was built from (the next offset when no
-book is live). Those offsets are committed, by the consuming thread, only once that batch and every
-earlier one are stored; at most `max_in_flight` (2) batches wait, then consuming waits. The thread
-lets PostgreSQL store one batch while the next is computed (outputs and commits are unchanged). A restart reads from there: every
+outputs) the outputs due so far (each as its instrument's band of levels, exact text) go as one batch
+to a writer process (`writers`, default 2, round robin), which makes them (book_output) and stores
+them (BookStore, COPY, idempotent on (instrument, ts)): the Python work of the outputs and
+PostgreSQL's own run beside the consuming process instead of inside it. With each batch go the
+offsets a restart must read from at that point: for each partition the offset of the OLDEST
+snapshot a live book of that partition was built from (the next offset when no book is live). They
+are committed, by the consuming process, only once that batch and every earlier one are stored; at
+most two batches per writer wait, then consuming waits. A failed write stops the writers, keeps
+every output not yet stored (in order) and commits nothing past them; they are written again.
+A restart reads from there: every
 book is rebuilt from a snapshot, instruments whose snapshot comes later wait for it, and each output
 is computed again from the same records, so it is the same row, already stored (DO NOTHING). `kill -9`
 at any moment, then a restart, leaves exactly the outputs of an uninterrupted run. A venue that
@@ -54,7 +58,8 @@ State (one block):
                while some instrument seen waits for a snapshot, consuming when every one has a book
     _books     instrument -> _Live (book, sequence, interval, base offset, partition) or None: waiting
     _outputs   outputs not yet handed to the writer; _offsets the next offset per partition read so far
-    _in_flight batches handed to the writer (_Batch: future, outputs, restart offsets), oldest first
+    _in_flight batches handed to the writers (_Batch: outputs, restart offsets, writer), oldest first
+    _writers   the writer processes (_WriterProcess; spawned, one pipe each, EOF ends them)
     committed  the offsets this member committed last, per partition
     _book_clock_ns  the largest ts_ns applied; _retained_to the retention cutoff (a date) last applied
 """
@@ -121,6 +126,7 @@ class _Batch:
     outputs: list[PendingOutput]  # empty: nothing to write (a commit only)
     restart: dict[tuple[str, int], int]
     started: float
+    writer: _WriterProcess | None  # the process storing it
 
 
 @dataclass
@@ -148,7 +154,7 @@ class BooksDaemon:
         widths: Mapping[str, Decimal] | None = None,
         flush_interval_s: float = 0.5,
         flush_max: int = 250,
-        max_in_flight: int = 2,
+        writers: int = 2,
         max_records: int = 5_000,
         poll_timeout_s: float = 0.1,
         max_backoff_s: float = 30.0,
@@ -178,9 +184,13 @@ class BooksDaemon:
         self._books: dict[str, _Live | None] = {}
         self._partition: dict[str, tuple[str, int]] = {}
         self._outputs: list[PendingOutput] = []
-        self._writer: _WriterProcess | None = None  # started on the first write
+        if writers < 1:
+            raise ValueError("writers must be at least 1")
+        self._writers: list[_WriterProcess] = []  # started with the consumer, or on the first write
+        self.n_writers = writers
+        self._next_writer = 0
         self._in_flight: deque[_Batch] = deque()
-        self.max_in_flight = max_in_flight
+        self.max_in_flight = 2 * writers
         self._offsets: dict[tuple[str, int], int] = {}
         self._consumer: BusConsumer | None = None
         self._producer: BusProducer | None = None
@@ -255,8 +265,7 @@ class BooksDaemon:
     def _start(self) -> None:
         self.bus.ensure_topics([self.books_topic, self.deadletter_topic])
         self._producer = self._producer or self.bus.producer(name="books")
-        if self._writer is None:  # started now: it imports and connects while the first records are read
-            self._writer = _WriterProcess(self.store.engine.url.render_as_string(hide_password=False))
+        self._start_writers()  # now: they import and connect while the first records are read
         self._consumer = self.bus.consumer(group=self.group, topics=[self.books_topic],
                                            on_assign=self._on_assign, on_revoke=self._on_revoke)  # fmt: skip
         self.state.to("syncing", reason="started", topic=self.books_topic, group=self.group)
@@ -276,9 +285,7 @@ class BooksDaemon:
                 self._producer.flush(10)
         except Exception as exc:  # nothing committed: the next run reads these records again
             log.error("books daemon stopped without flushing: %s", exc, extra={"error": str(exc)})
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._stop_writers()
         if self.state.state != "idle":
             self.state.to("idle", reason="stopped")
 
@@ -380,11 +387,13 @@ class BooksDaemon:
         """Hand the outputs made so far to the writer process, with where a restart must read from once they
         (and every batch before them) are stored. At most `max_in_flight` batches wait: then this waits."""
         outputs, self._outputs = self._outputs, []
+        writer = None
         if outputs:
-            if self._writer is None:
-                self._writer = _WriterProcess(self.store.engine.url.render_as_string(hide_password=False))
-            self._writer.submit((self.depth, outputs))
-        self._in_flight.append(_Batch(outputs, self.restart_offsets(), time.perf_counter()))
+            self._start_writers()
+            writer = self._writers[self._next_writer]  # round robin: each answers its own batches in order
+            self._next_writer = (self._next_writer + 1) % len(self._writers)
+            writer.submit((self.depth, outputs))
+        self._in_flight.append(_Batch(outputs, self.restart_offsets(), time.perf_counter(), writer))
         self._last_flush = self._clock()
         while len(self._in_flight) > self.max_in_flight:
             self._settle(wait=True, limit=1)
@@ -397,15 +406,13 @@ class BooksDaemon:
         settled = 0
         while self._in_flight and (limit is None or settled < limit):
             batch = self._in_flight[0]
-            if batch.outputs:
-                assert self._writer is not None
-                if not wait and not self._writer.ready():
+            if batch.writer is not None:
+                if not wait and not batch.writer.ready():
                     break
                 try:
-                    written = self._writer.result()
+                    written = batch.writer.result()
                 except Exception:
-                    self._writer.close()
-                    self._writer = None
+                    self._stop_writers()
                     self._outputs = [o for b in self._in_flight for o in b.outputs] + self._outputs
                     self._in_flight.clear()
                     if stored is not None:
@@ -418,6 +425,21 @@ class BooksDaemon:
             settled += 1
         if stored is not None:
             self._commit(stored)
+
+    def _start_writers(self) -> None:
+        url = self.store.engine.url.render_as_string(hide_password=False)
+        while len(self._writers) < self.n_writers:
+            self._writers.append(_WriterProcess(url))
+
+    def wait_writers_started(self, timeout: float = 60.0) -> None:
+        """Block until every writer process has imported and connected (benches time the work, not that)."""
+        for writer in self._writers:
+            writer.wait_started(timeout)
+
+    def _stop_writers(self) -> None:
+        writers, self._writers, self._next_writer = self._writers, [], 0
+        for writer in writers:
+            writer.close()
 
     def _commit(self, restart: dict[tuple[str, int], int]) -> None:
         if self._producer is not None and self._producer.flush(10):
@@ -624,11 +646,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=None, help="output interval, seconds of book time")
     parser.add_argument("--depth", type=int, default=None, help="levels per side in book_snapshots")
     parser.add_argument("--flush-interval", type=float, default=0.5, help="seconds between writes")
+    parser.add_argument("--writers", type=int, default=2, help="writer processes making and storing outputs")
     parser.add_argument("--instance-id", help="Kafka static group membership: a restart takes over at once")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
-    overrides: dict[str, Any] = {"flush_interval_s": args.flush_interval}
+    overrides: dict[str, Any] = {"flush_interval_s": args.flush_interval, "writers": args.writers}
     if args.interval is not None:
         overrides["interval_ns"] = int(Decimal(str(args.interval)) * NS_PER_S)
     if args.depth is not None:
