@@ -8,7 +8,7 @@
     store.metrics(instrument, start_ns, end_ns, interval_s)   # -> [MetricsRow] per interval
     store.heatmap(instrument, start_ns, end_ns, resolution_s, width)  # -> [HeatmapRow]
     store.metric_rows(instrument, start_ns, end_ns)    # the raw rows, for the 1m roll-up
-    store.drop_older_than(days, now)                   # retention
+    store.drop_older_than(days, now)                   # retention (streaming.books schedules it)
 
 Writes go in bounded batches (`batch_size` outputs, one transaction each) after the batch's day
 partitions are ensured; each table is COPY'd straight in inside a savepoint, and when that hits
