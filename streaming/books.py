@@ -206,7 +206,8 @@ class BooksDaemon:
     def _metrics(self) -> None:
         r, p = self.registry, "candlekeep_books"
         self.m_records = Counter(f"{p}_records", "Records consumed from books", ["kind"], registry=r)
-        self._count_snapshot, self._count_delta = self.m_records.labels("snapshot").inc, self.m_records.labels("delta").inc
+        self._count_snapshot = self.m_records.labels("snapshot").inc
+        self._count_delta = self.m_records.labels("delta").inc
         self.m_waiting = Counter(f"{p}_deltas_waiting", "Deltas dropped: their instrument has no snapshot yet",
                                  registry=r)  # fmt: skip
         self.m_breaks = Counter(f"{p}_sequence_breaks", "Deltas that did not chain; the book waits for a snapshot",

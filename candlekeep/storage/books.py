@@ -83,7 +83,7 @@ WITH slots AS (
 SELECT (extract(epoch FROM ts) * 1000000)::bigint, side, price{t}, size{t},
        (div(2000000 * size + max(size) OVER w, 2 * max(size) OVER w) * 0.000001){t}
 FROM cells WINDOW w AS (PARTITION BY ts)
-ORDER BY ts, side, price"""
+ORDER BY cells.ts, cells.side, cells.price"""
 # The heatmap at the stored width: the intensities stored with each output are the slot's (one output
 # per slot: its last), so the cells are the stored rows themselves, read in primary-key order.
 _HEATMAP_STORED = """
@@ -97,11 +97,13 @@ FROM book_buckets AS b JOIN slots USING (ts)
 WHERE b.instrument = %(instrument)s AND b.ts >= %(start)s AND b.ts < %(end)s
 ORDER BY b.ts, b.side, b.price"""
 # Every stored output is the last of its slot (outputs no denser than the resolution): the cells are
-# simply the stored rows of the range, in primary-key order.
+# simply the stored rows of the range, in primary-key order. ORDER BY names the table's columns (b.),
+# never the output's `price` (text): text order puts 10000 before 9990, and would sort what the
+# primary key's index already gives in order. The same in _HEATMAP (cells.).
 _HEATMAP_ALL = """
-SELECT (extract(epoch FROM ts) * 1000)::bigint, side, price::text, size::text, intensity::text
-FROM book_buckets WHERE instrument = %(instrument)s AND ts >= %(start)s AND ts < %(end)s
-ORDER BY ts, side, price"""
+SELECT (extract(epoch FROM b.ts) * 1000)::bigint, b.side, b.price::text, b.size::text, b.intensity::text
+FROM book_buckets AS b WHERE b.instrument = %(instrument)s AND b.ts >= %(start)s AND b.ts < %(end)s
+ORDER BY b.ts, b.side, b.price"""
 _ONE_PER_SLOT = """
 SELECT count(*) = count(DISTINCT floor(extract(epoch FROM ts) / %(step)s)) FROM book_snapshots
 WHERE instrument = %(instrument)s AND ts >= %(start)s AND ts < %(end)s"""
