@@ -386,11 +386,98 @@ def book_output(instrument: str, ts_ns: int, bids: Sequence[Level], asks: Sequen
 
     Buckets cover the levels within `bucket_range_bps` (default 200 bps = 2 %) of the mid, edges
     included (the heatmap's band; a 1000-level book reaches far past what a heatmap shows); all
-    levels when a side is empty (no mid)."""
-    summary = summarize(bids, asks, depth=depth)
-    band_bids, band_asks = within(bids, asks, summary.mid, bucket_range_bps)
-    return BookOutput(instrument, ts_ns, sequence, verified, source, summary, book_metrics(bids, asks), width,
-                      price_buckets(band_bids, width), price_buckets(band_asks, width))  # fmt: skip
+    levels when a side is empty (no mid).
+
+    Exactly `summarize`, `book_metrics` and `price_buckets` over `within` (the books daemon calls it
+    once per instrument and interval, so it is fused: one pass per side gives every depth sum and
+    the band, each bucket's key is computed once, one decimal context), with the same additions in
+    the same order, so the same Decimals, digit for digit (tests/candlekeep/test_book_analytics.py
+    compares the two on recorded and simulated books)."""
+    if depth < 1:
+        raise AnalyticsError("depth must be at least 1")
+    if not width > 0:
+        raise AnalyticsError(f"bucket width must be positive, not {width}")
+    if not bids or not asks:  # no mid: the general functions (a one-sided book is rare)
+        summary = summarize(bids, asks, depth=depth)
+        band_bids, band_asks = within(bids, asks, summary.mid, bucket_range_bps)
+        return BookOutput(instrument, ts_ns, sequence, verified, source, summary, book_metrics(bids, asks), width,
+                          price_buckets(band_bids, width), price_buckets(band_asks, width))  # fmt: skip
+    reaches = sorted({*DEPTH_BPS, *IMBALANCE_BPS, bucket_range_bps})
+    with decimal.localcontext(EXACT):
+        best_bid, best_ask = bids[0][0], asks[0][0]
+        mid = (best_bid + best_ask) / _TWO
+        spread_ = best_ask - best_bid
+        bounds = [(bps, mid * bps / _BPS) for bps in reaches]  # as depth_within computes them
+        bid_depth, bid_band = _prefix_sums(bids, [(bps, mid - reach) for bps, reach in bounds], True)
+        ask_depth, ask_band = _prefix_sums(asks, [(bps, mid + reach) for bps, reach in bounds], False)
+        bid_buckets = _band_buckets(bids, bid_band[bucket_range_bps], width, True)
+        ask_buckets = _band_buckets(asks, ask_band[bucket_range_bps], width, False)
+        tops_b, tops_a = _tops(bids), _tops(asks)
+        (bp, bq), (ap, aq) = bids[0], asks[0]
+        micro_num = bp * aq + ap * bq
+        micro_den = bq + aq
+        bsize, bnotional = tops_b[WEIGHTED_MID_LEVELS]
+        asize, anotional = tops_a[WEIGHTED_MID_LEVELS]
+        wm_num = bnotional * asize * asize + anotional * bsize * bsize
+        wm_den = bsize * asize * (bsize + asize)
+    summary = BookSummary(tuple(bids[:depth]), tuple(asks[:depth]), mid, spread_,
+                          {b: bid_depth[b] for b in DEPTH_BPS}, {b: ask_depth[b] for b in DEPTH_BPS})  # fmt: skip
+    metrics = BookMetrics({n: imbalance(tops_b[n][0], tops_a[n][0]) for n in IMBALANCE_LEVELS},
+                          {b: imbalance(bid_depth[b], ask_depth[b]) for b in IMBALANCE_BPS},
+                          RATIO.divide(wm_num, wm_den), RATIO.divide(micro_num, micro_den))  # fmt: skip
+    return BookOutput(instrument, ts_ns, sequence, verified, source, summary, metrics, width, bid_buckets, ask_buckets)
+
+
+def _prefix_sums(levels: Sequence[Level], bounds: list[tuple[int, Decimal]],
+                 is_bid: bool) -> tuple[dict[int, Decimal], dict[int, int]]:  # fmt: skip
+    """For each (bps, price bound), widest last: the summed size of the levels from the best up to the
+    bound, edges included (depth_within's `takewhile`), and how many levels that is. In EXACT."""
+    sums: dict[int, Decimal] = {}
+    counts: dict[int, int] = {}
+    total = _ZERO
+    k, n = 0, len(bounds)
+    bps, bound = bounds[0]
+    for i, (price, size) in enumerate(levels):
+        while price < bound if is_bid else price > bound:
+            sums[bps], counts[bps] = total, i
+            k += 1
+            if k == n:
+                return sums, counts
+            bps, bound = bounds[k]
+        total += size
+    for bps, _ in bounds[k:]:
+        sums[bps], counts[bps] = total, len(levels)
+    return sums, counts
+
+
+def _band_buckets(levels: Sequence[Level], count: int, width: Decimal, is_bid: bool) -> tuple[Level, ...]:
+    """price_buckets(levels[:count], width) for sorted levels: the next level stays in the current bucket
+    while it is inside `[key, key + width)`, so a key is computed only where a bucket starts. In EXACT."""
+    sums: dict[Decimal, Decimal] = {}
+    key = low = high = None
+    for price, size in levels[:count]:
+        if key is None or price < low or price >= high:  # type: ignore[operator]
+            key = (price // width) * width
+            low, high = key, key + width
+            sums[key] = sums.get(key, _ZERO) + size
+        else:
+            sums[key] += size
+    return tuple(sorted(sums.items()))
+
+
+def _tops(levels: Sequence[Level]) -> dict[int, tuple[Decimal, Decimal]]:
+    """_top(levels, n) for every n of IMBALANCE_LEVELS and WEIGHTED_MID_LEVELS, in one pass. In EXACT."""
+    wanted = {*IMBALANCE_LEVELS, WEIGHTED_MID_LEVELS}
+    out: dict[int, tuple[Decimal, Decimal]] = {}
+    size = notional = _ZERO
+    for i, (price, qty) in enumerate(levels[: max(wanted)], 1):
+        size += qty
+        notional += price * qty
+        if i in wanted:
+            out[i] = (size, notional)
+    for n in wanted:
+        out.setdefault(n, (size, notional))
+    return out
 
 
 def width_for(instrument: str, widths: Mapping[str, Decimal], price: Decimal | None) -> Decimal:
@@ -412,6 +499,17 @@ def intensity(size: Decimal, largest: Decimal) -> Decimal:
     scale = 10**INTENSITY_PLACES
     with decimal.localcontext(EXACT):
         return ((2 * scale * size + largest) // (2 * largest)) * Decimal(1).scaleb(-INTENSITY_PLACES)
+
+
+def intensity_texts(sizes: Sequence[Decimal]) -> list[str]:
+    """`decimal_str(intensity(size, max(sizes)))` for every size of one slice (what book_buckets stores):
+    the same integer division in one decimal context, its quotient written as `units.micros` (6 places)."""
+    largest = max(sizes)
+    scale = 10**INTENSITY_PLACES
+    with decimal.localcontext(EXACT):
+        twice = 2 * largest
+        quotients = [int((2 * scale * size + largest) // twice) for size in sizes]
+    return [f"{q // scale}.{q % scale:06d}" for q in quotients]
 
 
 # --- the 1-minute roll-up (Dagster's book_metrics_1m) --------------------------------------------------

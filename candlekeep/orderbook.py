@@ -18,7 +18,7 @@ No I/O; one book belongs to one instrument and one thread of control.
 from __future__ import annotations
 
 import zlib
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from decimal import Decimal
 
@@ -144,6 +144,15 @@ class OrderBook:
         prices, sizes = self._asks.prices, self._asks.sizes
         chosen = prices if n is None else prices[:n]
         return tuple((p, sizes[p]) for p in chosen)
+
+    def bids_at_or_above(self, price: Decimal) -> int:
+        """How many bids are priced at or above `price` (a bisect, no copy)."""
+        prices = self._bids.prices
+        return len(prices) - bisect_left(prices, price)
+
+    def asks_at_or_below(self, price: Decimal) -> int:
+        """How many asks are priced at or below `price` (a bisect, no copy)."""
+        return bisect_right(self._asks.prices, price)
 
     def top(self, n: int) -> tuple[tuple[Level, ...], tuple[Level, ...]]:
         return self.bids(n), self.asks(n)

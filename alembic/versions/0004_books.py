@@ -10,7 +10,7 @@ upserts) and time-partitioned like `ticks`:
 - plain PostgreSQL: range-partitioned on `ts` by day (`book_snapshots_pYYYYMMDD`, ...), made on
   demand by `candlekeep_ensure_partitions`, which this migration teaches the three tables (today +
   7 days ahead are made here). Retention: candlekeep.storage.books.BookStore.drop_older_than drops
-  whole day partitions older than CANDLEKEEP_BOOK_RETENTION_DAYS;
+  whole day partitions older than CANDLEKEEP_BOOK_RETENTION_DAYS (the books daemon runs it);
 - TimescaleDB: hypertables with 1-day chunks; retention likewise through `drop_chunks`.
 `book_metrics_1m` (the Dagster asset's output, small) is a plain table.
 """

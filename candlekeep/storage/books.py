@@ -8,7 +8,7 @@
     store.metrics(instrument, start_ns, end_ns, interval_s)   # -> [MetricsRow] per interval
     store.heatmap(instrument, start_ns, end_ns, resolution_s, width)  # -> [HeatmapRow]
     store.metric_rows(instrument, start_ns, end_ns)    # the raw rows, for the 1m roll-up
-    store.drop_older_than(days, now)                   # retention
+    store.drop_older_than(days, now)                   # retention (streaming.books schedules it)
 
 Writes go in bounded batches (`batch_size` outputs, one transaction each) after the batch's day
 partitions are ensured; each table is COPY'd straight in inside a savepoint, and when that hits
@@ -20,7 +20,6 @@ Times are whole microseconds (book outputs fall on interval edges, so nothing is
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -31,11 +30,12 @@ import psycopg
 from sqlalchemy import Engine
 
 from candlekeep.bars import decimal_str
-from candlekeep.book_analytics import BookOutput, intensity
+from candlekeep.book_analytics import BookOutput, intensity_texts
 from candlekeep.books import Level
 from candlekeep.storage import partitions
 
 NS_PER_US = 1_000
+NS_PER_DAY = 86_400 * 1_000_000_000
 TABLES = ("book_snapshots", "book_buckets", "book_metrics")
 _SNAP_COLS = ("instrument, ts, sequence, bids, asks, mid, spread, bid_depth_10, ask_depth_10, bid_depth_50,"
               " ask_depth_50, bid_depth_100, ask_depth_100, verified, source")  # fmt: skip
@@ -83,7 +83,7 @@ WITH slots AS (
 SELECT (extract(epoch FROM ts) * 1000000)::bigint, side, price{t}, size{t},
        (div(2000000 * size + max(size) OVER w, 2 * max(size) OVER w) * 0.000001){t}
 FROM cells WINDOW w AS (PARTITION BY ts)
-ORDER BY ts, side, price"""
+ORDER BY cells.ts, cells.side, cells.price"""
 # The heatmap at the stored width: the intensities stored with each output are the slot's (one output
 # per slot: its last), so the cells are the stored rows themselves, read in primary-key order.
 _HEATMAP_STORED = """
@@ -97,11 +97,13 @@ FROM book_buckets AS b JOIN slots USING (ts)
 WHERE b.instrument = %(instrument)s AND b.ts >= %(start)s AND b.ts < %(end)s
 ORDER BY b.ts, b.side, b.price"""
 # Every stored output is the last of its slot (outputs no denser than the resolution): the cells are
-# simply the stored rows of the range, in primary-key order.
+# simply the stored rows of the range, in primary-key order. ORDER BY names the table's columns (b.),
+# never the output's `price` (text): text order puts 10000 before 9990, and would sort what the
+# primary key's index already gives in order. The same in _HEATMAP (cells.).
 _HEATMAP_ALL = """
-SELECT (extract(epoch FROM ts) * 1000)::bigint, side, price::text, size::text, intensity::text
-FROM book_buckets WHERE instrument = %(instrument)s AND ts >= %(start)s AND ts < %(end)s
-ORDER BY ts, side, price"""
+SELECT (extract(epoch FROM b.ts) * 1000)::bigint, b.side, b.price::text, b.size::text, b.intensity::text
+FROM book_buckets AS b WHERE b.instrument = %(instrument)s AND b.ts >= %(start)s AND b.ts < %(end)s
+ORDER BY b.ts, b.side, b.price"""
 _ONE_PER_SLOT = """
 SELECT count(*) = count(DISTINCT floor(extract(epoch FROM ts) / %(step)s)) FROM book_snapshots
 WHERE instrument = %(instrument)s AND ts >= %(start)s AND ts < %(end)s"""
@@ -169,32 +171,38 @@ class BookStore:
 
     def _write(self, batch: Sequence[BookOutput]) -> int:
         lines = {table: [] for table in TABLES}  # type: dict[str, list[str]]
+        snapshot_lines, bucket_lines, metric_lines = (lines[t] for t in TABLES)
         for out in batch:
             ts = _ts_text(out.ts_ns)
-            lines["book_snapshots"].append(_snapshot_line(out, ts))
-            lines["book_metrics"].append(_metrics_line(out, ts))
-            inst, width = _escape(out.instrument), decimal_str(out.width)
-            bucket_lines = lines["book_buckets"]
-            largest = max((s for _, s in (*out.bid_buckets, *out.ask_buckets)), default=None)
-            for side, buckets in (("bid", out.bid_buckets), ("ask", out.ask_buckets)):
-                for price, size in buckets:
-                    bucket_lines.append(f"{inst}\t{ts}\t{side}\t{decimal_str(price)}\t{decimal_str(size)}\t{width}\t"
-                                        f"{decimal_str(intensity(size, largest))}\n")  # type: ignore[arg-type]
-        lo = min(o.ts_ns for o in batch) // NS_PER_US
-        hi = max(o.ts_ns for o in batch) // NS_PER_US
+            snapshot_lines.append(_snapshot_line(out, ts))
+            metric_lines.append(_metrics_line(out, ts))
+            cells = (*out.bid_buckets, *out.ask_buckets)
+            if not cells:
+                continue
+            texts = intensity_texts([size for _, size in cells])
+            head, tail = f"{_escape(out.instrument)}\t{ts}\t", f"\t{decimal_str(out.width)}\t"
+            n_bids = len(out.bid_buckets)
+            for i, (price, size) in enumerate(cells):
+                side = "bid" if i < n_bids else "ask"
+                bucket_lines.append(f"{head}{side}\t{decimal_str(price)}\t{decimal_str(size)}{tail}{texts[i]}\n")
+        # The UTC days the batch touches, each ensured alone: a batch holding a 2021 and a 2022 recording
+        # must not make every day partition in between.
+        days = sorted({o.ts_ns // NS_PER_DAY for o in batch})
         for attempt in (1, 2):
             try:
-                return self._insert(lines, lo, hi)
+                return self._insert(lines, days)
             except psycopg.errors.CheckViolation as err:
                 if attempt == 2 or "no partition" not in str(err):
                     raise
                 partitions.forget(self.engine)
         raise AssertionError("unreachable")
 
-    def _insert(self, lines: dict[str, list[str]], lo_us: int, hi_us: int) -> int:
+    def _insert(self, lines: dict[str, list[str]], days: list[int]) -> int:
         with self.engine.connect() as conn:
             for table in TABLES:
-                partitions.ensure_partitions(conn, table, _utc_us(lo_us), _utc_us(hi_us + 1))
+                for day in days:
+                    start = _utc_us(day * NS_PER_DAY // NS_PER_US)
+                    partitions.ensure_partitions(conn, table, start, start + timedelta(days=1))
             with conn.begin():
                 driver = conn.connection.driver_connection
                 assert isinstance(driver, psycopg.Connection)
@@ -208,9 +216,12 @@ class BookStore:
 
     def drop_older_than(self, days: int, now: datetime) -> int:
         """Retention: drop day partitions (or TimescaleDB chunks) of the three tables wholly older than
-        `days` before `now`; the number of partitions or chunks dropped."""
+        `days` before `now`; the number of partitions or chunks dropped. One transaction per native
+        partition (a DROP locks the table, its indexes and TOAST: thousands of old days in one
+        transaction would exhaust the lock table), so an interrupted run leaves whole days only."""
         cutoff = datetime.combine((now.astimezone(UTC) - timedelta(days=days)).date(), datetime.min.time(), UTC)
         dropped = 0
+        old: list[str] = []
         with self.engine.begin() as conn:
             driver = conn.connection.driver_connection
             assert isinstance(driver, psycopg.Connection)
@@ -227,8 +238,13 @@ class BookStore:
                     for (name,) in cur.fetchall():
                         day = name.rsplit("_p", 1)[1]
                         if date(int(day[:4]), int(day[4:6]), int(day[6:])) < cutoff.date():
-                            cur.execute(f'DROP TABLE "{name}"')
-                            dropped += 1
+                            old.append(name)
+        for name in sorted(old):
+            with self.engine.begin() as conn:
+                driver = conn.connection.driver_connection
+                assert isinstance(driver, psycopg.Connection)
+                driver.execute(f'DROP TABLE IF EXISTS "{name}"')
+            dropped += 1
         partitions.forget(self.engine)
         return dropped
 
@@ -326,7 +342,8 @@ def _num(value: Decimal | None) -> str:
 
 
 def _levels_json(levels: Sequence[Level]) -> str:
-    return _escape(json.dumps([[decimal_str(p), decimal_str(s)] for p, s in levels], separators=(",", ":")))
+    """`[["price","size"],...]`: decimal text needs no JSON or COPY escaping (digits, '.', '-')."""
+    return "[" + ",".join([f'["{decimal_str(p)}","{decimal_str(s)}"]' for p, s in levels]) + "]"
 
 
 def _snapshot_line(out: BookOutput, ts: str) -> str:

@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 
 from candlekeep.book_analytics import (
+    BUCKET_RANGE_BPS,
     AnalyticsError,
     VenueBook,
     book_metrics,
+    book_output,
     bucket_of,
     consolidate,
     default_bucket_width,
@@ -20,6 +22,7 @@ from candlekeep.book_analytics import (
     pair_members,
     price_buckets,
     summarize,
+    within,
 )
 from candlekeep.instruments import Instrument
 from candlekeep.sources.simulator import Simulator
@@ -172,3 +175,66 @@ def test_usd_and_usdt_never_mix_without_a_mapping() -> None:
     assert pair_members("BTC-USDT", ["kraken:BTC-USD", "binance:BTC-USDT"]) == ["binance:BTC-USDT"]
     with pytest.raises(AnalyticsError, match="BASE-QUOTE"):
         pair_members("BTCUSD", [])
+
+
+def _composed(bids: tuple, asks: tuple, width: D, depth: int) -> tuple:
+    """book_output as the composition of the public functions it is fused from (its documented meaning)."""
+    summary = summarize(bids, asks, depth=depth)
+    band_bids, band_asks = within(bids, asks, summary.mid, BUCKET_RANGE_BPS)
+    return summary, book_metrics(bids, asks), price_buckets(band_bids, width), price_buckets(band_asks, width)
+
+
+def _edge_books() -> list[tuple[tuple, tuple]]:
+    """Books that reach every branch: one side empty, crossed, levels exactly on bucket and bps edges,
+    shallower than 10 levels, sizes with exponents, a band that ends inside a bucket."""
+    bids = tuple((D(60000) - D(k) * D("0.5"), D(k % 7 + 1).scaleb(-(k % 4))) for k in range(400))
+    asks = tuple((D("60000.5") + D(k) * D("0.5"), D("1E+2") if k % 9 == 0 else D("0.30")) for k in range(400))
+    # mid 100: a level exactly on each reach (10/50/100 bps for depth and imbalance, 200 for the band)
+    on_edges = (tuple((D(p), D(1)) for p in ("99.99", "99.9", "99.89", "99.5", "99", "98", "97.99")),
+                tuple((D(p), D(2)) for p in ("100.01", "100.1", "100.5", "100.51", "101", "102", "102.01")))
+    return [
+        (bids, asks), (bids[:3], asks[:7]), (bids, ()), ((), asks), ((), ()), on_edges,
+        (((D(101), D(1)),), ((D(100), D(2)),)),  # crossed
+        (((D(100), D(1)), (D("99.9"), D(2)), (D("99.8995"), D(3))), ((D("100.1"), D(1)),)),
+    ]
+
+
+def test_book_output_is_the_composition_digit_for_digit() -> None:
+    """The fused book_output equals summarize + book_metrics + price_buckets over the band, every
+    Decimal with the same digits (repr), on simulated books, the recorded Kraken/OKX books and edge books."""
+    from tests.utils.books import recorded_books
+
+    books = [(b, a, D(10)) for b, a in _books(40)] + [(b, a, D("0.5")) for b, a in _edge_books()]
+    books += [(b, a, D(1)) for b, a in _edge_books()] + [(b, a, D("0.01")) for b, a in _books(6)]
+    state: dict[str, tuple[dict, dict]] = {}
+    for k, r in enumerate(recorded_books(5.0)):  # every 7th book state of the real recordings
+        bids, asks = state.setdefault(r.instrument, ({}, {}))
+        if type(r).__name__ == "BookSnapshot":
+            bids.clear(), asks.clear()
+        for side, levels in ((bids, r.bids), (asks, r.asks)):
+            for price, size in levels:
+                side.pop(price, None) if size == 0 else side.__setitem__(price, size)
+        if k % 7 == 0:
+            b, a = tuple(sorted(bids.items(), reverse=True)), tuple(sorted(asks.items()))
+            books.append((b, a, default_bucket_width(b[0][0]) if b else D(1)))
+    assert len(books) > 300
+    for bids, asks, width in books:
+        for depth in (1, 25):
+            out = book_output("t:A-B", 0, bids, asks, sequence=None, verified=True, source="t", width=width, depth=depth)
+            fused = (out.summary, out.metrics, out.bid_buckets, out.ask_buckets)
+            assert repr(fused) == repr(_composed(bids, asks, width, depth))
+
+
+def test_intensity_texts_are_the_digits_of_intensity() -> None:
+    import random
+
+    from candlekeep.bars import decimal_str
+    from candlekeep.book_analytics import intensity_texts
+
+    rng = random.Random(11)
+    for _ in range(300):
+        sizes = [D(rng.randint(1, 10**9)).scaleb(-rng.randint(-3, 12)) for _ in range(rng.randint(1, 40))]
+        sizes += [max(sizes) / 2000001 * 2] if rng.random() < 0.3 else []  # a half-way quotient, rounded up
+        largest = max(sizes)
+        assert intensity_texts(sizes) == [decimal_str(intensity(s, largest)) for s in sizes]
+    assert intensity_texts([D("0.5"), D("1"), D("0.0000001")]) == ["0.500000", "1.000000", "0.000000"]

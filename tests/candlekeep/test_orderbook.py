@@ -34,6 +34,10 @@ def test_book_matches_a_plain_dict_reference(stream: list[tuple[bool, Decimal, D
     assert book.best_bid() == (want_bids[0] if want_bids else None)
     assert book.best_ask() == (want_asks[0] if want_asks else None)
     assert book.crossed() == bool(want_bids and want_asks and want_bids[0][0] >= want_asks[0][0])
+    edge = Decimal(n) / 3  # on a price sometimes (multiples of 1/4 and 1/3 meet), between them otherwise
+    for bound in (edge, Decimal(n) / 4):
+        assert book.bids_at_or_above(bound) == sum(1 for p, _ in want_bids if p >= bound)
+        assert book.asks_at_or_below(bound) == sum(1 for p, _ in want_asks if p <= bound)
     book.truncate(n)
     assert list(book.bids()) == want_bids[:n] and list(book.asks()) == want_asks[:n]
 

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from candlekeep.sources.simulator import Simulator
 from candlekeep.sources.simulator_book import SimulatorBooks
 from candlekeep.storage.books import BookStore
 from streaming.books import TRANSITIONS, BooksDaemon
+from tests.utils.backend import backend
 from tests.utils.books import WIDTHS, recorded_books, reference
 from tests.utils.wait import eventually
 
@@ -182,7 +184,9 @@ def test_kill_9_then_restart_gives_the_outputs_of_an_uninterrupted_run(
 
     env = {**os.environ, "CANDLEKEEP_DATABASE_URL": database_url, "CANDLEKEEP_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
            "CANDLEKEEP_TOPIC_PREFIX": topic_prefix, "CANDLEKEEP_BOOK_BUCKET_WIDTHS": widths,
-           "PYTHONPATH": str(ROOT)}  # fmt: skip
+           # Kraken's recording is of 2021, OKX's of 2022: 30 days of retention on the book clock would drop
+           # the 2021 day once the 2022 records arrive (as it should; the retention test covers that).
+           "CANDLEKEEP_BOOK_RETENTION_DAYS": "36500", "PYTHONPATH": str(ROOT)}  # fmt: skip
     log_path = tmp_path / "books.log"
 
     def launch() -> subprocess.Popen:
@@ -226,3 +230,128 @@ def test_kill_9_then_restart_gives_the_outputs_of_an_uninterrupted_run(
         bus.close()
     assert log_path.read_text().count("books /health") == 0  # --port -1: no server; sanity of the log
     json.dumps(truth["snapshots"][0][3])  # stored levels are JSON arrays of decimal strings
+
+
+def _book_days(engine: Engine) -> set[str]:
+    """The UTC days holding a `book_snapshots` partition (native) or chunk (TimescaleDB), from the catalogs."""
+    with engine.connect() as conn:
+        if backend(engine) == "native":
+            names = conn.execute(text("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                                      " WHERE i.inhparent = 'book_snapshots'::regclass")).scalars()  # fmt: skip
+            return {n.rsplit("_p", 1)[1] for n in names}
+        starts = conn.execute(text("SELECT range_start FROM timescaledb_information.chunks"
+                                   " WHERE hypertable_name = 'book_snapshots'")).scalars()  # fmt: skip
+        return {f"{s.astimezone(UTC):%Y%m%d}" for s in starts}
+
+
+def _stored_days(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYYMMDD'), count(*) FROM book_snapshots"
+                                 " GROUP BY 1")).all()  # fmt: skip
+    return {day: n for day, n in rows}
+
+
+def _seconds_of_books(start_s: int, seconds: int) -> list[BookSnapshot]:
+    """One snapshot per second of book time (each second's book is an output at the next one)."""
+    sim = SimulatorBooks(Simulator(3, now=lambda: 4e9), levels=10)
+    out = []
+    for s in range(start_s, start_s + seconds):
+        bids, asks = sim.book_at(Instrument.parse(SIM), s)
+        out.append(BookSnapshot(SIM, s * NS_PER_S, None, s, None, bids, asks, "simulator", True))
+    return out
+
+
+def test_retention_drops_whole_days_before_the_book_clock_bounded_by_the_wall_clock(
+    engine: Engine, topic_prefix: str
+) -> None:
+    now = datetime.now(UTC)
+    old_s = int((now - timedelta(days=40)).timestamp()) // 86_400 * 86_400 + 3_600  # 01:00 UTC, 40 days ago
+    recent_s = int((now - timedelta(hours=2)).timestamp()) // 3_600 * 3_600  # 4 s from an hour's start: one day
+    old_day = f"{datetime.fromtimestamp(old_s, UTC):%Y%m%d}"
+    recent_day = f"{datetime.fromtimestamp(recent_s, UTC):%Y%m%d}"
+    old, recent = _seconds_of_books(old_s, 4), _seconds_of_books(recent_s, 4)
+
+    # A feed whose book clock is 40 days old keeps what it writes: nothing is older than ITS 30 days.
+    bus = InProcessBus()
+    _publish(bus, topic_prefix, old)
+    daemon = BooksDaemon(bus, BookStore(engine), prefix=topic_prefix, widths=SIM_WIDTHS, retention_days=30)
+    _drain(daemon)
+    assert _stored_days(engine) == {old_day: 3} and old_day in _book_days(engine)
+
+    # The book clock reaches today, but the wall clock says it is still that old day: the earlier
+    # clock wins (a record stamped ahead of the wall cannot drop anything younger than retention).
+    _publish(bus, topic_prefix, recent)
+    behind = BooksDaemon(bus, BookStore(engine), prefix=topic_prefix, widths=SIM_WIDTHS, retention_days=30,
+                         group=f"{topic_prefix}behind", wall_clock=lambda: old_s + 86_400.0)  # fmt: skip
+    _drain(behind)  # from the start of the log: the old book's last second is an output now (4 rows)
+    assert _stored_days(engine) == {old_day: 4, recent_day: 3} and old_day in _book_days(engine)
+
+    # Both clocks today: the old day's partition (or chunk) goes, with its rows, in all three tables;
+    # today's stay. Run again: nothing more to drop (once per cutoff day).
+    _drain(daemon)
+    assert daemon.retention_clock() == datetime.fromtimestamp(recent_s + 3, UTC)
+    days = _book_days(engine)
+    assert old_day not in days and recent_day in days
+    assert _stored_days(engine) == {recent_day: 3}
+    with engine.connect() as conn:
+        for table in ("book_buckets", "book_metrics"):
+            assert conn.execute(text(f"SELECT count(*) FROM {table} WHERE ts < :t"),
+                                {"t": datetime.fromtimestamp(recent_s - 86_400, UTC)}).scalar() == 0  # fmt: skip
+    dropped = daemon.m_dropped._value.get()
+    assert dropped >= 3  # that day of each of the three tables (more when older days were made by others)
+    daemon.flush()
+    assert daemon.m_dropped._value.get() == dropped
+    assert daemon.health()["retained_from"] == f"{(datetime.fromtimestamp(recent_s, UTC) - timedelta(days=30)).date()}"
+
+
+def test_only_a_venue_that_cuts_its_book_at_a_subscribed_depth_is_cut(engine: Engine) -> None:
+    """Kraken (subscribed depth 1000: no delete for a level pushed out of scope) is cut at 1000 per side,
+    however shallow its snapshot; a venue whose deletes come on the wire is never cut."""
+    daemon = BooksDaemon(InProcessBus(), BookStore(engine), widths={"BTC-USD": Decimal("10")})
+    d = Decimal
+    for instrument in ("kraken:BTC-USD", "coinbase:BTC-USD"):
+        bids = [(d(100 - i), d(1)) for i in range(3)]
+        asks = [(d(101 + i), d(1)) for i in range(3)]
+        daemon.apply(BookSnapshot(instrument, NS_PER_S, None, None, None, tuple(bids), tuple(asks), "t", True),
+                     ("books", 0, 0))  # fmt: skip
+        # A shallow book grows: nothing falls out of a 1000-level subscription, so nothing may be cut.
+        daemon.apply(BookDelta(instrument, NS_PER_S, None, None, None, ((d(97), d(2)),), ((d(104), d(2)),), "t", True),
+                     ("books", 0, 1))  # fmt: skip
+        book = daemon._books[instrument].book
+        assert (book.bid_count, book.ask_count) == (4, 4), instrument
+        # Past the subscribed depth only Kraken's copy is cut, to its best 1000 levels per side.
+        many = tuple((d(101 + i), d(1)) for i in range(1200))
+        daemon.apply(BookDelta(instrument, NS_PER_S, None, None, None, (), many, "t", True), ("books", 0, 2))
+        expected = 1000 if instrument.startswith("kraken:") else 1200
+        assert book.ask_count == expected and book.asks(1)[0][0] == d(101), instrument
+        assert book.asks()[-1][0] == d(101 + expected - 1)
+
+
+def test_a_failed_write_commits_nothing_and_the_same_outputs_are_written_on_retry(
+    engine: Engine, pg_admin_url: str, topic_prefix: str
+) -> None:
+    from candlekeep.storage.db import create_engine, with_database
+
+    books = _simulated(20)
+    bus = InProcessBus()
+    _publish(bus, topic_prefix, books)
+    nowhere = create_engine(with_database(pg_admin_url, f"missing_{topic_prefix.strip('.')}"))
+    daemon = BooksDaemon(bus, BookStore(nowhere), prefix=topic_prefix, widths=SIM_WIDTHS)
+    daemon._start()
+    while daemon.m_records.labels("snapshot")._value.get() + daemon.m_records.labels("delta")._value.get() < 20:
+        records = daemon._consumer.poll_batch(max_records=100, timeout=0.5)
+        for r in records:
+            daemon._ingest(r)
+            daemon._offsets[(r.topic, r.partition)] = r.offset + 1
+    made = daemon.health()["pending_outputs"]
+    assert made == 19
+    with pytest.raises(RuntimeError, match="books writer failed"):
+        daemon.flush()
+    assert daemon.committed == {} and daemon.health()["pending_outputs"] == made  # all kept, in order
+    daemon.store = BookStore(engine)  # the database is back
+    daemon.flush()
+    assert daemon.committed == daemon.restart_offsets()
+    stored = _stored(engine)["snapshots"]
+    assert [r[1] for r in stored] == [r.ts_ns for r in reference(books, NS_PER_S, SIM_WIDTHS)]
+    daemon._shutdown()
+    nowhere.dispose()

@@ -6,7 +6,8 @@ independent pandas reference of what the books daemon must store for them.
 
 `reference(records, interval_ns, widths, depth)` rebuilds every book with plain dicts (not
 candlekeep.orderbook), applies the daemon's documented rules (a delta before a snapshot or after a
-sequence break waits; the book is cut to its last snapshot's larger side; an output per interval
+sequence break waits; a Kraken book is cut to the recording's subscribed depth, "book-1000", after
+each delta, as Kraken's docs tell a client to, other venues' books are not cut; an output per interval
 of book time with updates, at the interval's end, before the first record of a later interval),
 and computes each output with pandas: top N, mid, spread, depth within 10/50/100 bps, buckets
 (floor(price / width) * width, summed, over the levels within 200 bps of the mid), imbalance over 1/5/10 levels and 10/50 bps, microprice.
@@ -32,6 +33,9 @@ RECORDINGS = "exchanges_ws/cryptofeed"
 KRAKEN = ("kraken", "KRAKEN.0.txt", "KRAKEN.ws.50.0.txt",
           ("kraken:XMR-USD", "kraken:OMG-USD", "kraken:ETH-CHF", "kraken:BTC-CHF"))  # fmt: skip
 OKX = ("okx", "OKX.0.txt", "OKX.ws.1.0.txt", ("okx:BTC-USDT",))
+# Kraken's channel in the recording is "book-1000": a client truncates to it after every update
+# (docs.kraken.com, "Book checksum": no delete comes for a level that falls out of scope).
+SUBSCRIBED_DEPTH = {"kraken": 1000}
 WIDTHS = {"kraken:XMR-USD": Decimal("1"), "kraken:OMG-USD": Decimal("0.01"), "kraken:ETH-CHF": Decimal("1"),
           "kraken:BTC-CHF": Decimal("10"), "okx:BTC-USDT": Decimal("10")}  # fmt: skip
 
@@ -106,7 +110,7 @@ def reference(records: Iterable[BookSnapshot | BookDelta], interval_ns: int, wid
         if isinstance(r, BookSnapshot):
             books[r.instrument] = {"bids": dict(r.bids), "asks": dict(r.asks), "seq": r.sequence, "dirty": True,
                                    "k": max(k, state["k"]) if state else k,
-                                   "cut": max(len(r.bids), len(r.asks))}  # fmt: skip
+                                   "cut": SUBSCRIBED_DEPTH.get(r.instrument.split(":")[0])}  # fmt: skip
             continue
         if state is None:
             continue
@@ -121,7 +125,7 @@ def reference(records: Iterable[BookSnapshot | BookDelta], interval_ns: int, wid
                     state[side][price] = size
         cut = state["cut"]
         for side, reverse in (("bids", True), ("asks", False)):
-            if len(state[side]) > cut:
+            if cut is not None and len(state[side]) > cut:
                 state[side] = dict(sorted(state[side].items(), reverse=reverse)[:cut])
         state["seq"] = r.sequence if r.sequence is not None else state["seq"]
         state["k"] = max(state["k"], k)

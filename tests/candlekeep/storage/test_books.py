@@ -113,3 +113,23 @@ def test_retention_drops_whole_old_days(engine: Engine) -> None:
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM book_snapshots")).scalar() == 3
     store.insert(_outputs(old, 1))  # the partition is made again on demand
+
+
+def test_heatmap_cells_are_in_numeric_price_order_across_a_digit_boundary(engine: Engine) -> None:
+    """9,990 < 10,000 as numbers, not as text: every heatmap path orders cells by the numeric price."""
+    store = BookStore(engine)
+    start = _now_s()
+    bids = tuple((D(p), D("1.5")) for p in ("10004", "9999", "9995", "9990.5"))
+    asks = tuple((D(p), D("2")) for p in ("10006", "10011", "10025"))
+    outs = [book_output("kraken:BTC-USD", (start + k) * NS_PER_S, bids, asks, sequence=k, verified=True,
+                        source="t", width=D("5"), depth=25) for k in range(3)]  # fmt: skip
+    store.insert(outs)
+    span = (start * NS_PER_S, (start + 3) * NS_PER_S)
+    for rows in (store.heatmap_text("kraken:BTC-USD", *span, 1, D("5"), stored_width=True),
+                 store.heatmap_text("kraken:BTC-USD", *span, 1, D("10"))):  # fmt: skip
+        slot = [(side, D(price)) for t, side, price, _, _ in rows if t == rows[0][0]]
+        assert [p for s, p in slot if s == "bid"] == sorted(p for s, p in slot if s == "bid")
+        assert [p for s, p in slot if s == "ask"] == sorted(p for s, p in slot if s == "ask")
+        assert any(p < 10_000 for _, p in slot) and any(p >= 10_000 for _, p in slot)
+    assert [r.price for r in store.heatmap("kraken:BTC-USD", *span, 1, D("10")) if r.side == "bid"][:3] == [
+        D(9990), D(10000), D(9990)]  # per slot: 9990 then 10000, then the next slot starts
