@@ -109,9 +109,20 @@ class _Batch:
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     records: int = 0
     written: list[Bar] = field(default_factory=list)  # set by the writer: the bars PostgreSQL took
+    # instrument -> its last record applied, made a StreamState when the batch is cut (`seal_states`):
+    # one state per instrument and batch instead of one per record
+    last: dict[str, Record] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.trades or self.bars or self.offsets or self.gaps or self.states)
+        return bool(self.trades or self.bars or self.offsets or self.gaps or self.states or self.last)
+
+    def seal_states(self, builders: dict[str, BarBuilder]) -> None:
+        """The stream state of every instrument with a record in the batch, as its builder stands."""
+        for instrument, record in self.last.items():
+            builder = builders[instrument]
+            self.states[instrument] = StreamState(instrument, record.topic, record.partition, record.offset + 1,
+                                                  builder.clock_ns, builder.closed_until)  # fmt: skip
+        self.last = {}
 
     def sorted_bars(self) -> list[Bar]:
         return sorted(self.bars.values(), key=lambda b: (b.instrument, b.start))
@@ -120,7 +131,8 @@ class _Batch:
         """This (older, uncommitted) batch followed by `newer`: newer versions and offsets win."""
         return _Batch(self.trades + newer.trades, self.late | newer.late, {**self.bars, **newer.bars},
                       {**self.gaps, **newer.gaps}, {**self.states, **newer.states},
-                      {**self.offsets, **newer.offsets}, self.records + newer.records)  # fmt: skip
+                      {**self.offsets, **newer.offsets}, self.records + newer.records,
+                      last={**self.last, **newer.last})  # fmt: skip
 
 
 class Aggregator:
@@ -337,8 +349,7 @@ class Aggregator:
                     self.m_gaps.inc()
                 batch.gaps[(instrument, gap.start_ns)] = gap
             touched.add(instrument)
-        batch.states[instrument] = StreamState(instrument, record.topic, record.partition, record.offset + 1,
-                                               builder.clock_ns, builder.closed_until)  # fmt: skip
+        batch.last[instrument] = record
 
     def _deadletter(self, record: Record, error: str, reason: str) -> None:
         assert self._producer is not None
@@ -370,6 +381,7 @@ class Aggregator:
             return
         self.state.to("flushing", reason="retry" if self._flush_failed else "interval",
                       trades=len(batch.trades), bars=len(batch.bars))  # fmt: skip
+        batch.seal_states(self._builders)
         for builder in self._builders.values():
             builder.seal()  # what the batch holds is the published version; a change is revision + 1
         self._batch = _Batch()
@@ -522,6 +534,7 @@ class Aggregator:
         batch.bars = {k: b for k, b in batch.bars.items() if b.instrument not in mine}
         batch.gaps = {k: g for k, g in batch.gaps.items() if g.instrument not in mine}
         batch.states = {i: st for i, st in batch.states.items() if i not in mine}
+        batch.last = {i: r for i, r in batch.last.items() if i not in mine}
         batch.offsets = {tp: o for tp, o in batch.offsets.items() if tp not in gone}
         self._retry = [r for r in self._retry if (r.topic, r.partition) not in gone]
 
