@@ -602,8 +602,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     upgrade(url)
     engine = create_engine(url)
     cache = BarCache.from_url(settings.redis_url) if settings.redis_url else None
-    if settings.kafka_bootstrap_servers and args.instance_id:
-        bus: Bus = KafkaBus(settings.kafka_bootstrap_servers, consumer_config={"group.instance.id": args.instance_id})
+    if settings.kafka_bootstrap_servers:
+        # librdkafka prefetches up to 64 MiB by default: a quarter keeps the consumer fed (tens of
+        # thousands of records ahead) and the resident memory that much smaller.
+        consumer_config: dict[str, Any] = {"queued.max.messages.kbytes": 16_384}
+        if args.instance_id:  # static membership: a restart takes over at once
+            consumer_config["group.instance.id"] = args.instance_id
+        bus: Bus = KafkaBus(settings.kafka_bootstrap_servers, consumer_config=consumer_config)
     else:
         bus = make_bus(settings)
     aggregator = build(
