@@ -38,8 +38,16 @@ applied twice would open a second gap). The restored window's bars are published
 and `bars` never hold an older revision than PostgreSQL. On revoke the batch is flushed and
 committed before the partitions go, and their instruments' builders are dropped.
 
-Memory: per instrument, the trades of the last `horizon` minutes (60) and of the open buckets,
-plus one Bar per closed minute of that window: about 0.5 KB per trade in the window.
+Scaling out: the group's members share the partitions of `ticks`, which is keyed by instrument id,
+so an instrument's records, builder and `stream_state` row belong to the one member holding its
+partition (`--partitions` when the topic is created; a member restores an instrument it is given).
+Members are processes: the per-record work is Python and holds the GIL.
+
+Memory: per instrument, the ids of the trades of the last `horizon` minutes (60) and of the open
+buckets, plus one Bar per closed minute of that window; on top of that the batch being written and
+the one being filled (up to `flush_max_trades` trades each) and librdkafka's prefetch (16 MiB).
+The cyclic collector runs rarely (`main`): records make no cycles, and at the default thresholds
+it walked the batches' trades several times a batch.
 
 State (one block):
     state        idle | consuming | flushing | error (StateMachine; every transition logged)
@@ -555,6 +563,7 @@ class Aggregator:
         return None if self._last_record_at is None else round(time.monotonic() - self._last_record_at, 3)
 
     def health(self) -> dict[str, Any]:
+        inflight = self._inflight  # once: the loop's thread replaces it while /health reads
         return self.state.health(
             # A flush being retried after a failure is no health, whatever state the retry is in.
             healthy=self.state.state != "error" and not self._flush_failed,
@@ -563,8 +572,10 @@ class Aggregator:
             instruments=len(self._builders),
             open_gaps=sorted(i for i, b in self._builders.items() if b.gap_open),
             clocks={i: iso_utc(b.clock_ns // NS_PER_S) for i, b in sorted(self._builders.items()) if b.clock_ns},
-            pending_trades=len(self._batch.trades),
-            pending_bars=len(self._batch.bars),
+            # Not committed yet: the batch being filled and the one being written (a retried flush
+            # is in flight while it fails again).
+            pending_trades=len(self._batch.trades) + (len(inflight[0].trades) if inflight else 0),
+            pending_bars=len(self._batch.bars) + (len(inflight[0].bars) if inflight else 0),
             committed={f"{t}[{p}]": offset for (t, p), offset in sorted(self.committed.items())},
             cache={"available": self.cache.available, "backlog": self.cache.backlog} if self.cache else None,
             last_error=self.last_error,
