@@ -1,25 +1,32 @@
 """Aggregator throughput, memory and live latency, against a bare confluent-kafka consumer in the same run.
 
-    .venv/bin/python bench/stream.py [--trades 1000000] [--instruments 5] [--latency-seconds 10]
+    .venv/bin/python bench/stream.py [--trades 1000000] [--instruments 6] [--processes 2] [--partitions 2]
+                                     [--latency-seconds 10]
 
 1. N synthetic trades (random walks with exact decimals, nanosecond times spread over
    `--span-minutes`, `--instruments` instruments), with a heartbeat per instrument at every second of
-   event time (as a producer sends them: the log's clock), are put on `ticks` (one partition) as
-   `encode_tick_record` JSON.
+   event time (as a producer sends them: the log's clock), are put on `ticks` (`--partitions`
+   partitions, keyed by instrument id as DESIGN.md says) as `encode_tick_record` JSON.
 2. Baseline: a bare confluent-kafka consumer reads the topic (`consume(10000)` in a loop, nothing
-   else); its rate is from its first to its last message, the better of two runs. The decode floor (`decode_tick` of every
-   value, in memory) is measured too, to show where the aggregator's time goes.
-3. The aggregator runs as its own process (`python -m streaming.aggregator`, as deployed): every
-   record decoded and aggregated, every trade COPY'd into `ticks`, the bars upserted, Redis updated,
-   offsets committed. Its rate is N trades over the time from its first consumed record (its
-   /metrics) to the commit of the last offset (the group's committed offset, read from the broker).
-   Peak memory is the process's VmHWM, also printed per million trades in the revision window (all of
-   them: the span is shorter than the 60-minute window). Target: aggregator rate >= 0.5 x bare
-   consumer rate (over the same records).
+   else); its rate is from its first to its last message, the better of two runs, with the CPU it
+   used. The decode floor (`decode_tick` of every value, in memory) is measured too.
+3. The aggregator runs as a consumer group of `--processes` members (`python -m streaming.aggregator
+   --partitions P --instance-id bench-i`, as deployed): every record decoded and aggregated, every
+   trade COPY'd into `ticks`, the bars upserted, Redis updated, offsets committed. Its rate is the
+   records over the time from the first record any member consumed (their /metrics) to the commit
+   of the last offset of every partition (the group's committed offsets, read from the broker). The
+   members start together; the first to join may take a few of the other's records before the
+   group rebalances (counted in the time). CPU seconds of our processes (members, database, broker)
+   over that span are printed, and the CPU per record of the members against the bare consumer's.
+   Peak memory is the members' VmHWM (summed), printed per million trades in the revision window
+   (all of them: the span is shorter than the 60-minute window), and its growth above the members'
+   idle RSS. Target: aggregator rate >= 0.8 x bare consumer rate (over the same records).
 4. Live latency: with the aggregator caught up, trades are produced at `--rate` (5,000/s) with live
    timestamps; a Redis subscriber on `ohlcv:*:1m:updates` sees each forming-bar update, and a
    trade's latency is from its `produce()` call to the first update of its bucket whose trade count
    includes it. Target: p99 < 250 ms.
+
+Exit status 1 when a target is missed. bench/README.md holds the profile of this path.
 
 Services: Kafka `CANDLEKEEP_KAFKA_BOOTSTRAP_SERVERS` or a broker started from testinfra/kafka
 (tests.utils.kafka.KafkaBroker); PostgreSQL `CANDLEKEEP_BENCH_PG_URL` (admin URL; a scratch database
