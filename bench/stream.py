@@ -19,8 +19,8 @@
    group rebalances (counted in the time). CPU seconds of our processes (members, database, broker)
    over that span are printed, and the CPU per record of the members against the bare consumer's.
    Peak memory is the members' VmHWM (summed), printed per million trades in the revision window
-   (all of them: the span is shorter than the 60-minute window), and its growth above the members'
-   idle RSS. Target: aggregator rate >= 0.8 x bare consumer rate (over the same records).
+   (all of them while `--span-minutes` is shorter than the 60-minute window, else that share), and
+   its growth above the members' idle RSS. Target: aggregator rate >= 0.8 x bare consumer rate (over the same records).
 4. Live latency: with the aggregator caught up, trades are produced at `--rate` (5,000/s) with live
    timestamps; a Redis subscriber on `ohlcv:*:1m:updates` sees each forming-bar update, and a
    trade's latency is from its `produce()` call to the first update of its bucket whose trade count
@@ -57,6 +57,7 @@ import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from candlekeep.bars import NS_PER_S, Heartbeat, Trade
+from candlekeep.live import DEFAULT_HORIZON
 from candlekeep.messages import TICKS, decode_tick_record, encode_tick, encode_tick_record, topic
 from candlekeep.storage.db import with_database
 from candlekeep.storage.migrate import upgrade
@@ -405,8 +406,11 @@ def main() -> None:
 
         # Rates over the same records (trades and heartbeats): the aggregator's vs the bare consumer's.
         bare_rate, agg_rate, decode_rate = records / bare_s, records / agg_s, records / decode_s
-        rss_per_million = memory["VmHWM"] / 2**20 * 1_000_000 / args.trades
-        growth_per_million = (memory["VmHWM"] - idle) / 2**20 * 1_000_000 / args.trades
+        # The builders keep the trades of the last DEFAULT_HORIZON minutes: all of them while the
+        # span is shorter, else that share (the trades are spread evenly over the span).
+        in_window = round(args.trades * min(1.0, DEFAULT_HORIZON / args.span_minutes))
+        rss_per_million = memory["VmHWM"] / 2**20 * 1_000_000 / in_window
+        growth_per_million = (memory["VmHWM"] - idle) / 2**20 * 1_000_000 / in_window
         missing = sum(1 for x in lat if x == float("inf"))
         finite = [x for x in lat if x != float("inf")] or [float("inf")]
         summary = {
@@ -419,7 +423,8 @@ def main() -> None:
             "records": records, "peak_rss_mib": round(memory["VmHWM"] / 2**20, 1),
             "peak_rss_mib_per_million_trades_in_window": round(rss_per_million, 1),
             "idle_rss_mib": round(idle / 2**20, 1),
-            "peak_rss_growth_mib_per_million_trades": round(growth_per_million, 1),
+            "peak_rss_growth_mib_per_million_trades_in_window": round(growth_per_million, 1),
+            "trades_in_window": in_window,
             "rss_after_latency_mib": round(memory_after / 2**20, 1),
             "cpu_seconds": cpu_used, "bare_cpu_us_per_record": round(bare_cpu / records * 1e6, 2),
             "aggregator_cpu_us_per_record": round(cpu_used.get("aggregators", 0.0) / records * 1e6, 2), "processes": args.processes, "partitions": args.partitions, "records_per_process": shares,
@@ -444,7 +449,7 @@ def main() -> None:
         print(f"batches: {flushes:.0f}, {flush_s:.2f} s in flight in total (cut -> committed; the writer thread "
               "overlaps consuming)")
         print(f"stored: {ticks:,} ticks, {bars:,} bars; aggregator peak RSS {memory['VmHWM'] / 2**20:.1f} MiB "
-              f"(all processes), {rss_per_million:.1f} MiB per million trades in the window; "
+              f"(all processes), {rss_per_million:.1f} MiB per million trades in the window ({in_window:,}); "
               f"{growth_per_million:.1f} MiB per million above the {idle / 2**20:.0f} MiB of the idle processes")
         print(f"live latency at {args.rate:,} trades/s, produce -> forming bar in Redis: "
               f"p50 {summary['latency_p50_ms']} ms, p99 {summary['latency_p99_ms']} ms (target < 250), "
