@@ -125,20 +125,16 @@ def decode_tick_record(raw: bytes) -> TickRecord:
         if not msg.reason:
             raise MessageError("disconnect violates the contract: reason must be non-empty")
         return Disconnect(_instrument_id(msg.instrument), msg.ts_ns, msg.source, msg.reason)
-    for name in ("price", "size", "side", "trade_id"):
-        if not getattr(msg, name):
-            raise MessageError(f"tick violates the contract: trade field {name!r} is missing or empty")
+    price, size, side, trade_id = msg.price, msg.size, msg.side, msg.trade_id
+    if not (price and size and side and trade_id):
+        for name in ("price", "size", "side", "trade_id"):
+            if not getattr(msg, name):
+                raise MessageError(f"tick violates the contract: trade field {name!r} is missing or empty")
     try:
-        return Trade(
-            instrument=_instrument_id(msg.instrument),
-            ts_ns=msg.ts_ns,
-            price=_decimal_text("price", msg.price),  # type: ignore[arg-type]
-            size=_decimal_text("size", msg.size),  # type: ignore[arg-type]
-            side=msg.side,  # type: ignore[arg-type]
-            trade_id=msg.trade_id,  # type: ignore[arg-type]
-            source=msg.source,
-            received_ns=msg.received_ns,
-        )
+        # Positional (the aggregator decodes every record here): instrument, ts_ns, price, size,
+        # side, trade_id, source, received_ns.
+        return Trade(_instrument_id(msg.instrument), msg.ts_ns, _decimal_text("price", price),
+                     _decimal_text("size", size), side, trade_id, msg.source, msg.received_ns)  # fmt: skip
     except (TypeError, ValueError) as exc:  # Trade's own checks: positive price and size
         raise MessageError(f"tick violates the contract: {exc}") from None
 

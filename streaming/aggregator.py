@@ -38,8 +38,16 @@ applied twice would open a second gap). The restored window's bars are published
 and `bars` never hold an older revision than PostgreSQL. On revoke the batch is flushed and
 committed before the partitions go, and their instruments' builders are dropped.
 
-Memory: per instrument, the trades of the last `horizon` minutes (60) and of the open buckets,
-plus one Bar per closed minute of that window: about 0.5 KB per trade in the window.
+Scaling out: the group's members share the partitions of `ticks`, which is keyed by instrument id,
+so an instrument's records, builder and `stream_state` row belong to the one member holding its
+partition (`--partitions` when the topic is created; a member restores an instrument it is given).
+Members are processes: the per-record work is Python and holds the GIL.
+
+Memory: per instrument, the ids of the trades of the last `horizon` minutes (60) and of the open
+buckets, plus one Bar per closed minute of that window; on top of that the batch being written and
+the one being filled (up to `flush_max_trades` trades each) and librdkafka's prefetch (16 MiB).
+The cyclic collector runs rarely (`main`): records make no cycles, and at the default thresholds
+it walked the batches' trades several times a batch.
 
 State (one block):
     state        idle | consuming | flushing | error (StateMachine; every transition logged)
@@ -56,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import signal
 import threading
@@ -108,9 +117,20 @@ class _Batch:
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     records: int = 0
     written: list[Bar] = field(default_factory=list)  # set by the writer: the bars PostgreSQL took
+    # instrument -> its last record applied, made a StreamState when the batch is cut (`seal_states`):
+    # one state per instrument and batch instead of one per record
+    last: dict[str, Record] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.trades or self.bars or self.offsets or self.gaps or self.states)
+        return bool(self.trades or self.bars or self.offsets or self.gaps or self.states or self.last)
+
+    def seal_states(self, builders: dict[str, BarBuilder]) -> None:
+        """The stream state of every instrument with a record in the batch, as its builder stands."""
+        for instrument, record in self.last.items():
+            builder = builders[instrument]
+            self.states[instrument] = StreamState(instrument, record.topic, record.partition, record.offset + 1,
+                                                  builder.clock_ns, builder.closed_until)  # fmt: skip
+        self.last = {}
 
     def sorted_bars(self) -> list[Bar]:
         return sorted(self.bars.values(), key=lambda b: (b.instrument, b.start))
@@ -119,7 +139,8 @@ class _Batch:
         """This (older, uncommitted) batch followed by `newer`: newer versions and offsets win."""
         return _Batch(self.trades + newer.trades, self.late | newer.late, {**self.bars, **newer.bars},
                       {**self.gaps, **newer.gaps}, {**self.states, **newer.states},
-                      {**self.offsets, **newer.offsets}, self.records + newer.records)  # fmt: skip
+                      {**self.offsets, **newer.offsets}, self.records + newer.records,
+                      last={**self.last, **newer.last})  # fmt: skip
 
 
 class Aggregator:
@@ -336,8 +357,7 @@ class Aggregator:
                     self.m_gaps.inc()
                 batch.gaps[(instrument, gap.start_ns)] = gap
             touched.add(instrument)
-        batch.states[instrument] = StreamState(instrument, record.topic, record.partition, record.offset + 1,
-                                               builder.clock_ns, builder.closed_until)  # fmt: skip
+        batch.last[instrument] = record
 
     def _deadletter(self, record: Record, error: str, reason: str) -> None:
         assert self._producer is not None
@@ -369,6 +389,7 @@ class Aggregator:
             return
         self.state.to("flushing", reason="retry" if self._flush_failed else "interval",
                       trades=len(batch.trades), bars=len(batch.bars))  # fmt: skip
+        batch.seal_states(self._builders)
         for builder in self._builders.values():
             builder.seal()  # what the batch holds is the published version; a change is revision + 1
         self._batch = _Batch()
@@ -521,6 +542,7 @@ class Aggregator:
         batch.bars = {k: b for k, b in batch.bars.items() if b.instrument not in mine}
         batch.gaps = {k: g for k, g in batch.gaps.items() if g.instrument not in mine}
         batch.states = {i: st for i, st in batch.states.items() if i not in mine}
+        batch.last = {i: r for i, r in batch.last.items() if i not in mine}
         batch.offsets = {tp: o for tp, o in batch.offsets.items() if tp not in gone}
         self._retry = [r for r in self._retry if (r.topic, r.partition) not in gone]
 
@@ -541,6 +563,7 @@ class Aggregator:
         return None if self._last_record_at is None else round(time.monotonic() - self._last_record_at, 3)
 
     def health(self) -> dict[str, Any]:
+        inflight = self._inflight  # once: the loop's thread replaces it while /health reads
         return self.state.health(
             # A flush being retried after a failure is no health, whatever state the retry is in.
             healthy=self.state.state != "error" and not self._flush_failed,
@@ -549,8 +572,10 @@ class Aggregator:
             instruments=len(self._builders),
             open_gaps=sorted(i for i, b in self._builders.items() if b.gap_open),
             clocks={i: iso_utc(b.clock_ns // NS_PER_S) for i, b in sorted(self._builders.items()) if b.clock_ns},
-            pending_trades=len(self._batch.trades),
-            pending_bars=len(self._batch.bars),
+            # Not committed yet: the batch being filled and the one being written (a retried flush
+            # is in flight while it fails again).
+            pending_trades=len(self._batch.trades) + (len(inflight[0].trades) if inflight else 0),
+            pending_bars=len(self._batch.bars) + (len(inflight[0].bars) if inflight else 0),
             committed={f"{t}[{p}]": offset for (t, p), offset in sorted(self.committed.items())},
             cache={"available": self.cache.available, "backlog": self.cache.backlog} if self.cache else None,
             last_error=self.last_error,
@@ -588,8 +613,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     upgrade(url)
     engine = create_engine(url)
     cache = BarCache.from_url(settings.redis_url) if settings.redis_url else None
-    if settings.kafka_bootstrap_servers and args.instance_id:
-        bus: Bus = KafkaBus(settings.kafka_bootstrap_servers, consumer_config={"group.instance.id": args.instance_id})
+    if settings.kafka_bootstrap_servers:
+        # librdkafka prefetches up to 64 MiB by default: a quarter keeps the consumer fed (tens of
+        # thousands of records ahead) and the resident memory that much smaller.
+        consumer_config: dict[str, Any] = {"queued.max.messages.kbytes": 16_384}
+        if args.instance_id:  # static membership: a restart takes over at once
+            consumer_config["group.instance.id"] = args.instance_id
+        bus: Bus = KafkaBus(settings.kafka_bootstrap_servers, consumer_config=consumer_config)
     else:
         bus = make_bus(settings)
     aggregator = build(
@@ -597,6 +627,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         lateness_ns=int(args.lateness * NS_PER_S), horizon=args.horizon, flush_interval_s=args.flush_interval,
         ticks_partitions=args.partitions,
     )  # fmt: skip
+    # Every record allocates a few tracked objects (a record, a trade) and a batch holds up to
+    # flush_max_trades of them: at the default thresholds the cyclic collector walks that heap
+    # several times a batch. Nothing on the hot path makes cycles; collect rarely, and never the
+    # startup heap (frozen).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(200_000, 50, 1000)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())

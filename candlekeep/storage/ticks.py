@@ -172,10 +172,12 @@ def _utc_us(ts_us: int) -> datetime:
 def _copy_line(trade: Trade, ts_us: int) -> str:
     """One row of COPY text format in `_COLUMNS` order (decimals as `str()` gives them: exact)."""
     seconds, micros = divmod(ts_us, 1_000_000)
-    day, second = divmod(seconds, 86_400)
+    trade_id = trade.trade_id
+    if not trade_id.isalnum():  # ids are digits (or letters) nearly always: nothing to escape
+        trade_id = _escape(trade_id)
     return (
-        f"{_copy_text(trade.instrument)}\t{_day_text(day)} {_time_text(second)}.{micros:06d}+00\t"
-        f"{_escape(trade.trade_id)}\t{trade.price}\t{trade.size}\t{trade.side}\t{_copy_text(trade.source)}\n"
+        f"{_copy_text(trade.instrument)}\t{_second_text(seconds)}.{micros:06d}+00\t"
+        f"{trade_id}\t{trade.price}\t{trade.size}\t{trade.side}\t{_copy_text(trade.source)}\n"
     )
 
 
@@ -189,6 +191,12 @@ def _escape(value: str) -> str:
 def _copy_text(value: str) -> str:
     """Escaped text of the few distinct instrument ids and source names."""
     return _escape(value)
+
+
+@lru_cache(maxsize=8192)  # a batch spans few seconds per instrument, trades arrive in time order
+def _second_text(seconds: int) -> str:
+    day, second = divmod(seconds, 86_400)
+    return f"{_day_text(day)} {_time_text(second)}"
 
 
 @lru_cache(maxsize=4096)
