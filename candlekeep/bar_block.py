@@ -108,22 +108,27 @@ def blocks_from_bars(bars: Iterable[Bar]) -> list[BarBlock]:
     blocks = []
     for (instrument, interval, source, final), group in groups.items():
         group.sort(key=lambda b: b.start)
-        values = []
-        for b in group:
-            o, h, lo, c, v, qv = b.open, b.high, b.low, b.close, b.volume, b.quote_volume
-            try:  # Decimal.is_finite refuses floats and ints with a TypeError
-                finite = _finite(o) and _finite(h) and _finite(lo) and _finite(c) and _finite(v) and _finite(qv)
-            except TypeError:
-                finite = False
-            if not finite:
-                raise TypeError(
-                    f"bar of {instrument} at {b.start}: prices and volumes must be finite Decimals, got "
-                    f"{(o, h, lo, c, v, qv)!r}"
-                )
-            values.append(f"{str(o)}\t{str(h)}\t{str(lo)}\t{str(c)}\t{str(v)}\t{str(qv)}")
+        values = [value_text(b) for b in group]
         trades = [b.trades for b in group]
         blocks.append(BarBlock(
             instrument, interval, source, final, [b.start for b in group], values, VALUE_FIELDS,
             None if all(t is None for t in trades) else [None if t is None else int(t) for t in trades],
         ))  # fmt: skip
     return blocks
+
+
+def value_text(bar: Bar) -> str:
+    """The bar's open, high, low, close, volume and quote volume as COPY text (tab-separated), each as
+    `str()` gives it ('1.50', '1E-8': PostgreSQL reads exponents exactly), so every digit is kept.
+    TypeError unless all six are finite Decimals."""
+    o, h, lo, c, v, qv = bar.open, bar.high, bar.low, bar.close, bar.volume, bar.quote_volume
+    try:  # Decimal.is_finite refuses floats and ints with a TypeError
+        finite = _finite(o) and _finite(h) and _finite(lo) and _finite(c) and _finite(v) and _finite(qv)
+    except TypeError:
+        finite = False
+    if not finite:
+        raise TypeError(
+            f"bar of {bar.instrument} at {bar.start}: prices and volumes must be finite Decimals, got "
+            f"{(o, h, lo, c, v, qv)!r}"
+        )
+    return f"{str(o)}\t{str(h)}\t{str(lo)}\t{str(c)}\t{str(v)}\t{str(qv)}"

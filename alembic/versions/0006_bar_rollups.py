@@ -56,10 +56,11 @@ CREATE TABLE bar_versions (
     version bigint NOT NULL
 )"""
 
-# As candlekeep.storage.bars.refresh_rollups does it, for every hour holding a 1m bar, then every day.
-FILL_1H = """
+# As candlekeep.storage.bars.refresh_rollups does it: every hour holding a 1m bar from its 1m bars,
+# then every day from its hours.
+_FILL = """
 INSERT INTO bar_rollups AS r (instrument, "interval", bucket, open, high, low, close, volume, quote_volume, trades, source, final, revision, minutes, flat)
-SELECT k.instrument, '1h', k.bucket,
+SELECT k.instrument, '{interval}', k.bucket,
        coalesce((array_agg(m.open ORDER BY m.bucket) FILTER (WHERE NOT m.flat))[1],
                 (array_agg(m.close ORDER BY m.bucket DESC))[1]),
        coalesce(max(m.high) FILTER (WHERE NOT m.flat), (array_agg(m.close ORDER BY m.bucket DESC))[1]),
@@ -69,10 +70,11 @@ SELECT k.instrument, '1h', k.bucket,
        CASE WHEN count(m.trades) = count(*) THEN sum(m.trades) END,
        CASE WHEN min(m.source) = max(m.source) THEN min(m.source) ELSE 'mixed' END,
        bool_and(m.final), max(m.revision), sum(m.minutes), bool_and(m.flat)
-FROM (SELECT DISTINCT instrument, date_bin('1 hour', bucket, TIMESTAMPTZ '1970-01-01 00:00:00+00')
-                    FROM bars WHERE "interval" = '1m') AS k(instrument, bucket)
+FROM (SELECT DISTINCT instrument, date_bin('{width}', bucket, TIMESTAMPTZ '1970-01-01 00:00:00+00')
+      FROM {table} WHERE "interval" = '{finer}') AS k(instrument, bucket)
 JOIN LATERAL (SELECT bucket, open, high, low, close, volume, quote_volume, trades, source, final, revision,
-           1 AS minutes, (volume = 0 AND open = high AND high = low AND low = close) AS flat FROM bars WHERE instrument = k.instrument AND "interval" = '1m' AND bucket >= k.bucket AND bucket < k.bucket + INTERVAL '1 hour') AS m ON true
+           {minutes_flat} FROM {table} WHERE instrument = k.instrument AND "interval" = '{finer}'
+           AND bucket >= k.bucket AND bucket < k.bucket + INTERVAL '{width}') AS m ON true
 GROUP BY k.instrument, k.bucket
 ORDER BY k.instrument, k.bucket
 ON CONFLICT (instrument, "interval", bucket) DO UPDATE SET
@@ -81,31 +83,9 @@ ON CONFLICT (instrument, "interval", bucket) DO UPDATE SET
     excluded.flat)
 WHERE (r.open, r.high, r.low, r.close, r.volume, r.quote_volume, r.trades, r.source, r.final, r.revision, r.minutes, r.flat)
       IS DISTINCT FROM (excluded.open, excluded.high, excluded.low, excluded.close, excluded.volume, excluded.quote_volume, excluded.trades, excluded.source, excluded.final, excluded.revision, excluded.minutes, excluded.flat)"""
-
-FILL_1D = """
-INSERT INTO bar_rollups AS r (instrument, "interval", bucket, open, high, low, close, volume, quote_volume, trades, source, final, revision, minutes, flat)
-SELECT k.instrument, '1d', k.bucket,
-       coalesce((array_agg(m.open ORDER BY m.bucket) FILTER (WHERE NOT m.flat))[1],
-                (array_agg(m.close ORDER BY m.bucket DESC))[1]),
-       coalesce(max(m.high) FILTER (WHERE NOT m.flat), (array_agg(m.close ORDER BY m.bucket DESC))[1]),
-       coalesce(min(m.low) FILTER (WHERE NOT m.flat), (array_agg(m.close ORDER BY m.bucket DESC))[1]),
-       (array_agg(m.close ORDER BY m.bucket DESC))[1],
-       sum(m.volume), sum(m.quote_volume),
-       CASE WHEN count(m.trades) = count(*) THEN sum(m.trades) END,
-       CASE WHEN min(m.source) = max(m.source) THEN min(m.source) ELSE 'mixed' END,
-       bool_and(m.final), max(m.revision), sum(m.minutes), bool_and(m.flat)
-FROM (SELECT DISTINCT instrument, date_bin('1 day', bucket, TIMESTAMPTZ '1970-01-01 00:00:00+00')
-                   FROM bar_rollups WHERE "interval" = '1h') AS k(instrument, bucket)
-JOIN LATERAL (SELECT bucket, open, high, low, close, volume, quote_volume, trades, source, final, revision,
-           minutes, flat FROM bar_rollups WHERE instrument = k.instrument AND "interval" = '1h' AND bucket >= k.bucket AND bucket < k.bucket + INTERVAL '1 day') AS m ON true
-GROUP BY k.instrument, k.bucket
-ORDER BY k.instrument, k.bucket
-ON CONFLICT (instrument, "interval", bucket) DO UPDATE SET
-    (open, high, low, close, volume, quote_volume, trades, source, final, revision, minutes, flat) = (excluded.open, excluded.high, excluded.low, excluded.close, excluded.volume,
-    excluded.quote_volume, excluded.trades, excluded.source, excluded.final, excluded.revision, excluded.minutes,
-    excluded.flat)
-WHERE (r.open, r.high, r.low, r.close, r.volume, r.quote_volume, r.trades, r.source, r.final, r.revision, r.minutes, r.flat)
-      IS DISTINCT FROM (excluded.open, excluded.high, excluded.low, excluded.close, excluded.volume, excluded.quote_volume, excluded.trades, excluded.source, excluded.final, excluded.revision, excluded.minutes, excluded.flat)"""
+FILL_1H = _FILL.format(interval="1h", width="1 hour", table="bars", finer="1m",
+                       minutes_flat="1 AS minutes, (volume = 0 AND open = high AND high = low AND low = close) AS flat")
+FILL_1D = _FILL.format(interval="1d", width="1 day", table="bar_rollups", finer="1h", minutes_flat="minutes, flat")
 
 
 def upgrade() -> None:

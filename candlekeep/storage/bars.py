@@ -50,7 +50,7 @@ import psycopg
 from psycopg.types.string import TextLoader
 from sqlalchemy import Connection, Engine, text
 
-from candlekeep.bar_block import BarBlock
+from candlekeep.bar_block import BarBlock, value_text
 from candlekeep.bars import Bar, BarRow, Interval
 from candlekeep.storage import partitions
 
@@ -58,7 +58,6 @@ _SECONDS: dict[str, int] = {i.value: i.seconds for i in Interval}
 _PLAIN: dict[str, str] = {i.value: i.value for i in Interval}  # Interval members (StrEnum) -> plain str
 _DEEP_HISTORY = (Interval.H1, Interval.D1)  # stored coarse history used where no 1m bar exists
 _EPOCH_DAY = date(1970, 1, 1)
-_finite = Decimal.is_finite
 _ATTEMPTS = 3
 
 _STAGE = "candlekeep_bars_stage"
@@ -936,21 +935,10 @@ def _copy_line(bar: Bar) -> str:
     interval = _PLAIN[bar.interval]  # checked by _check_interval
     if bar.start % _SECONDS[interval]:
         raise ValueError(f"bar of {bar.instrument}: start {bar.start} is not on a {interval} boundary")
-    o, h, lo, c, v, qv = bar.open, bar.high, bar.low, bar.close, bar.volume, bar.quote_volume
-    try:  # Decimal.is_finite refuses floats and ints with a TypeError
-        finite = _finite(o) and _finite(h) and _finite(lo) and _finite(c) and _finite(v) and _finite(qv)
-    except TypeError:
-        finite = False
-    if not finite:
-        raise TypeError(
-            f"bar of {bar.instrument} at {bar.start}: prices and volumes must be finite Decimals, got "
-            f"{(o, h, lo, c, v, qv)!r}"
-        )
     trades = "\\N" if bar.trades is None else str(int(bar.trades))
     return (
-        f"{_copy_text(bar.instrument)}\t{interval}\t{_copy_timestamp(bar.start)}\t{str(o)}\t{str(h)}\t"
-        f"{str(lo)}\t{str(c)}\t{str(v)}\t{str(qv)}\t{trades}\t{_copy_text(bar.source)}\t"
-        f"{'t' if bar.final else 'f'}\n"
+        f"{_copy_text(bar.instrument)}\t{interval}\t{_copy_timestamp(bar.start)}\t{value_text(bar)}\t{trades}\t"
+        f"{_copy_text(bar.source)}\t{'t' if bar.final else 'f'}\n"
     )
 
 
