@@ -172,9 +172,10 @@ export class ChartPanel {
       }
     });
     layer.loaded = true;
+    const wireInstrument = streamInstrument(target.instrument);
     this.feed = new LiveFeed(target.instrument, target.interval, step, () => series.last()?.time ?? range.start, {
       bar: (wire) => {
-        if (generation !== this.generation || wire.instrument !== target.instrument || wire.interval !== target.interval) return;
+        if (generation !== this.generation || wire.instrument !== wireInstrument || wire.interval !== target.interval) return;
         const nowS = target.instrument.startsWith("replay:") ? Infinity : Date.now() / 1000;
         this.onLiveBar(fromStream(wire, step, nowS));
       },
@@ -310,6 +311,13 @@ export class ChartPanel {
       el("span", { class: "muted" }, ` · ${this.series?.size ?? 0} bars · last ${age}${holes}`),
     );
   }
+}
+
+/** The instrument a stream bar of `symbol` names: a replay's bars (`replay:<id>:<instrument>`)
+ *  arrive as the replayed instrument's own bars, `candlekeep.messages.encode_bar` unchanged. */
+export function streamInstrument(symbol: string): string {
+  const replay = /^replay:[^:]+:(.+)$/.exec(symbol);
+  return replay ? replay[1] : symbol;
 }
 
 function candle(bar: ChartBar): CandlestickData<Time> {
