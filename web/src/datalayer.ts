@@ -38,7 +38,15 @@ export interface DataLayer {
   status: unknown;
   replay: { session: Record<string, unknown> | null; clock: number | null; actions: string[]; error: string | null };
   book: { instrument: string | null; book: unknown; consolidated: unknown; error: string | null };
-  heatmap: { cells: number; slices: number; renderMs: number | null; range: { start: number; end: number } | null; error: string | null };
+  heatmap: {
+    cells: number;
+    slices: number;
+    renderMs: number | null;
+    range: { start: number; end: number } | null;
+    /** [ts, painted rows] of each stored slice drawn (the live columns are not in it) */
+    storedColumns: Array<[number, number]>;
+    error: string | null;
+  };
   keyPrompts: number;
   /** performance.now() when main.ts started running */
   scriptStartMs?: number;
@@ -66,7 +74,7 @@ export function dataLayer(): DataLayer {
       status: null,
       replay: { session: null, clock: null, actions: [], error: null },
       book: { instrument: null, book: null, consolidated: null, error: null },
-      heatmap: { cells: 0, slices: 0, renderMs: null, range: null, error: null },
+      heatmap: { cells: 0, slices: 0, renderMs: null, range: null, storedColumns: [], error: null },
       keyPrompts: 0,
     }; // prettier-ignore
   }
