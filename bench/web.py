@@ -93,6 +93,11 @@ def serve(app, port: int) -> uvicorn.Server:
     return server
 
 
+# Only requests beyond loopback reach Python (a regex is matched in Playwright's driver): a
+# glob-all route would send every loopback request through this process, on the measured path.
+BEYOND_LOOPBACK = re.compile(r"^(?!data:|blob:|(?:https?|wss?)://(?:127\.0\.0\.1|localhost|\[::1\])(?:[:/?#]|$))")
+
+
 def offline(page) -> list[str]:
     blocked: list[str] = []
 
@@ -104,7 +109,7 @@ def offline(page) -> list[str]:
             blocked.append(route.request.url)
             route.abort()
 
-    page.route("**/*", handler)
+    page.route(BEYOND_LOOPBACK, handler)
     return blocked
 
 

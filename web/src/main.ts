@@ -51,7 +51,8 @@ interface EarlyFetch {
   instrument: string;
   interval: string;
   range: { start: number; end: number };
-  response: Promise<Response | null>;
+  /** the parsed answer; null when it was not a 200 */
+  body: Promise<OhlcvAnswer | null>;
 }
 
 /** The request index.html started before this script loaded, when it is the one the chart needs. */
@@ -59,10 +60,8 @@ function earlyBars(instrument: string, interval: string): { range: { start: numb
   const early = (window as unknown as { __candlekeepFirst?: EarlyFetch }).__candlekeepFirst;
   if (!early || early.instrument !== instrument || early.interval !== interval) return null;
   const range = early.range;
-  const answer = early.response.then((response) => {
-    if (response && response.ok) return response.json() as Promise<OhlcvAnswer>;
-    return fetchBars(instrument, interval, range); // 401 (asks for the key), an error, or no network
-  });
+  // null: a 401 (fetchBars asks for the key), an error, or no network
+  const answer = early.body.then((body) => body ?? fetchBars(instrument, interval, range));
   return { range, answer };
 }
 
