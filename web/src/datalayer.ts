@@ -26,8 +26,10 @@ export interface DataLayer {
     /** the last 100 live updates, oldest first */
     updateLog: LiveUpdate[];
     firstCandleMs: number | null;
+    /** performance.now() in the first frame after the first load's whole range was drawn */
+    rangeDrawnMs?: number;
     /** performance.now() of the first load's steps: bars fetched, handed to the chart, first frame */
-    timings?: { fetchedMs: number; handedToChartMs: number; firstFrameMs: number };
+    timings?: { fetchedMs: number; handedToChartMs: number; firstFrameMs: number; firstBars: number };
     feed: string;
     feedDetail: string;
     reconnects: number;

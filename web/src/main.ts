@@ -8,7 +8,7 @@ import { getJson, hasKey, setKeyAsker } from "./api";
 import { INTERVAL_SECONDS } from "./bars";
 import { BooksPanel } from "./books";
 import type { OhlcvAnswer } from "./bars";
-import { ChartPanel, fetchBars, initialRange } from "./chart";
+import { ChartPanel, fetchBars, firstPart, initialRange } from "./chart";
 import { dataLayer } from "./datalayer";
 import { HealthPanel } from "./health";
 import { renderHeatmap, syntheticModel } from "./heatmap";
@@ -51,6 +51,7 @@ interface EarlyFetch {
   instrument: string;
   interval: string;
   range: { start: number; end: number };
+  first: { start: number; end: number };
   /** the parsed answer; null when it was not a 200 */
   body: Promise<OhlcvAnswer | null>;
 }
@@ -60,8 +61,10 @@ function earlyBars(instrument: string, interval: string): { range: { start: numb
   const early = (window as unknown as { __candlekeepFirst?: EarlyFetch }).__candlekeepFirst;
   if (!early || early.instrument !== instrument || early.interval !== interval) return null;
   const range = early.range;
+  const first = firstPart(range, INTERVAL_SECONDS[interval]);
+  if (early.first.start !== first.start || early.first.end !== first.end) return null;
   // null: a 401 (fetchBars asks for the key), an error, or no network
-  const answer = early.body.then((body) => body ?? fetchBars(instrument, interval, range));
+  const answer = early.body.then((body) => body ?? fetchBars(instrument, interval, first));
   return { range, answer };
 }
 
@@ -83,7 +86,7 @@ function main(): void {
   });
   const firstBars = earlyBars(instrument, interval) ?? (() => {
     const range = initialRange(interval);
-    return { range, answer: fetchBars(instrument, interval, range) };
+    return { range, answer: fetchBars(instrument, interval, firstPart(range, INTERVAL_SECONDS[interval])) };
   })();
   // bench/web.py: the heatmap renderer on a synthetic day, and the floor any canvas raster pays
   // (one ImageData of the same size filled and put), measured on the same canvas
