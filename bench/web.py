@@ -184,7 +184,7 @@ def main() -> int:
                 context.close()
             first_p50, first_max, bare_p50 = statistics.median(first), max(first), statistics.median(bare)
             print(f"(1) first drawn candle, 1 day stored ({drawn} 1m bars), the newest {first_bars} drawn first: "
-                  f"p50 {first_p50:.0f} ms, worst {first_max:.0f} ms ({args.runs} loads); the whole day drawn: p50 "
+                  f"p50 {first_p50:.0f} ms, worst {first_max:.0f} ms ({args.runs} loads: {', '.join(f'{t:.0f}' for t in first)}); the whole day drawn: p50 "
                   f"{statistics.median(whole):.0f} ms, worst {max(whole):.0f} ms; bare fetch of the same /v1/ohlcv "
                   f"day from the page: p50 {bare_p50:.0f} ms (first candle = {first_p50 / bare_p50:.1f}x the bare fetch)"
                   f"  [target < {FIRST_CANDLE_TARGET_MS:.0f} ms: {'ok' if first_max < FIRST_CANDLE_TARGET_MS else 'MISSED'}]")  # fmt: skip

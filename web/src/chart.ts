@@ -82,6 +82,7 @@ export class ChartPanel {
   private oldestRequested = 0;
   private drawnLength = 0;
   private feedState: FeedState = "closed";
+  private firstDrawListeners: Array<() => void> = [];
 
   constructor(host: HTMLElement) {
     this.root = host;
@@ -127,6 +128,11 @@ export class ChartPanel {
       this.showLegend(t);
     });
     window.setInterval(() => this.showStatus(), 1000);
+  }
+
+  /** `listener` once, in the frame the first candle is drawn. */
+  onFirstDraw(listener: () => void): void {
+    this.firstDrawListeners.push(listener);
   }
 
   get current(): ChartTarget | null {
@@ -178,6 +184,7 @@ export class ChartPanel {
       if (layer.firstCandleMs === null && series.size > 0) {
         layer.firstCandleMs = performance.now();
         layer.timings = { fetchedMs: fetched, handedToChartMs: handed, firstFrameMs: layer.firstCandleMs, firstBars: series.size };
+        for (const listener of this.firstDrawListeners.splice(0)) listener();
       }
     });
     this.startFeed(target, generation, series, range);

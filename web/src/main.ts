@@ -125,14 +125,15 @@ function main(): void {
   app.append(header, el("main", { class: "grid" }, chartP.section, bookP.section, heatP.section, replayP.section, healthP.section));
 
   const chart = new ChartPanel(chartP.body);
-  const books = new BooksPanel(heatP.body, bookP.body);
-  const health = new HealthPanel(healthP.body);
+  // The other panels are built once the first candle is on screen: the first frames lay out and
+  // paint the chart alone (bench/web.py).
+  let books: BooksPanel | null = null;
 
   const showLive = () => {
     replayBadge.classList.add("hidden");
     writeHash(instrument, interval);
     void chart.show({ instrument, interval });
-    void books.show(instrument);
+    void books?.show(instrument);
   };
   for (const iv of Object.keys(INTERVAL_SECONDS)) {
     const b = el("button", { type: "button", "data-interval": iv, class: iv === interval ? "on" : "" }, iv);
@@ -151,7 +152,7 @@ function main(): void {
   });
   replayBadge.addEventListener("click", showLive);
 
-  const replay = new ReplayPanel(replayP.body, () => instrument, (session: Session | null) => {
+  const showReplay = (session: Session | null) => {
     if (!session) return showLive();
     const first = (session.instruments as string[] | undefined)?.[0] ?? instrument;
     const start = seconds(session.start) ?? 0;
@@ -160,17 +161,19 @@ function main(): void {
     replayBadge.textContent = `replay ${session.id.slice(0, 8)} · back to live ✕`;
     replayBadge.classList.remove("hidden");
     void chart.show({ instrument: `replay:${session.id}:${first}`, interval, range: { start: Math.floor(start / step) * step, end } });
-  });
+  };
 
   // The chart's history goes first (the first candle is the figure that matters, bench/web.py);
-  // the picker's list, health, books and replays follow once it is on screen.
+  // the picker's list, health, books and replays follow once it is on screen (or the load failed).
   writeHash(instrument, interval);
+  const firstDrawn = new Promise<void>((resolve) => chart.onFirstDraw(resolve));
   const firstLoad = chart.show({ instrument, interval }, firstBars);
   const afterFirstFrame = () => new Promise<void>((resolve) => requestAnimationFrame(() => requestAnimationFrame(() => resolve())));
-  void firstLoad.finally(afterFirstFrame).finally(() => {
+  void Promise.race([firstDrawn, firstLoad]).finally(afterFirstFrame).finally(() => {
+    books = new BooksPanel(heatP.body, bookP.body);
     void books.show(instrument);
-    health.start();
-    void replay.start();
+    new HealthPanel(healthP.body).start();
+    void new ReplayPanel(replayP.body, () => instrument, showReplay).start();
     void loadInstruments()
       .catch(() => [] as string[])
       .then((ids) => {
