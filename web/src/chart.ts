@@ -239,7 +239,8 @@ export class ChartPanel {
     series.upsert([bar]);
     const layer = dataLayer().chart;
     layer.updates++;
-    layer.lastUpdate = { time: bar.time, close: bar.close, trades: bar.trades, state: bar.state, at: performance.now(), wallMs: Date.now() };
+    layer.lastUpdate = { time: bar.time, close: bar.close, trades: bar.trades, state: bar.state, at: performance.now(), wallMs: Date.now(),
+                         live: this.feedState === "live" }; // prettier-ignore
     layer.updateLog.push(layer.lastUpdate);
     if (layer.updateLog.length > 100) layer.updateLog.shift();
     const contiguous = last !== undefined && (bar.time === last.time || bar.time === last.time + series.step);
@@ -254,6 +255,7 @@ export class ChartPanel {
       this.redraw(true);
     }
     this.showLegend(undefined);
+    this.showStatus();
   }
 
   /** Draws every bar, with whitespace in each hole; `keep` holds the view on the same bars. */

@@ -10,6 +10,8 @@ export interface LiveUpdate {
   state: string;
   at: number;
   wallMs: number;
+  /** after the stream's snapshot (its bars were formed before the socket opened) */
+  live: boolean;
 }
 
 export interface DataLayer {
