@@ -4,9 +4,11 @@
 
 (1) Time from navigation to the first drawn candle, with 1 day of 1m bars stored (the page's
     `window.__candlekeep.chart.firstCandleMs`: performance.now() in the first animation frame after
-    the candles were handed to the chart, i.e. since navigation start), median and worst of
-    `--runs` fresh page loads, against the bare fetch of the same day's `/v1/ohlcv` JSON from the
-    same page (what no page can beat). Target: first candle < 1 s on loopback.
+    the candles were handed to the chart, i.e. since navigation start; the page draws the day's
+    newest 300 buckets first), median and worst of `--runs` fresh page loads after one on the cold
+    API (printed, not counted), and when the whole day is drawn, against the bare fetch of the same
+    day's `/v1/ohlcv` JSON from the same page (what no page can beat). Target: first candle < 1 s
+    on loopback.
 (2) The page's JS + CSS payload, gzipped (level 9), against lightweight-charts' own standalone
     production build gzipped (the chart library alone).
 (3) Heatmap render time for 1 day at 1 s (86,400 slices) x 200 price buckets of synthetic data in
@@ -93,6 +95,11 @@ def serve(app, port: int) -> uvicorn.Server:
     return server
 
 
+# Only requests beyond loopback reach Python (a regex is matched in Playwright's driver): a
+# glob-all route would send every loopback request through this process, on the measured path.
+BEYOND_LOOPBACK = re.compile(r"^(?!data:|blob:|(?:https?|wss?)://(?:127\.0\.0\.1|localhost|\[::1\])(?:[:/?#]|$))")
+
+
 def offline(page) -> list[str]:
     blocked: list[str] = []
 
@@ -104,7 +111,7 @@ def offline(page) -> list[str]:
             blocked.append(route.request.url)
             route.abort()
 
-    page.route("**/*", handler)
+    page.route(BEYOND_LOOPBACK, handler)
     return blocked
 
 
@@ -153,8 +160,8 @@ def main() -> int:
         page_url = f"{base}/#instrument={INSTRUMENT}&interval=1m"
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            first, bare, steps, drawn = [], [], [], 0
-            for _ in range(args.runs):
+            first, whole, bare, steps, drawn = [], [], [], [], 0
+            for _ in range(args.runs + 1):  # the first load meets a cold API (pool, plans): reported apart
                 context = browser.new_context(viewport={"width": 1440, "height": 1000})
                 page = context.new_page()
                 blocked = offline(page)
@@ -167,6 +174,12 @@ def main() -> int:
                     const t = window.__candlekeep.chart.timings;
                     return [n.responseEnd, window.__candlekeep.scriptStartMs, window.__candlekeep.builtMs, r.responseEnd,
                             t.fetchedMs, t.handedToChartMs, t.firstFrameMs]; }"""))
+                # a page that draws the whole day at once (no rangeDrawnMs, a build before it) drew it first
+                page.wait_for_function("""() => { const c = window.__candlekeep.chart;
+                    return c.loaded && (c.rangeDrawnMs !== undefined || c.timings.firstBars === undefined); }""",
+                                       timeout=30_000)  # fmt: skip
+                whole.append(page.evaluate("() => window.__candlekeep.chart.rangeDrawnMs ?? window.__candlekeep.chart.firstCandleMs"))
+                first_bars = page.evaluate("() => window.__candlekeep.chart.timings.firstBars ?? window.__candlekeep.chart.bars.length")
                 drawn = page.evaluate("() => window.__candlekeep.chart.bars.length")
                 rng = page.evaluate("() => window.__candlekeep.chart.range")
                 bare.append(page.evaluate(f"""async () => {{ const t = performance.now();
@@ -174,10 +187,14 @@ def main() -> int:
                     await r.json(); return performance.now() - t; }}"""))
                 assert not blocked, blocked
                 context.close()
+            cold = first.pop(0)
+            whole.pop(0), steps.pop(0), bare.pop(0)
             first_p50, first_max, bare_p50 = statistics.median(first), max(first), statistics.median(bare)
-            print(f"(1) first drawn candle, {drawn} 1m bars: p50 {first_p50:.0f} ms, worst {first_max:.0f} ms "
-                  f"({args.runs} loads); bare fetch of the same /v1/ohlcv day from the page: p50 {bare_p50:.0f} ms "
-                  f"(first candle = {first_p50 / bare_p50:.1f}x the bare fetch)"
+            print(f"(1) first drawn candle, 1 day stored ({drawn} 1m bars), the newest {first_bars} drawn first: "
+                  f"p50 {first_p50:.0f} ms, worst {first_max:.0f} ms ({args.runs} loads: {', '.join(f'{t:.0f}' for t in first)}); the whole day drawn: p50 "
+                  f"{statistics.median(whole):.0f} ms, worst {max(whole):.0f} ms; bare fetch of the same /v1/ohlcv "
+                  f"day from the page: p50 {bare_p50:.0f} ms (first candle = {first_p50 / bare_p50:.1f}x the bare fetch); "
+                  f"the first load, on a cold API, not counted: {cold:.0f} ms"
                   f"  [target < {FIRST_CANDLE_TARGET_MS:.0f} ms: {'ok' if first_max < FIRST_CANDLE_TARGET_MS else 'MISSED'}]")  # fmt: skip
             failed |= first_max >= FIRST_CANDLE_TARGET_MS
             html, script, built, arrived, fetched, handed, frame = (statistics.median(s[i] for s in steps) for i in range(7))

@@ -12,6 +12,7 @@ Screenshots of each panel go to `artifacts/web/` (git-ignored; CANDLEKEEP_TEST_A
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -214,6 +215,12 @@ class Offline:
     blocked: list[str] = field(default_factory=list)
 
 
+# Only requests beyond loopback are routed to Python. A regex is matched inside Playwright's driver;
+# a glob-all route would park every loopback request too until the (sync) test next calls into
+# Playwright, so a page request made while a test polls the API over urllib would never go out.
+BEYOND_LOOPBACK = re.compile(r"^(?!data:|blob:|(?:https?|wss?)://(?:127\.0\.0\.1|localhost|\[::1\])(?:[:/?#]|$))")
+
+
 def block_network(page: object) -> Offline:
     offline = Offline()
 
@@ -226,7 +233,7 @@ def block_network(page: object) -> Offline:
             offline.blocked.append(route.request.url)  # type: ignore[attr-defined]
             route.abort()  # type: ignore[attr-defined]
 
-    page.route("**/*", handler)  # type: ignore[attr-defined]
+    page.route(BEYOND_LOOPBACK, handler)  # type: ignore[attr-defined]
     return offline
 
 

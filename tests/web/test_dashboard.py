@@ -162,8 +162,9 @@ def test_forming_bar_updates_within_2s_of_a_trade(api, simulator, session_engine
     page, _ = page
     page.goto(f"{api.url}/#instrument={SIM_INSTRUMENT}&interval=1m")
     wait_for(page, "d.chart.loaded && d.chart.feed === 'live'", timeout_s=60)
-    wait_for(page, "d.chart.updateLog.filter(u => u.state === 'forming' && u.trades > 0).length >= 6", timeout_s=60)
-    updates = [u for u in data_layer(page, "d.chart.updateLog") if u["state"] == "forming" and u["trades"]]
+    # live updates only: a bar of the stream's snapshot was formed before the socket opened
+    wait_for(page, "d.chart.updateLog.filter(u => u.live && u.state === 'forming' && u.trades > 0).length >= 6", timeout_s=60)
+    updates = [u for u in data_layer(page, "d.chart.updateLog") if u["live"] and u["state"] == "forming" and u["trades"]]
     latencies = []
     for u in updates[-6:]:
         ts = eventually(lambda u=u: _tick_time_of_trade(session_engine, SIM_INSTRUMENT, u["time"], u["trades"]),
@@ -315,50 +316,62 @@ def test_dashboard_full_page(api, simulator, page) -> None:
     assert width <= 440, wide  # nothing overflows sideways on a phone-sized screen
 
 
-@pytest.mark.xfail(strict=False, reason="flaky since the order-book API landed: the books panel reads a spread of 0.01 or 0.02 from the same documented shape; issue 12 stays open")
 def test_books_panel_renders_the_documented_shapes(api, page) -> None:
-    """The order-book panel's client on the shapes web/src/books.ts reads (issue 11's routes are not
-    on this main yet: their answers are canned here, at the network layer, and the real routes are
-    tested by test_panel_books.py). Checked: every stored cell with an intensity is painted, the
-    spread is the exact decimal difference, imbalance and the venues' ages are shown."""
+    """The order-book panel's client on issue 11's documented shapes (candlekeep/book_serving.py),
+    canned at the network layer so every number is known: `/v1/heatmap`, `/v1/book`,
+    `/v1/book/consolidated`, and `WS /v1/book/stream` (canned too: the session's real stream would
+    push whatever book an earlier test's simulator left stored). Checked: every stored cell with
+    an intensity is painted, the stream's book replaces the fetched one, the spread is the exact
+    decimal difference, imbalance and the venues' ages and exclusions are shown. The real routes
+    are tested by test_panel_books.py."""
     page, _ = page
     end = int(time.time())
-    slices = []
-    for k in range(600):  # 10 minutes at 1 s, 40 buckets of 10 USD around a drifting mid
+    points = []
+    for k in range(600):  # 10 minutes at 1 s, 39 buckets of 10 USD around a drifting mid
         mid = 67000 + 10 * ((k // 30) % 7)
-        buckets = [{"price": str(mid + 10 * d), "side": "bid" if d < 0 else "ask", "size": str(abs(d) + 1),
-                    "intensity": str(round(1 / (1 + abs(d)), 4))} for d in range(-20, 20) if d != 0]  # fmt: skip
-        slices.append({"ts": end - 600 + k, "mid": str(mid + 5), "buckets": buckets})
-    book = {"instrument": SIM_INSTRUMENT, "ts": end, "sequence": 981, "age_s": 0.4, "verified": True,
-            "bids": [["67004.99", "0.25"], ["67004.50", "1.5"], ["67003.00", "2"]],
+        points += [[(end - 600 + k) * 1000, "bid" if d < 0 else "ask", str(mid + 10 * d), f"{abs(d) + 1}.00000000",
+                    f"{1 / (1 + abs(d)):.6f}"] for d in range(-20, 20) if d != 0]  # fmt: skip
+    bids = [["67004.99", "0.25"], ["67004.50", "1.5"], ["67003.00", "2"]]
+    book = {"instrument": SIM_INSTRUMENT, "ts_ns": end * 10**9, "sequence": 981, "age_ms": 400, "verified": True,
+            "source": "simulator", "mid": "67005.00", "spread": "0.02", "bids": bids,
             "asks": [["67005.01", "0.75"], ["67006.00", "1"], ["67010.25", "3.125"]]}  # fmt: skip
-    consolidated = {"pair": "BTC-USD", "bucket": "10", "best_bid": "67004.99", "best_ask": "67005.01",
+    streamed = {**book, "ts_ns": (end + 1) * 10**9, "sequence": 982, "spread": None,  # the page subtracts
+                "asks": [["67005.02", "0.75"], ["67006.00", "1"], ["67010.25", "3.125"]]}  # fmt: skip
+    consolidated = {"pair": "BTC-USD", "ts_ns": end * 10**9, "bucket": "10", "quote_map": {},
+                    "best_bid": {"price": "67004.99", "venues": ["coinbase:BTC-USD"]},
+                    "best_ask": {"price": "67005.01", "venues": ["coinbase:BTC-USD"]},
                     "bids": [["67000", "4.5"]], "asks": [["67010", "5.25"]],
-                    "venues": [{"venue": "coinbase", "age_s": 0.8, "included": True},
-                               {"venue": "kraken", "age_s": 42.0, "included": False, "reason": "stale"}]}  # fmt: skip
-    canned = {"/v1/heatmap": {"instrument": SIM_INSTRUMENT, "bucket": "10", "resolution": "1s", "slices": slices},
-              "/v1/book/consolidated": consolidated, "/v1/book": book}  # fmt: skip
+                    "venues": [{"instrument": "coinbase:BTC-USD", "age_ms": 800, "best_bid": "67004.99",
+                                "best_ask": "67005.01"}],
+                    "excluded": [{"instrument": "kraken:BTC-USD", "reason": "stale: no update for 42 s (limit 10 s)"}]}  # fmt: skip
+    heatmap = {"instrument": SIM_INSTRUMENT, "start": end - 3600, "end": end, "resolution": "1s", "bucket": "10",
+               "columns": ["t_ms", "side", "price", "size", "intensity"], "points": points}  # fmt: skip
+    canned = {"/v1/heatmap": heatmap, "/v1/book/consolidated": consolidated, "/v1/book": book}
 
     def answer(route) -> None:
         path = urlsplit(route.request.url).path
         route.fulfill(status=200, content_type="application/json", body=json.dumps(canned[path]))
 
+    def stream(ws) -> None:  # never connected to the server
+        ws.send(json.dumps({"type": "snapshot", **streamed}))
+
     for path in canned:
         page.route(f"**{path}?*", answer)
+    page.route_web_socket("**/v1/book/stream*", stream)
     page.goto(f"{api.url}/#instrument={SIM_INSTRUMENT}&interval=1m")
-    wait_for(page, "d.heatmap.cells > 0 && d.book.book && d.book.consolidated", timeout_s=30)
-    stored = sum(1 for s in slices for b in s["buckets"] if float(b["intensity"]) > 0)
+    wait_for(page, "d.heatmap.cells > 0 && d.book.book && d.book.book.sequence === 982 && d.book.consolidated", timeout_s=30)
+    stored = len({(t, price) for t, _, price, _, i in points if Decimal(i) > 0})
+    # every stored cell, plus the live column each book appends (its bids and its first asks fill
+    # the 67000 bucket, its 67010.25 ask the 67010 one: two cells each)
+    wait_for(page, f"d.heatmap.slices === {600 + 2}", timeout_s=5)
     painted, columns = data_layer(page, "[d.heatmap.cells, d.heatmap.slices]")
-    # every stored cell, plus the live column the current book appends (its bids fill the 67000
-    # bucket, its asks the 67010 one: two cells)
-    assert (painted, columns) == (stored + 2, len(slices) + 1)
-    shown = data_layer(page, "d.book.book")
-    assert shown["spread"] == str(Decimal("67005.01") - Decimal("67004.99"))  # "0.02", exactly
-    text = page.locator("#panel-book").inner_text()
-    assert "spread 0.02" in text and "coinbase" in text and "kraken" in text and "stale" in text
+    assert (painted, columns) == (stored + 4, 600 + 2)
+    shown, text = page.evaluate("() => [window.__candlekeep.book.book, document.getElementById('panel-book').textContent]")
+    assert shown["spread"] == str(Decimal("67005.02") - Decimal("67004.99"))  # "0.03", exactly
+    assert "spread 0.03" in text and "coinbase:BTC-USD" in text and "kraken:BTC-USD" in text and "stale: no update" in text
     top5 = (Decimal("0.25") + Decimal("1.5") + 2 - Decimal("0.75") - 1 - Decimal("3.125")) / (
         Decimal("0.25") + Decimal("1.5") + 2 + Decimal("0.75") + 1 + Decimal("3.125"))
-    assert abs(data_layer(page, "d.book.book.imbalance") - float(top5)) < 1e-9
+    assert abs(shown["imbalance"] - float(top5)) < 1e-9
     page.wait_for_timeout(300)
     shot(page, "#panel-heatmap", "heatmap-shapes.png")
     shot(page, "#panel-book", "book-shapes.png")

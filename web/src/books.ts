@@ -2,14 +2,16 @@
 // `WS /v1/book/stream`, the current top-N of `GET /v1/book` with spread and imbalance, and the
 // consolidated book of `GET /v1/book/consolidated` with each venue's age.
 //
-// The shapes read (levels as `[price, size]` pairs or `{price, size}` objects, decimal strings):
-//   /v1/book          {instrument, ts, sequence, age_s, verified, bids: [...], asks: [...], spread?, mid?}
-//   /v1/book/consolidated {pair, bucket, bids, asks, best_bid?, best_ask?,
-//                      venues: [{venue|instrument, age_s, included?, reason?}], excluded?: [...]}
-//   /v1/heatmap       {instrument, bucket, resolution, slices: [{ts, buckets: [{price, side, size, intensity}]}]}
-//                     (or a flat `points: [{ts, price, side, size, intensity}]`)
-//   WS /v1/book/stream {type: "snapshot"|"book", ...the /v1/book shape}
-// Spread is exact (decimal strings subtracted as scaled integers); imbalance is a displayed ratio.
+// The shapes read (candlekeep/book_serving.py; levels are `[price, size]` decimal-string pairs):
+//   /v1/book          {instrument, ts_ns, sequence, age_ms, verified, source, mid, spread, bids, asks, depth_bps}
+//   /v1/book/consolidated {pair, ts_ns, bucket, best_bid: {price, venues} | null, best_ask: ..., bids, asks,
+//                      venues: [{instrument, age_ms, best_bid, best_ask}], excluded: [{instrument, reason}]}
+//   /v1/heatmap       {instrument, start, end, resolution, bucket, columns: ["t_ms", "side", "price", "size",
+//                      "intensity"], points: [[t_ms, side, price, size, intensity], ...]} (bucket null: none stored)
+//   WS /v1/book/stream {type: "snapshot", ...the /v1/book body} each time the stored book changes
+// Spread is the API's (exact), else the decimal difference (scaled integers); imbalance is a displayed ratio.
+// Until the books daemon has stored buckets of the last hour, the heatmap is asked for again on
+// every refresh.
 
 import { ApiError, getJson, socketUrl } from "./api";
 import { dataLayer } from "./datalayer";
@@ -28,21 +30,42 @@ export interface Level {
 
 interface BookAnswer {
   instrument?: string;
-  ts?: number | string;
+  ts_ns?: number;
   sequence?: number | null;
-  age_s?: number | null;
+  age_ms?: number | null;
   verified?: boolean;
   bids: unknown[];
   asks: unknown[];
-  spread?: string;
-  mid?: string;
+  spread?: string | null;
+  mid?: string | null;
+}
+
+interface BestPrice {
+  price: string;
+  venues: string[];
+}
+
+interface ConsolidatedAnswer {
+  pair: string;
+  bucket: string;
+  best_bid: BestPrice | null;
+  best_ask: BestPrice | null;
+  bids: unknown[];
+  asks: unknown[];
+  venues: Array<{ instrument: string; age_ms: number; best_bid: string | null; best_ask: string | null }>;
+  excluded: Array<{ instrument: string; reason: string }>;
+}
+
+interface HeatmapAnswer {
+  bucket: string | null;
+  columns?: string[];
+  points: Array<[number, string, string, string, string]>;
 }
 
 export function levels(raw: unknown[] | undefined): Level[] {
   return (raw ?? []).map((l) => {
-    if (Array.isArray(l)) return { price: String(l[0]), size: String(l[1]) };
-    const o = l as Record<string, unknown>;
-    return { price: String(o.price), size: String(o.size ?? o.volume ?? o.amount) };
+    const [price, size] = l as [string, string];
+    return { price, size };
   });
 }
 
@@ -80,10 +103,8 @@ function pairOf(instrument: string): string {
   return instrument.split(":").pop() ?? instrument;
 }
 
-function toSeconds(ts: number | string | undefined): number {
-  if (typeof ts === "number") return ts > 1e12 ? ts / 1e9 : ts;
-  if (typeof ts === "string") return Date.parse(ts) / 1000;
-  return Date.now() / 1000;
+function nsToSeconds(ts_ns: number | undefined): number {
+  return ts_ns === undefined ? Date.now() / 1000 : ts_ns / 1e9;
 }
 
 export class BooksPanel {
@@ -98,6 +119,7 @@ export class BooksPanel {
   private timer: number | null = null;
   private generation = 0;
   private pendingRender = false;
+  private heatmapLoading = false;
 
   constructor(
     readonly heatmapRoot: HTMLElement,
@@ -123,13 +145,16 @@ export class BooksPanel {
     this.title.textContent = `${instrument} · heatmap (last hour)`;
     const layer = dataLayer();
     layer.book = { instrument, book: null, consolidated: null, error: null };
-    layer.heatmap = { cells: 0, slices: 0, renderMs: null, range: null, error: null };
+    layer.heatmap = { cells: 0, slices: 0, renderMs: null, range: null, storedColumns: [], error: null };
     this.model = null;
     this.scheduleRender();
     await this.loadHeatmap(instrument, generation);
     await this.refreshBooks(instrument, generation);
     if (generation !== this.generation) return;
-    this.timer = window.setInterval(() => void this.refreshBooks(instrument, generation, true), REFRESH_MS);
+    this.timer = window.setInterval(() => {
+      if (!this.model && !this.heatmapLoading) void this.loadHeatmap(instrument, generation);
+      void this.refreshBooks(instrument, generation, true);
+    }, REFRESH_MS);
     this.openStream(instrument, generation);
   }
 
@@ -137,9 +162,10 @@ export class BooksPanel {
     const end = Math.floor(Date.now() / 1000);
     const start = end - HEATMAP_WINDOW_S;
     const layer = dataLayer().heatmap;
+    this.heatmapLoading = true;
     try {
-      const answer = await getJson<Record<string, unknown>>("/v1/heatmap", { instrument, start, end, resolution: "1s" });
-      if (generation !== this.generation) return;
+      const answer = await getJson<HeatmapAnswer>("/v1/heatmap", { instrument, start, end, resolution: "1s" });
+      if (generation !== this.generation || this.model) return;
       const slices = heatSlices(answer);
       layer.range = { start, end };
       if (slices.length === 0) {
@@ -147,12 +173,17 @@ export class BooksPanel {
         this.scheduleRender();
         return;
       }
-      this.model = modelFor(slices, Number(answer.bucket ?? 0));
-      for (const s of slices) this.model.append(s.ts, s.points, s.mid);
+      layer.error = null;
+      const model = modelFor(slices, Number(answer.bucket));
+      for (const s of slices) model.append(s.ts, s.points, s.mid);
+      this.model = model;
+      layer.storedColumns = model.columns.map((c) => [c.ts, c.cells.reduce((n, v) => n + (v > 0 ? 1 : 0), 0)]);
       this.scheduleRender();
     } catch (exc) {
       if (generation === this.generation) layer.error = unavailable("/v1/heatmap", exc);
       this.scheduleRender();
+    } finally {
+      this.heatmapLoading = false;
     }
   }
 
@@ -160,7 +191,7 @@ export class BooksPanel {
     const layer = dataLayer().book;
     const [book, consolidated] = await Promise.allSettled([
       consolidatedOnly && this.socket?.readyState === WebSocket.OPEN ? Promise.resolve(null) : getJson<BookAnswer>("/v1/book", { instrument, depth: DEPTH }),
-      getJson<Record<string, unknown>>("/v1/book/consolidated", { pair: pairOf(instrument) }),
+      getJson<ConsolidatedAnswer>("/v1/book/consolidated", { pair: pairOf(instrument) }),
     ]);
     if (generation !== this.generation) return;
     if (book.status === "fulfilled" && book.value) this.onBook(book.value);
@@ -181,9 +212,8 @@ export class BooksPanel {
     this.socket = socket;
     socket.onmessage = (event) => {
       if (generation !== this.generation) return;
-      const msg = JSON.parse(String(event.data));
-      const book = (msg.book ?? msg) as BookAnswer;
-      if (book.bids && book.asks) this.onBook(book);
+      const msg = JSON.parse(String(event.data)) as BookAnswer & { type: string };
+      if (msg.type === "snapshot") this.onBook(msg);
     };
     socket.onclose = () => {
       if (this.socket !== socket || generation !== this.generation) return;
@@ -209,7 +239,7 @@ export class BooksPanel {
       }
       const max = Math.max(...perRow.values());
       const cells = [...perRow].map(([r, size]) => ({ price: this.model!.priceLo + (r + 0.5) * this.model!.bucket, intensity: size / max }));
-      this.model.append(Math.floor(toSeconds(answer.ts)), cells, (Number(bids[0].price) + Number(asks[0].price)) / 2);
+      this.model.append(Math.floor(nsToSeconds(answer.ts_ns)), cells, (Number(bids[0].price) + Number(asks[0].price)) / 2, true);
       this.scheduleRender();
     }
   }
@@ -228,7 +258,7 @@ export class BooksPanel {
     const imb5 = imbalance(bids, asks, 5);
     const imb10 = imbalance(bids, asks, 10);
     const fmt = (v: number | null) => (v === null ? "–" : `${v >= 0 ? "+" : ""}${v.toFixed(3)}`);
-    const age = answer.age_s ?? (answer.ts !== undefined ? Date.now() / 1000 - toSeconds(answer.ts) : null);
+    const age = answer.age_ms != null ? answer.age_ms / 1000 : answer.ts_ns !== undefined ? Date.now() / 1000 - nsToSeconds(answer.ts_ns) : null;
     this.statsEl.replaceChildren(
       stat("spread", spread ?? "–"),
       stat("imb 1/5/10", `${fmt(imb1)} ${fmt(imb5)} ${fmt(imb10)}`, (imb5 ?? 0) >= 0 ? "up" : "down"),
@@ -238,23 +268,17 @@ export class BooksPanel {
     );
   }
 
-  private showConsolidated(answer: Record<string, unknown>): void {
-    const bids = levels(answer.bids as unknown[]);
-    const asks = levels(answer.asks as unknown[]);
-    const venues = (answer.venues as Array<Record<string, unknown>> | undefined) ?? [];
-    const excluded = (answer.excluded as Array<Record<string, unknown> | string> | undefined) ?? [];
-    const bestBid = String(answer.best_bid ?? bids[0]?.price ?? "–");
-    const bestAsk = String(answer.best_ask ?? asks[0]?.price ?? "–");
-    const rows = venues.map((v) => {
-      const included = v.included !== false;
-      const age = Number(v.age_s ?? v.age ?? NaN);
-      return el("tr", { class: included ? "" : "excluded" },
-                el("td", {}, el("span", { class: `dot dot-${included ? "ok" : "bad"}` }), String(v.venue ?? v.instrument ?? v.exchange)),
-                el("td", { class: "num" }, Number.isFinite(age) ? fmtAge(age) : "–"),
-                el("td", { class: "muted small" }, included ? "" : String(v.reason ?? "excluded"))); // prettier-ignore
-    });
-    for (const x of excluded) {
-      if (typeof x === "string") rows.push(el("tr", { class: "excluded" }, el("td", {}, el("span", { class: "dot dot-bad" }), x), el("td", {}, "–"), el("td", { class: "muted small" }, "excluded")));
+  private showConsolidated(answer: ConsolidatedAnswer): void {
+    const bids = levels(answer.bids);
+    const asks = levels(answer.asks);
+    const bestBid = answer.best_bid?.price ?? "–";
+    const bestAsk = answer.best_ask?.price ?? "–";
+    const rows = answer.venues.map((v) =>
+      el("tr", {}, el("td", {}, el("span", { class: "dot dot-ok" }), v.instrument),
+         el("td", { class: "num" }, fmtAge(v.age_ms / 1000)), el("td", { class: "muted small" }, ""))); // prettier-ignore
+    for (const x of answer.excluded) {
+      rows.push(el("tr", { class: "excluded" }, el("td", {}, el("span", { class: "dot dot-bad" }), x.instrument),
+                   el("td", {}, "–"), el("td", { class: "muted small" }, x.reason))); // prettier-ignore
     }
     this.consolidatedEl.replaceChildren(
       el("div", { class: "book-stats" }, stat("best bid", fmtPrice(bestBid), "up"), stat("best ask", fmtPrice(bestAsk), "down"),
@@ -294,23 +318,23 @@ interface HeatSlice {
   mid?: number;
 }
 
-/** /v1/heatmap's answer as time slices (either `slices` or flat `points`). */
-export function heatSlices(answer: Record<string, unknown>): HeatSlice[] {
-  const point = (p: Record<string, unknown>) => ({ price: Number(p.price), intensity: Number(p.intensity ?? 0) });
-  if (Array.isArray(answer.slices)) {
-    return (answer.slices as Array<Record<string, unknown>>).map((s) => ({
-      ts: Math.floor(toSeconds(s.ts as number | string)),
-      points: ((s.buckets ?? s.points ?? s.data ?? []) as Array<Record<string, unknown>>).map(point),
-      mid: s.mid === undefined ? undefined : Number(s.mid),
-    }));
+/** /v1/heatmap's rows (`[t_ms, side, price, size, intensity]`, ascending by time) as time slices;
+ *  a slice's mid is taken halfway between its best bid bucket and best ask bucket. */
+export function heatSlices(answer: HeatmapAnswer): HeatSlice[] {
+  const bucket = Number(answer.bucket);
+  const out: Array<HeatSlice & { bid: number; ask: number }> = [];
+  for (const [tMs, side, price, , intensity] of answer.points) {
+    const ts = Math.floor(tMs / 1000);
+    let slice = out[out.length - 1];
+    if (!slice || slice.ts !== ts) out.push((slice = { ts, points: [], bid: -Infinity, ask: Infinity }));
+    const p = Number(price);
+    slice.points.push({ price: p, intensity: Number(intensity) });
+    if (side === "bid") slice.bid = Math.max(slice.bid, p);
+    else slice.ask = Math.min(slice.ask, p);
   }
-  const byTs = new Map<number, HeatSlice>();
-  for (const p of (answer.points ?? answer.data ?? []) as Array<Record<string, unknown>>) {
-    const ts = Math.floor(toSeconds((p.ts ?? p.time) as number | string));
-    if (!byTs.has(ts)) byTs.set(ts, { ts, points: [] });
-    byTs.get(ts)!.points.push(point(p));
-  }
-  return [...byTs.values()].sort((a, b) => a.ts - b.ts);
+  return out.map(({ ts, points, bid, ask }) => ({
+    ts, points, mid: Number.isFinite(bid) && Number.isFinite(ask) ? (bid + ask + bucket) / 2 : undefined,
+  })); // prettier-ignore
 }
 
 function modelFor(slices: HeatSlice[], bucket: number): HeatmapModel {

@@ -29,6 +29,7 @@ import { LiveFeed, type FeedState } from "./stream";
 import { el, fmtAge, fmtPrice, fmtVolume } from "./ui";
 
 const PAGE_BUCKETS = 1440; // one day of 1m bars per request
+export const FIRST_BUCKETS = 300; // the first request: the newest buckets, more than the 200 shown at first
 const SCROLL_BACK_MARGIN = 40; // bars left of the visible range before an older page is loaded
 const EMPTY_PAGES_BEFORE_STOP = 3;
 
@@ -53,6 +54,13 @@ export function initialRange(interval: string, nowS = Date.now() / 1000): { star
   return { start: (bucket - PAGE_BUCKETS + 1) * step, end: (bucket + 1) * step };
 }
 
+/** The newest FIRST_BUCKETS of `range`, asked for first: the first candle waits on a fifth of a day's
+ *  bytes (the server's read and encode, the transfer, the parse and setData all scale with it),
+ *  and the rest of the range follows as a second request once those are drawn. */
+export function firstPart(range: { start: number; end: number }, step: number): { start: number; end: number } {
+  return { start: Math.max(range.start, range.end - FIRST_BUCKETS * step), end: range.end };
+}
+
 /** `GET /v1/ohlcv` for the chart: `wait=0`, what is stored now. */
 export function fetchBars(instrument: string, interval: string, range: { start: number; end: number }): Promise<OhlcvAnswer> {
   return getJson<OhlcvAnswer>("/v1/ohlcv", { instrument, interval, start: range.start, end: range.end, wait: 0 });
@@ -74,6 +82,7 @@ export class ChartPanel {
   private oldestRequested = 0;
   private drawnLength = 0;
   private feedState: FeedState = "closed";
+  private firstDrawListeners: Array<() => void> = [];
 
   constructor(host: HTMLElement) {
     this.root = host;
@@ -121,12 +130,17 @@ export class ChartPanel {
     window.setInterval(() => this.showStatus(), 1000);
   }
 
+  /** `listener` once, in the frame the first candle is drawn. */
+  onFirstDraw(listener: () => void): void {
+    this.firstDrawListeners.push(listener);
+  }
+
   get current(): ChartTarget | null {
     return this.target;
   }
 
-  /** Shows `target`; `prefetched`: its first page, already asked for (main.ts starts that fetch
-   *  before the page is built, so the first candle waits on the network only once). */
+  /** Shows `target`: its range's newest FIRST_BUCKETS first, then the rest; `prefetched`: that
+   *  first part, already asked for (index.html starts the fetch before the page's script loads). */
   async show(target: ChartTarget, prefetched?: { range: { start: number; end: number }; answer: Promise<OhlcvAnswer> }): Promise<void> {
     const generation = ++this.generation;
     this.feed?.stop();
@@ -138,6 +152,7 @@ export class ChartPanel {
     this.emptyPages = 0;
     this.drawnLength = 0;
     const range = target.range ?? prefetched?.range ?? initialRange(target.interval);
+    const first = firstPart(range, step);
     this.oldestRequested = range.start;
     const layer = dataLayer().chart;
     Object.assign(layer, { instrument: target.instrument, interval: target.interval, range, bars: [], holes: [],
@@ -147,7 +162,7 @@ export class ChartPanel {
     this.showLegend(undefined);
     let answer: OhlcvAnswer;
     try {
-      answer = await (prefetched?.answer ?? fetchBars(target.instrument, target.interval, range));
+      answer = await (prefetched?.answer ?? fetchBars(target.instrument, target.interval, first));
     } catch (exc) {
       if (generation !== this.generation) return;
       layer.error = String(exc);
@@ -157,7 +172,6 @@ export class ChartPanel {
     if (generation !== this.generation) return;
     const fetched = performance.now();
     series.upsert(fromOhlcv(answer));
-    layer.pages = 1;
     this.redraw(false);
     this.chart.timeScale().fitContent();
     if (series.size > 200) {
@@ -165,16 +179,39 @@ export class ChartPanel {
       this.chart.timeScale().setVisibleLogicalRange({ from: n - 200, to: n + 6 });
     }
     const handed = performance.now();
+    const firstLoad = layer.firstCandleMs === null;
     requestAnimationFrame(() => {
       if (layer.firstCandleMs === null && series.size > 0) {
         layer.firstCandleMs = performance.now();
-        layer.timings = { fetchedMs: fetched, handedToChartMs: handed, firstFrameMs: layer.firstCandleMs };
+        layer.timings = { fetchedMs: fetched, handedToChartMs: handed, firstFrameMs: layer.firstCandleMs, firstBars: series.size };
+        for (const listener of this.firstDrawListeners.splice(0)) listener();
       }
     });
+    this.startFeed(target, generation, series, range);
+    if (first.start > range.start) {
+      try {
+        const rest = await fetchBars(target.instrument, target.interval, { start: range.start, end: first.start });
+        if (generation !== this.generation) return;
+        series.upsert(fromOhlcv({ ...rest, forming: false }));
+        this.redraw(true);
+      } catch (exc) {
+        if (generation !== this.generation) return;
+        this.status.textContent = `older bars: ${exc}`; // the first part stays; scroll-back asks again
+        this.oldestRequested = first.start;
+      }
+    }
+    layer.pages = 1;
     layer.loaded = true;
+    if (firstLoad) requestAnimationFrame(() => (layer.rangeDrawnMs = performance.now()));
+  }
+
+  private startFeed(target: ChartTarget, generation: number, series: BarSeries, range: { start: number; end: number }): void {
+    const layer = dataLayer().chart;
+    const step = series.step;
+    const wireInstrument = streamInstrument(target.instrument);
     this.feed = new LiveFeed(target.instrument, target.interval, step, () => series.last()?.time ?? range.start, {
       bar: (wire) => {
-        if (generation !== this.generation || wire.instrument !== target.instrument || wire.interval !== target.interval) return;
+        if (generation !== this.generation || wire.instrument !== wireInstrument || wire.interval !== target.interval) return;
         const nowS = target.instrument.startsWith("replay:") ? Infinity : Date.now() / 1000;
         this.onLiveBar(fromStream(wire, step, nowS));
       },
@@ -202,7 +239,8 @@ export class ChartPanel {
     series.upsert([bar]);
     const layer = dataLayer().chart;
     layer.updates++;
-    layer.lastUpdate = { time: bar.time, close: bar.close, trades: bar.trades, state: bar.state, at: performance.now(), wallMs: Date.now() };
+    layer.lastUpdate = { time: bar.time, close: bar.close, trades: bar.trades, state: bar.state, at: performance.now(), wallMs: Date.now(),
+                         live: this.feedState === "live" }; // prettier-ignore
     layer.updateLog.push(layer.lastUpdate);
     if (layer.updateLog.length > 100) layer.updateLog.shift();
     const contiguous = last !== undefined && (bar.time === last.time || bar.time === last.time + series.step);
@@ -217,6 +255,7 @@ export class ChartPanel {
       this.redraw(true);
     }
     this.showLegend(undefined);
+    this.showStatus();
   }
 
   /** Draws every bar, with whitespace in each hole; `keep` holds the view on the same bars. */
@@ -310,6 +349,13 @@ export class ChartPanel {
       el("span", { class: "muted" }, ` · ${this.series?.size ?? 0} bars · last ${age}${holes}`),
     );
   }
+}
+
+/** The instrument a stream bar of `symbol` names: a replay's bars (`replay:<id>:<instrument>`)
+ *  arrive as the replayed instrument's own bars, `candlekeep.messages.encode_bar` unchanged. */
+export function streamInstrument(symbol: string): string {
+  const replay = /^replay:[^:]+:(.+)$/.exec(symbol);
+  return replay ? replay[1] : symbol;
 }
 
 function candle(bar: ChartBar): CandlestickData<Time> {

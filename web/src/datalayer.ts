@@ -10,6 +10,8 @@ export interface LiveUpdate {
   state: string;
   at: number;
   wallMs: number;
+  /** after the stream's snapshot (its bars were formed before the socket opened) */
+  live: boolean;
 }
 
 export interface DataLayer {
@@ -26,8 +28,10 @@ export interface DataLayer {
     /** the last 100 live updates, oldest first */
     updateLog: LiveUpdate[];
     firstCandleMs: number | null;
+    /** performance.now() in the first frame after the first load's whole range was drawn */
+    rangeDrawnMs?: number;
     /** performance.now() of the first load's steps: bars fetched, handed to the chart, first frame */
-    timings?: { fetchedMs: number; handedToChartMs: number; firstFrameMs: number };
+    timings?: { fetchedMs: number; handedToChartMs: number; firstFrameMs: number; firstBars: number };
     feed: string;
     feedDetail: string;
     reconnects: number;
@@ -38,7 +42,15 @@ export interface DataLayer {
   status: unknown;
   replay: { session: Record<string, unknown> | null; clock: number | null; actions: string[]; error: string | null };
   book: { instrument: string | null; book: unknown; consolidated: unknown; error: string | null };
-  heatmap: { cells: number; slices: number; renderMs: number | null; range: { start: number; end: number } | null; error: string | null };
+  heatmap: {
+    cells: number;
+    slices: number;
+    renderMs: number | null;
+    range: { start: number; end: number } | null;
+    /** [ts, painted rows] of each stored slice drawn (the live columns are not in it) */
+    storedColumns: Array<[number, number]>;
+    error: string | null;
+  };
   keyPrompts: number;
   /** performance.now() when main.ts started running */
   scriptStartMs?: number;
@@ -66,7 +78,7 @@ export function dataLayer(): DataLayer {
       status: null,
       replay: { session: null, clock: null, actions: [], error: null },
       book: { instrument: null, book: null, consolidated: null, error: null },
-      heatmap: { cells: 0, slices: 0, renderMs: null, range: null, error: null },
+      heatmap: { cells: 0, slices: 0, renderMs: null, range: null, storedColumns: [], error: null },
       keyPrompts: 0,
     }; // prettier-ignore
   }

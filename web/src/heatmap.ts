@@ -9,6 +9,8 @@ export interface HeatColumn {
   cells: Float32Array;
   /** best bid and ask prices at this time, when known (drawn as a line) */
   mid?: number;
+  /** from the live book, not the stored buckets */
+  live?: boolean;
 }
 
 export class HeatmapModel {
@@ -23,8 +25,9 @@ export class HeatmapModel {
     return Math.floor((price - this.priceLo) / this.bucket);
   }
 
-  /** Adds a time slice from (price, intensity) points; points outside the price window are dropped. */
-  append(ts: number, points: Array<{ price: number; intensity: number }>, mid?: number): void {
+  /** Adds a time slice from (price, intensity) points; points outside the price window are dropped.
+   *  A live column of the same second replaces the last live one; a stored slice is never replaced. */
+  append(ts: number, points: Array<{ price: number; intensity: number }>, mid?: number, live = false): void {
     const cells = new Float32Array(this.rows);
     for (const p of points) {
       const r = this.row(p.price);
@@ -32,10 +35,10 @@ export class HeatmapModel {
     }
     const last = this.columns[this.columns.length - 1];
     if (last && ts <= last.ts) {
-      if (ts === last.ts) this.columns[this.columns.length - 1] = { ts, cells, mid };
-      return; // older than what is drawn: history already has it
+      if (ts === last.ts && live && last.live) this.columns[this.columns.length - 1] = { ts, cells, mid, live };
+      return; // older than what is drawn, or stored: history already has it
     }
-    this.columns.push({ ts, cells, mid });
+    this.columns.push({ ts, cells, mid, live });
   }
 }
 

@@ -8,7 +8,7 @@ import { getJson, hasKey, setKeyAsker } from "./api";
 import { INTERVAL_SECONDS } from "./bars";
 import { BooksPanel } from "./books";
 import type { OhlcvAnswer } from "./bars";
-import { ChartPanel, fetchBars, initialRange } from "./chart";
+import { ChartPanel, fetchBars, firstPart, initialRange } from "./chart";
 import { dataLayer } from "./datalayer";
 import { HealthPanel } from "./health";
 import { renderHeatmap, syntheticModel } from "./heatmap";
@@ -51,7 +51,9 @@ interface EarlyFetch {
   instrument: string;
   interval: string;
   range: { start: number; end: number };
-  response: Promise<Response | null>;
+  first: { start: number; end: number };
+  /** the parsed answer; null when it was not a 200 */
+  body: Promise<OhlcvAnswer | null>;
 }
 
 /** The request index.html started before this script loaded, when it is the one the chart needs. */
@@ -59,10 +61,10 @@ function earlyBars(instrument: string, interval: string): { range: { start: numb
   const early = (window as unknown as { __candlekeepFirst?: EarlyFetch }).__candlekeepFirst;
   if (!early || early.instrument !== instrument || early.interval !== interval) return null;
   const range = early.range;
-  const answer = early.response.then((response) => {
-    if (response && response.ok) return response.json() as Promise<OhlcvAnswer>;
-    return fetchBars(instrument, interval, range); // 401 (asks for the key), an error, or no network
-  });
+  const first = firstPart(range, INTERVAL_SECONDS[interval]);
+  if (early.first.start !== first.start || early.first.end !== first.end) return null;
+  // null: a 401 (fetchBars asks for the key), an error, or no network
+  const answer = early.body.then((body) => body ?? fetchBars(instrument, interval, first));
   return { range, answer };
 }
 
@@ -84,7 +86,7 @@ function main(): void {
   });
   const firstBars = earlyBars(instrument, interval) ?? (() => {
     const range = initialRange(interval);
-    return { range, answer: fetchBars(instrument, interval, range) };
+    return { range, answer: fetchBars(instrument, interval, firstPart(range, INTERVAL_SECONDS[interval])) };
   })();
   // bench/web.py: the heatmap renderer on a synthetic day, and the floor any canvas raster pays
   // (one ImageData of the same size filled and put), measured on the same canvas
@@ -123,14 +125,15 @@ function main(): void {
   app.append(header, el("main", { class: "grid" }, chartP.section, bookP.section, heatP.section, replayP.section, healthP.section));
 
   const chart = new ChartPanel(chartP.body);
-  const books = new BooksPanel(heatP.body, bookP.body);
-  const health = new HealthPanel(healthP.body);
+  // The other panels are built once the first candle is on screen: the first frames lay out and
+  // paint the chart alone (bench/web.py).
+  let books: BooksPanel | null = null;
 
   const showLive = () => {
     replayBadge.classList.add("hidden");
     writeHash(instrument, interval);
     void chart.show({ instrument, interval });
-    void books.show(instrument);
+    void books?.show(instrument);
   };
   for (const iv of Object.keys(INTERVAL_SECONDS)) {
     const b = el("button", { type: "button", "data-interval": iv, class: iv === interval ? "on" : "" }, iv);
@@ -149,7 +152,7 @@ function main(): void {
   });
   replayBadge.addEventListener("click", showLive);
 
-  const replay = new ReplayPanel(replayP.body, () => instrument, (session: Session | null) => {
+  const showReplay = (session: Session | null) => {
     if (!session) return showLive();
     const first = (session.instruments as string[] | undefined)?.[0] ?? instrument;
     const start = seconds(session.start) ?? 0;
@@ -158,17 +161,19 @@ function main(): void {
     replayBadge.textContent = `replay ${session.id.slice(0, 8)} · back to live ✕`;
     replayBadge.classList.remove("hidden");
     void chart.show({ instrument: `replay:${session.id}:${first}`, interval, range: { start: Math.floor(start / step) * step, end } });
-  });
+  };
 
   // The chart's history goes first (the first candle is the figure that matters, bench/web.py);
-  // the picker's list, health, books and replays follow once it is on screen.
+  // the picker's list, health, books and replays follow once it is on screen (or the load failed).
   writeHash(instrument, interval);
+  const firstDrawn = new Promise<void>((resolve) => chart.onFirstDraw(resolve));
   const firstLoad = chart.show({ instrument, interval }, firstBars);
   const afterFirstFrame = () => new Promise<void>((resolve) => requestAnimationFrame(() => requestAnimationFrame(() => resolve())));
-  void firstLoad.finally(afterFirstFrame).finally(() => {
+  void Promise.race([firstDrawn, firstLoad]).finally(afterFirstFrame).finally(() => {
+    books = new BooksPanel(heatP.body, bookP.body);
     void books.show(instrument);
-    health.start();
-    void replay.start();
+    new HealthPanel(healthP.body).start();
+    void new ReplayPanel(replayP.body, () => instrument, showReplay).start();
     void loadInstruments()
       .catch(() => [] as string[])
       .then((ids) => {
