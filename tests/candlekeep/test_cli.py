@@ -215,7 +215,7 @@ def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 90) -> requests
             response = requests.get(url, timeout=2)
             if response.status_code < 500:
                 return response
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # a slow answer while it starts under load
             pass
         time.sleep(0.5)
     raise AssertionError(f"{url} did not answer within {timeout} s")
