@@ -89,8 +89,9 @@ def test_a_new_instrument_s_history_and_live_minutes_meet_without_a_hole(engine:
     assert [(b.final, b.source) for b in answer.bars if b.start in (seam, seam + 60)] == [(True, "simulator")] * 2
     (live_bar,) = [b for b in answer.bars if b.start == seam + 120]
     assert live_bar.source == "stream" and not live_bar.final
-    # The open hour is provisional: never "final" over minutes the stream still owns.
-    hour = build_query(instrument=NEW, interval="1h", start=str(Interval.H1.floor(seam)),
-                       end=str(Interval.H1.floor(seam) + 3600))  # fmt: skip
+    # The hour holding the live minute is provisional: never "final" over minutes the stream still
+    # owns. (Not the seam's hour: a seam in an hour's last two minutes leaves that hour all refilled.)
+    live_hour = Interval.H1.floor(live_bar.start)
+    hour = build_query(instrument=NEW, interval="1h", start=str(live_hour), end=str(live_hour + 3600))
     (hour_bar,) = OhlcvService(bar_store=stores[0], cache=None, outages=stores[2]).read(hour).bars
     assert not hour_bar.final

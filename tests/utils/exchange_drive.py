@@ -108,6 +108,11 @@ def at_least(n: int, matches: Callable[[Record], bool]) -> Callable[[list[Record
     return until
 
 
+def all_of(*conditions: Callable[[list[Record]], bool]) -> Callable[[list[Record]], bool]:
+    """A `run_live(until=...)` predicate: every one of `conditions` holds (each is asked every time)."""
+    return lambda records: all([condition(records) for condition in conditions])
+
+
 def published_at_least(n: int) -> Callable[[list[Record]], bool]:
     """`n` trades and book records emitted."""
     return at_least(n, lambda r: isinstance(r, (Trade, BookSnapshot, BookDelta)))

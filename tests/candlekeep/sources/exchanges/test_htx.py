@@ -126,7 +126,7 @@ def test_mbp_increments_chain_to_the_req_refresh_and_a_gap_asks_again_for_that_s
 
     from candlekeep.books import BookSnapshot
     from candlekeep.sources.exchanges.base import RESYNC, SEQUENCE_GAP, SymbolMap
-    from tests.utils.exchange_drive import Mirror, at_least
+    from tests.utils.exchange_drive import Mirror, all_of, at_least
 
     symbols = SymbolMap.of("htx", [("htx:BTC-USDT", "btcusdt"), ("htx:ETH-USDT", "ethusdt")])
     btc, eth = "htx:BTC-USDT", "htx:ETH-USDT"
@@ -151,7 +151,10 @@ def test_mbp_increments_chain_to_the_req_refresh_and_a_gap_asks_again_for_that_s
 
     with ReplayServer([script]) as server:
         connector = HtxConnector(symbols, [btc, eth], ws_url=server.url, snapshot_every_s=0)
-        live, _ = run_live(connector, until=at_least(3, lambda r: isinstance(r, BookSnapshot)))
+        # Three snapshots (two refreshes and the re-asked one) and the /ws socket's trade: the two
+        # sockets race, so waiting for the snapshots alone can stop before the trade arrives.
+        live, _ = run_live(connector, until=all_of(at_least(3, lambda r: isinstance(r, BookSnapshot)),
+                                                   at_least(1, lambda r: isinstance(r, Trade))))
         assert [s.url for s in connector.connections()] == [server.url, server.url]  # /feed and /ws, pointed here
     broken = [(r.instrument, r.kind) for r in live if isinstance(r, IntegrityEvent) and r.kind in (SEQUENCE_GAP, RESYNC)]
     assert broken == [(btc, SEQUENCE_GAP), (btc, RESYNC)]

@@ -17,7 +17,7 @@ from candlekeep.bars import Trade
 from candlekeep.books import BookDelta, BookSnapshot
 from candlekeep.sources.exchanges.base import CROSSED, RESYNC, SEQUENCE_GAP, IntegrityEvent
 from candlekeep.sources.exchanges.mexc import MexcConnector, symbol_map
-from tests.utils.exchange_drive import Mirror, at_least
+from tests.utils.exchange_drive import Mirror, all_of, at_least
 from tests.utils.exchange_replay import ReplayServer, run_live
 from tests.utils.fixture_server import FixtureServer, Reply
 
@@ -114,8 +114,10 @@ def test_live_protobuf_pushes_chain_to_the_snapshot_and_a_gap_resyncs_one_symbol
         for symbol in ("BTCUSDT", "ETHUSDT"):
             rest.add("/api/v3/depth", Reply.json(snapshot), query={"symbol": symbol})
         connector = MexcConnector(symbol_map(LISTING), [btc, eth], ws_url=ws.url, rest_url=rest.url, snapshot_every_s=0)
-        # Pushes may beat the snapshots: they are buffered, then chained to them.
-        live, _ = run_live(connector, until=at_least(3, lambda r: isinstance(r, BookSnapshot)))
+        # Pushes may beat the snapshots: they are buffered, then chained to them. The resync's snapshot
+        # (REST) may also beat the last push (the deals): wait for both.
+        live, _ = run_live(connector, until=all_of(at_least(3, lambda r: isinstance(r, BookSnapshot)),
+                                                   at_least(1, lambda r: isinstance(r, Trade))))
         fetched = [r.query["symbol"] for r in rest.requests]
         subscribed = json.loads(ws.sessions[0].received[0])
     assert subscribed["params"] == ["spot@public.aggre.depth.v3.api.pb@100ms@BTCUSDT",
