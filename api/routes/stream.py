@@ -30,6 +30,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import anyio
 import redis
@@ -68,7 +70,9 @@ class _Invalid(ValueError):
 async def stream(websocket: WebSocket) -> None:
     await websocket.accept()
     if parse_replay_symbol(symbol := websocket.query_params.get("instrument", "")):  # replay sessions (issue 9)
-        return await replay_stream(websocket, symbol, websocket.query_params.get("interval", "1m"))
+        interval = websocket.query_params.get("interval", "1m")
+        await _serve(websocket, replay_stream(websocket, symbol, interval), f"replay stream {symbol} {interval}")
+        return
     now = int(time.time())
     try:
         instrument, interval, since = _params(websocket, now)
@@ -76,15 +80,29 @@ async def stream(websocket: WebSocket) -> None:
         await websocket.close(code=POLICY_VIOLATION, reason=close_reason(str(exc)))  # <= 123 bytes of UTF-8
         return
     feed = _Feed(websocket, instrument, interval)
+    try:
+        await _serve(websocket, feed.run(since), f"stream {instrument} {interval.value}")
+    finally:
+        with anyio.CancelScope(shield=True):  # see _serve
+            await feed.close()
+
+
+async def _serve(websocket: WebSocket, feed: Coroutine[Any, Any, None], what: str) -> None:
+    """Run `feed` until it ends or the client goes, whichever is first; then the other is cancelled.
+
+    A feed waits on Redis and only sends, so on its own it would notice a client that left only at
+    its next send: a quiet channel (a stopped replay session publishes nothing again) would hold its
+    subscription, its Redis connection and uvicorn's graceful shutdown for ever."""
     watcher = asyncio.create_task(_until_disconnect(websocket))
-    runner = asyncio.create_task(feed.run(since))
+    runner = asyncio.create_task(feed)
     try:
         done, _ = await asyncio.wait({watcher, runner}, return_when=asyncio.FIRST_COMPLETED)
-        if runner in done and not watcher.done():
-            if (exc := runner.exception()) is not None and not isinstance(exc, WebSocketDisconnect):
-                log.error("stream %s %s failed", instrument, interval.value, exc_info=exc)
-            with contextlib.suppress(Exception):
-                await websocket.close(code=1011)
+        if runner in done and not watcher.done():  # the feed ended first: it failed, or it closed the socket itself
+            failed = (exc := runner.exception()) is not None and not isinstance(exc, WebSocketDisconnect)
+            if failed:
+                log.error("%s failed", what, exc_info=exc)
+            with contextlib.suppress(Exception):  # already closed (a feed that refused its parameters): nothing to do
+                await websocket.close(code=1011 if failed else 1000)
     finally:
         for task in (watcher, runner):
             task.cancel()
@@ -92,7 +110,6 @@ async def stream(websocket: WebSocket) -> None:
         # (which swallows CancelledError and would leave the task's cancel count inconsistent).
         with anyio.CancelScope(shield=True):
             await asyncio.wait({watcher, runner}, timeout=5)
-            await feed.close()
 
 
 def _params(websocket: WebSocket, now: int) -> tuple[Instrument, Interval, int]:

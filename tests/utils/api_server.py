@@ -35,7 +35,12 @@ def api_process(database_url: str, log_path: Path, **env: str) -> Iterator[str]:
             yield base
         finally:
             proc.terminate()
-            proc.wait(10)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+                raise AssertionError("the API did not stop within 10 s of SIGTERM (see its log)") from None
 
 
 def status(url: str, headers: dict[str, str] | None = None, timeout: float = 5) -> int | None:
