@@ -14,15 +14,14 @@ it, with only the levels of the top `depth` that changed (size "0": gone).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Annotated
 
 import msgspec
 from fastapi import APIRouter, HTTPException, Query, Request, Response, WebSocket
 from starlette.concurrency import run_in_threadpool
-from starlette.websockets import WebSocketDisconnect
 
+from api.socket_feeds import serve_until_disconnect
 from candlekeep.book_serving import (
     MAX_DEPTH,
     BookNotFound,
@@ -129,29 +128,23 @@ async def book_stream(websocket: WebSocket) -> None:
     except BookQueryError as exc:
         await websocket.close(code=POLICY_VIOLATION, reason=str(exc)[:120])
         return
-    store = _store(websocket)
-    watcher = asyncio.create_task(_until_disconnect(websocket))
+    await serve_until_disconnect(websocket, _push_book(websocket, _store(websocket), iid, interval, depth, mode),
+                                 f"book stream {iid}")
+
+
+async def _push_book(websocket: WebSocket, store: BookStore, iid: str, interval: float, depth: int,
+                     mode: str) -> None:  # fmt: skip
+    """Every `interval` seconds, the latest stored book of `iid` when it changed: a snapshot first,
+    then snapshots or (mode `diff`) diffs against the last one sent."""
     last = None
-    try:
-        while not watcher.done():
-            snap = await run_in_threadpool(store.latest, iid)
-            if snap is not None and (last is None or snap.ts_ns != last.ts_ns):
-                if mode == "diff" and last is not None:
-                    body = {"type": "diff", "ts_ns": snap.ts_ns, "sequence": snap.sequence,
-                            **book_diff(last, snap, depth)}  # fmt: skip
-                else:
-                    body = {"type": "snapshot", **snapshot_body(snap, depth, time.time_ns())}
-                await websocket.send_text(msgspec.json.encode(body).decode())
-                last = snap
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(watcher), timeout=interval)
-    except WebSocketDisconnect:
-        pass
-    finally:
-        watcher.cancel()
-
-
-async def _until_disconnect(websocket: WebSocket) -> None:
-    with contextlib.suppress(WebSocketDisconnect):
-        while (await websocket.receive())["type"] != "websocket.disconnect":
-            pass
+    while True:
+        snap = await run_in_threadpool(store.latest, iid)
+        if snap is not None and (last is None or snap.ts_ns != last.ts_ns):
+            if mode == "diff" and last is not None:
+                body = {"type": "diff", "ts_ns": snap.ts_ns, "sequence": snap.sequence,
+                        **book_diff(last, snap, depth)}  # fmt: skip
+            else:
+                body = {"type": "snapshot", **snapshot_body(snap, depth, time.time_ns())}
+            await websocket.send_text(msgspec.json.encode(body).decode())
+            last = snap
+        await asyncio.sleep(interval)

@@ -30,17 +30,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
-from typing import Any
 
 import anyio
 import redis
 import redis.asyncio as aioredis
 from fastapi import APIRouter, WebSocket
 from starlette.concurrency import run_in_threadpool
-from starlette.websockets import WebSocketDisconnect
 
 from api.security import close_reason
+from api.socket_feeds import serve_until_disconnect
 from api.replay_reads import replay_stream
 from candlekeep.bars import Bar, Interval
 from candlekeep.replay_bars import parse_replay_symbol
@@ -71,7 +69,8 @@ async def stream(websocket: WebSocket) -> None:
     await websocket.accept()
     if parse_replay_symbol(symbol := websocket.query_params.get("instrument", "")):  # replay sessions (issue 9)
         interval = websocket.query_params.get("interval", "1m")
-        await _serve(websocket, replay_stream(websocket, symbol, interval), f"replay stream {symbol} {interval}")
+        await serve_until_disconnect(websocket, replay_stream(websocket, symbol, interval),
+                                     f"replay stream {symbol} {interval}")
         return
     now = int(time.time())
     try:
@@ -81,35 +80,10 @@ async def stream(websocket: WebSocket) -> None:
         return
     feed = _Feed(websocket, instrument, interval)
     try:
-        await _serve(websocket, feed.run(since), f"stream {instrument} {interval.value}")
+        await serve_until_disconnect(websocket, feed.run(since), f"stream {instrument} {interval.value}")
     finally:
-        with anyio.CancelScope(shield=True):  # see _serve
+        with anyio.CancelScope(shield=True):  # see serve_until_disconnect
             await feed.close()
-
-
-async def _serve(websocket: WebSocket, feed: Coroutine[Any, Any, None], what: str) -> None:
-    """Run `feed` until it ends or the client goes, whichever is first; then the other is cancelled.
-
-    A feed waits on Redis and only sends, so on its own it would notice a client that left only at
-    its next send: a quiet channel (a stopped replay session publishes nothing again) would hold its
-    subscription, its Redis connection and uvicorn's graceful shutdown for ever."""
-    watcher = asyncio.create_task(_until_disconnect(websocket))
-    runner = asyncio.create_task(feed)
-    try:
-        done, _ = await asyncio.wait({watcher, runner}, return_when=asyncio.FIRST_COMPLETED)
-        if runner in done and not watcher.done():  # the feed ended first: it failed, or it closed the socket itself
-            failed = (exc := runner.exception()) is not None and not isinstance(exc, WebSocketDisconnect)
-            if failed:
-                log.error("%s failed", what, exc_info=exc)
-            with contextlib.suppress(Exception):  # already closed (a feed that refused its parameters): nothing to do
-                await websocket.close(code=1011 if failed else 1000)
-    finally:
-        for task in (watcher, runner):
-            task.cancel()
-        # Shielded: the server's cancellation must not land inside redis-py's connection teardown
-        # (which swallows CancelledError and would leave the task's cancel count inconsistent).
-        with anyio.CancelScope(shield=True):
-            await asyncio.wait({watcher, runner}, timeout=5)
 
 
 def _params(websocket: WebSocket, now: int) -> tuple[Instrument, Interval, int]:
@@ -138,12 +112,6 @@ def _params(websocket: WebSocket, now: int) -> tuple[Instrument, Interval, int]:
     if (current - since) // interval.seconds > MAX_SNAPSHOT_BARS:
         raise _Invalid(f"since reaches back more than {MAX_SNAPSHOT_BARS} {interval.value} bars; use GET /v1/ohlcv")
     return instrument, interval, since
-
-
-async def _until_disconnect(websocket: WebSocket) -> None:
-    with contextlib.suppress(WebSocketDisconnect):
-        while (await websocket.receive())["type"] != "websocket.disconnect":
-            pass  # clients have nothing to say; their frames are ignored
 
 
 class _Feed:
