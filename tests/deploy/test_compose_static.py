@@ -38,9 +38,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 # What an operator must provide (compose refuses to start without them).
 REQUIRED = {"CANDLEKEEP_API_KEYS": "ck_compose_user", "CANDLEKEEP_PROMETHEUS_API_KEY": "ck_compose_prometheus"}
-# Daemons the compose file runs that other branches are building (issue 8: replayer, issue 9: books).
-# Until they are in streaming.runner.DAEMONS their services are reported as xfail, by name.
-PENDING_DAEMONS = {"replayer", "books"}
 
 
 def compose_schema() -> dict:
@@ -97,12 +94,10 @@ def test_every_command_runs_on_the_cli_it_names() -> None:
             "coordinator", "dynamic", "replayer", "books"} <= services.keys()  # fmt: skip
     for name, service in services.items():
         argv = service["command"]
-        if argv[:2] == ["candlekeep", "stream"] and argv[2] in PENDING_DAEMONS - set(DAEMONS):
-            continue  # reported by test_pending_daemons_exist_once_merged
         if argv[0] == "candlekeep":
             args = _parser().parse_args(argv[1:])  # argparse exits (a failure here) on a bad command
             if argv[1] == "stream":
-                assert args.daemon in DAEMONS or args.daemon in PENDING_DAEMONS, name
+                assert args.daemon in DAEMONS, name
         elif argv[0] == "uvicorn":
             module, _, attribute = argv[argv.index("--factory") + 1].partition(":")
             assert callable(getattr(importlib.import_module(module), attribute))
@@ -116,13 +111,6 @@ def test_every_command_runs_on_the_cli_it_names() -> None:
                 assert str(location["grpc_server"]["port"]) == server["command"][server["command"].index("-p") + 1]
         else:
             raise AssertionError(f"{name}: unknown program {argv[0]}")
-
-
-@pytest.mark.parametrize("daemon", sorted(PENDING_DAEMONS))
-def test_pending_daemons_exist_once_merged(daemon: str) -> None:
-    if daemon not in DAEMONS:
-        pytest.xfail(f"`candlekeep stream {daemon}` is not in this tree yet (built on another branch)")
-    assert daemon in DAEMONS
 
 
 def metrics_ports(compose) -> dict[str, int]:
@@ -252,6 +240,6 @@ def test_every_metric_the_dashboard_queries_is_defined_in_the_code() -> None:
         literal = set(re.findall(r'"(candlekeep_[a-z0-9_]+?)_?"', source))
         defined |= literal  # Counter("candlekeep_api_requests", ...), or a prefix `p = "candlekeep_producer_"`
         defined |= {f"{p}_{n}" for p in literal for n in re.findall(r'f"\{p\}_?([a-z0-9_]+)"', source)}
-    state = {f"candlekeep_{d}_state" for d in (*DAEMONS, *PENDING_DAEMONS)}  # StateMachine's Enum per daemon
+    state = {f"candlekeep_{d}_state" for d in DAEMONS}  # StateMachine's Enum per daemon
     missing = dashboard_metric_names() - defined - state
     assert not missing, missing

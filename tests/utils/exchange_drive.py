@@ -19,9 +19,9 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
-from candlekeep.bars import Heartbeat, Trade
+from candlekeep.bars import Trade
 from candlekeep.books import BookDelta, BookSnapshot
-from candlekeep.sources.exchanges.base import Connector, FetchSnapshot, IntegrityEvent, Record, Send
+from candlekeep.sources.exchanges.base import Connector, FetchSnapshot, IntegrityEvent, Record
 from candlekeep.sources.exchanges.recording import HttpResponse, WsEvent
 from tests.utils.exchange_replay import ReplaySession
 
