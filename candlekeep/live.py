@@ -74,7 +74,6 @@ from candlekeep.bars import (
     EXACT,
     NS_PER_S,
     Bar,
-    Disconnect,
     Heartbeat,
     Interval,
     TickRecord,

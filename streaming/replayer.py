@@ -50,7 +50,6 @@ from candlekeep.bars import Disconnect, Heartbeat
 from candlekeep.bus import Bus, BufferFull, BusProducer, publish_waiting
 from candlekeep.messages import encode_bar, encode_disconnect, encode_heartbeat, encode_stored_trade, replay_topic
 from candlekeep.replay import (
-    BAR,
     DISCONNECT,
     HEARTBEAT,
     TRADE,

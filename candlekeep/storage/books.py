@@ -61,7 +61,7 @@ FROM (SELECT *, floor(extract(epoch FROM ts) / %(step)s)::bigint * %(step)s AS s
       FROM book_metrics WHERE instrument = %(instrument)s AND ts >= %(start)s AND ts < %(end)s) AS m
 WINDOW w AS (PARTITION BY slot)
 ORDER BY slot, ts DESC"""
-_METRIC_ROWS = f"""
+_METRIC_ROWS = """
 SELECT (extract(epoch FROM m.ts) * 1000000)::bigint, m.mid, m.spread, m.imbalance_5, s.bid_depth_50, s.ask_depth_50
 FROM book_metrics AS m LEFT JOIN book_snapshots AS s ON s.instrument = m.instrument AND s.ts = m.ts
 WHERE m.instrument = %(instrument)s AND m.ts >= %(start)s AND m.ts < %(end)s ORDER BY m.ts"""

@@ -36,7 +36,7 @@ from sqlalchemy import Engine, text
 
 from candlekeep.bars import NS_PER_S, Bar, Interval, Trade
 from candlekeep.cache import BarCache, bar_key, forming_key, updates_channel
-from candlekeep.bars import Disconnect, Heartbeat
+from candlekeep.bars import Heartbeat
 from candlekeep.messages import BARS, DEADLETTER, TICKS, decode_bar, encode_bar, encode_tick, encode_tick_record, topic
 from candlekeep.storage.bars import BarStore
 from candlekeep.storage.db import create_engine, with_database

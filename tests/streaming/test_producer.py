@@ -17,10 +17,9 @@ import time
 import urllib.request
 import uuid
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import Engine, text
 
 from candlekeep.bars import NS_PER_S, Disconnect, Heartbeat, TickRecord, Trade
 from candlekeep.instruments import Instrument

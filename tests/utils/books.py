@@ -17,7 +17,7 @@ Floats are used only where the comparison allows a tolerance (ratios); sums and 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache

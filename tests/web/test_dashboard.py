@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from urllib.parse import urlsplit

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlencode

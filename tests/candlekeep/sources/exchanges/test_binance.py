@@ -121,7 +121,7 @@ def test_trades_aggregated_per_minute_equal_the_recorded_kline_where_it_covers_t
 def drop_diff(frames: list[str | bytes], symbol: str, nth: int) -> tuple[list[str | bytes], int]:
     seen = 0
     for i, f in enumerate(frames):
-        if f'"e":"depthUpdate","E"' in str(f) and f'"s":"{symbol}"' in str(f):
+        if '"e":"depthUpdate","E"' in str(f) and f'"s":"{symbol}"' in str(f):
             seen += 1
             if seen == nth:
                 return frames[:i] + frames[i + 1 :], i

@@ -21,7 +21,7 @@ from candlekeep.sources.exchanges.bitfinex import (
     symbol_map,
 )
 from candlekeep.feeds import normalize
-from tests.utils.exchange_drive import Mirror, at_least, drive, play, published, published_at_least, records_of, sent_frames
+from tests.utils.exchange_drive import Mirror, drive, play, published, published_at_least, records_of, sent_frames
 from tests.utils.exchange_replay import ReplayServer, received_frames, recorded, recording_path, run_live
 
 RECORDING = "BITFINEX.ws.11.0.txt"
