@@ -330,13 +330,19 @@ INSERT INTO book_snapshots (instrument, ts, sequence, bids, asks, mid, spread, b
 SELECT %(i)s, %(t0)s + s * INTERVAL '1 second', s, '[]', '[]', 60000, 1, 0, 0, 0, 0, 0, 0, true, 'bench', 10
 FROM generate_series(0, 86399) AS s"""
 LOAD_BUCKETS = """
-INSERT INTO book_buckets (instrument, ts, side, price, size, width, intensity)
-SELECT %(i)s, %(t0)s + s * INTERVAL '1 second', CASE WHEN b < %(half)s THEN 'bid' ELSE 'ask' END,
-       59800 + b * 10 + (s / 600) * 10, round((1 + ((s * 7919 + b * 104729) %% 1000)) / 1000.0, 8), 10,
-       round((1 + ((s * 7919 + b * 104729) %% 1000)) / 1000.0, 6)  -- a stand-in in 0..1: this case measures reads
-FROM generate_series(0, 86399) AS s, generate_series(0, %(levels)s - 1) AS b"""
-BARE = """SELECT (extract(epoch FROM ts) * 1000)::bigint, side, price::text, size::text, intensity::text FROM book_buckets
-WHERE instrument = %s AND ts >= %s AND ts < %s"""
+INSERT INTO book_buckets (instrument, ts, side, width, prices, sizes, intensities)
+SELECT %(i)s, %(t0)s + s * INTERVAL '1 second', side, 10, array_agg(59800 + b * 10 + (s / 600) * 10 ORDER BY b),
+       array_agg(round((1 + ((s * 7919 + b * 104729) %% 1000)) / 1000.0, 8) ORDER BY b),
+       array_agg(round((1 + ((s * 7919 + b * 104729) %% 1000)) / 1000.0, 6) ORDER BY b)  -- a stand-in in 0..1
+FROM generate_series(0, 86399) AS s, generate_series(0, %(levels)s - 1) AS b,
+     LATERAL (SELECT CASE WHEN b < %(half)s THEN 'bid' ELSE 'ask' END AS side) AS k
+GROUP BY s, side"""
+# The bare reads: the stored rows as they are (each side's buckets as array text), and the same rows
+# unnested to one row per cell, as text.
+BARE = """SELECT (extract(epoch FROM ts) * 1000)::bigint, side, prices::text, sizes::text, intensities::text
+FROM book_buckets WHERE instrument = %s AND ts >= %s AND ts < %s"""
+BARE_CELLS = """SELECT (extract(epoch FROM ts) * 1000)::bigint, side, u.p::text, u.s::text, u.i::text
+FROM book_buckets, unnest(prices, sizes, intensities) AS u(p, s, i) WHERE instrument = %s AND ts >= %s AND ts < %s"""
 
 
 def heatmap_case(url: str, levels: int, runs: int = 3) -> bool:
@@ -354,12 +360,15 @@ def heatmap_case(url: str, levels: int, runs: int = 3) -> bool:
         conn.execute("ANALYZE book_snapshots")
         conn.execute("ANALYZE book_buckets")
     start_s = int(day.timestamp())
-    ours, bare, points = [], [], 0
+    ours, bare, bare_cells, points = [], [], [], 0
     with psycopg.connect(url) as conn:
         for _ in range(runs):
             began = time.perf_counter()
-            rows = conn.execute(BARE, (instrument, day, day + timedelta(days=1))).fetchall()
+            conn.execute(BARE, (instrument, day, day + timedelta(days=1))).fetchall()
             bare.append(time.perf_counter() - began)
+            began = time.perf_counter()
+            rows = conn.execute(BARE_CELLS, (instrument, day, day + timedelta(days=1))).fetchall()
+            bare_cells.append(time.perf_counter() - began)
             began = time.perf_counter()
             body = heatmap(store=store, instrument=instrument, start=str(start_s), end=str(start_s + 86_400),
                            bucket=None, resolution="1s")  # fmt: skip
@@ -370,7 +379,9 @@ def heatmap_case(url: str, levels: int, runs: int = 3) -> bool:
     engine.dispose()
     ratio = min(ours) / min(bare)
     print(f"(e) heatmap, 1 day at 1 s, {points:,} cells: GET /v1/heatmap body {min(ours) * 1000:,.0f} ms, "
-          f"bare SELECT {min(bare) * 1000:,.0f} ms ({ratio:.2f}x, target <= {HEATMAP_TARGET}x)")  # fmt: skip
+          f"bare SELECT of the stored rows {min(bare) * 1000:,.0f} ms ({ratio:.2f}x, target <= {HEATMAP_TARGET}x)")
+    print(f"    bare SELECT of the same rows unnested to cells: {min(bare_cells) * 1000:,.0f} ms "
+          f"(body / that = {min(ours) / min(bare_cells):.2f}x, for information)")  # fmt: skip
     if ratio > HEATMAP_TARGET:
         print("    MISSED: heatmap query target")
     return ratio <= HEATMAP_TARGET

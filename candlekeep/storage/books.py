@@ -1,4 +1,4 @@
-"""Order-book outputs in PostgreSQL (`book_snapshots`, `book_buckets`, `book_metrics`; migration 0004).
+"""Order-book outputs in PostgreSQL (`book_snapshots`, `book_buckets`, `book_metrics`; migrations 0004, 0007).
 
     store = BookStore(engine)
     store.insert(outputs)                              # BookOutput -> the three tables; rows new
@@ -39,7 +39,7 @@ NS_PER_DAY = 86_400 * 1_000_000_000
 TABLES = ("book_snapshots", "book_buckets", "book_metrics")
 _SNAP_COLS = ("instrument, ts, sequence, bids, asks, mid, spread, bid_depth_10, ask_depth_10, bid_depth_50,"
               " ask_depth_50, bid_depth_100, ask_depth_100, verified, source")  # fmt: skip
-_BUCKET_COLS = "instrument, ts, side, price, size, width, intensity"
+_BUCKET_COLS = "instrument, ts, side, width, prices, sizes, intensities"
 _METRIC_COLS = ("instrument, ts, mid, spread, imbalance_1, imbalance_5, imbalance_10, imbalance_10bps,"
                 " imbalance_50bps, weighted_mid, microprice")  # fmt: skip
 _SNAP_SELECT = f"SELECT (extract(epoch FROM ts) * 1000000)::bigint, {_SNAP_COLS.split(', ', 2)[2]}"
@@ -65,8 +65,8 @@ _METRIC_ROWS = """
 SELECT (extract(epoch FROM m.ts) * 1000000)::bigint, m.mid, m.spread, m.imbalance_5, s.bid_depth_50, s.ask_depth_50
 FROM book_metrics AS m LEFT JOIN book_snapshots AS s ON s.instrument = m.instrument AND s.ts = m.ts
 WHERE m.instrument = %(instrument)s AND m.ts >= %(start)s AND m.ts < %(end)s ORDER BY m.ts"""
-# The heatmap: per `resolution` slot the last stored output in it, its buckets re-bucketed to
-# `width` (a multiple of the stored width: div() is exact integer division, the edge rule of
+# The heatmap: per `resolution` slot the last stored output in it, its buckets (unnested) re-bucketed
+# to `width` (a multiple of the stored width: div() is exact integer division, the edge rule of
 # candlekeep.book_analytics), and each cell's intensity = size / the slot's largest cell, rounded
 # to 6 places half up exactly as book_analytics.intensity does.
 _HEATMAP = """
@@ -75,35 +75,35 @@ WITH slots AS (
     FROM book_snapshots WHERE instrument = %(instrument)s AND ts >= %(start)s AND ts < %(end)s
     ORDER BY floor(extract(epoch FROM ts) / %(step)s), ts DESC
 ), cells AS (
-    SELECT b.ts, b.side, div(b.price, %(width)s) * %(width)s AS price, sum(b.size) AS size
-    FROM book_buckets AS b JOIN slots USING (ts)
+    SELECT b.ts, b.side, div(u.price, %(width)s) * %(width)s AS price, sum(u.size) AS size
+    FROM book_buckets AS b JOIN slots USING (ts), unnest(b.prices, b.sizes) AS u(price, size)
     WHERE b.instrument = %(instrument)s AND b.ts >= %(start)s AND b.ts < %(end)s
-    GROUP BY b.ts, b.side, div(b.price, %(width)s)
+    GROUP BY b.ts, b.side, div(u.price, %(width)s)
 )
 SELECT (extract(epoch FROM ts) * 1000000)::bigint, side, price{t}, size{t},
        (div(2000000 * size + max(size) OVER w, 2 * max(size) OVER w) * 0.000001){t}
 FROM cells WINDOW w AS (PARTITION BY ts)
 ORDER BY cells.ts, cells.side, cells.price"""
 # The heatmap at the stored width: the intensities stored with each output are the slot's (one output
-# per slot: its last), so the cells are the stored rows themselves, read in primary-key order.
+# per slot: its last), so the cells are the stored arrays themselves, read in primary-key order as
+# PostgreSQL's text (`{p1,p2,...}`) and split by _cells.
 _HEATMAP_STORED = """
 WITH slots AS (
     SELECT max(ts) AS ts FROM book_snapshots
     WHERE instrument = %(instrument)s AND ts >= %(start)s AND ts < %(end)s
     GROUP BY floor(extract(epoch FROM ts) / %(step)s)
 )
-SELECT (extract(epoch FROM b.ts) * 1000)::bigint, b.side, b.price::text, b.size::text, b.intensity::text
+SELECT (extract(epoch FROM b.ts) * 1000)::bigint, b.side, b.prices::text, b.sizes::text, b.intensities::text
 FROM book_buckets AS b JOIN slots USING (ts)
 WHERE b.instrument = %(instrument)s AND b.ts >= %(start)s AND b.ts < %(end)s
-ORDER BY b.ts, b.side, b.price"""
+ORDER BY b.ts, b.side"""
 # Every stored output is the last of its slot (outputs no denser than the resolution): the cells are
-# simply the stored rows of the range, in primary-key order. ORDER BY names the table's columns (b.),
-# never the output's `price` (text): text order puts 10000 before 9990, and would sort what the
-# primary key's index already gives in order. The same in _HEATMAP (cells.).
+# simply the stored rows of the range, in primary-key order. ORDER BY names the table's columns (b.,
+# cells.), never an output's text: text order puts 10000 before 9990 (in _HEATMAP too).
 _HEATMAP_ALL = """
-SELECT (extract(epoch FROM b.ts) * 1000)::bigint, b.side, b.price::text, b.size::text, b.intensity::text
+SELECT (extract(epoch FROM b.ts) * 1000)::bigint, b.side, b.prices::text, b.sizes::text, b.intensities::text
 FROM book_buckets AS b WHERE b.instrument = %(instrument)s AND b.ts >= %(start)s AND b.ts < %(end)s
-ORDER BY b.ts, b.side, b.price"""
+ORDER BY b.ts, b.side"""
 _ONE_PER_SLOT = """
 SELECT count(*) = count(DISTINCT floor(extract(epoch FROM ts) / %(step)s)) FROM book_snapshots
 WHERE instrument = %(instrument)s AND ts >= %(start)s AND ts < %(end)s"""
@@ -179,12 +179,17 @@ class BookStore:
             cells = (*out.bid_buckets, *out.ask_buckets)
             if not cells:
                 continue
-            texts = intensity_texts([size for _, size in cells])
-            head, tail = f"{_escape(out.instrument)}\t{ts}\t", f"\t{decimal_str(out.width)}\t"
+            texts = intensity_texts([size for _, size in cells])  # one slice: both sides
+            head = f"{_escape(out.instrument)}\t{ts}\t"
+            width = decimal_str(out.width)
             n_bids = len(out.bid_buckets)
-            for i, (price, size) in enumerate(cells):
-                side = "bid" if i < n_bids else "ask"
-                bucket_lines.append(f"{head}{side}\t{decimal_str(price)}\t{decimal_str(size)}{tail}{texts[i]}\n")
+            for side, buckets, intensities in (("bid", out.bid_buckets, texts[:n_bids]),
+                                               ("ask", out.ask_buckets, texts[n_bids:])):  # fmt: skip
+                if buckets:
+                    prices = ",".join([decimal_str(p) for p, _ in buckets])
+                    sizes = ",".join([decimal_str(q) for _, q in buckets])
+                    levels = ",".join(intensities)
+                    bucket_lines.append(f"{head}{side}\t{width}\t{{{prices}}}\t{{{sizes}}}\t{{{levels}}}\n")
         # The UTC days the batch touches, each ensured alone: a batch holding a 2021 and a 2022 recording
         # must not make every day partition in between.
         days = sorted({o.ts_ns // NS_PER_DAY for o in batch})
@@ -296,7 +301,7 @@ class BookStore:
                   "step": resolution_s, "width": width}  # fmt: skip
         if stored_width:
             one_per_slot = self._rows(_ONE_PER_SLOT, params)[0][0]
-            return self._rows(_HEATMAP_ALL if one_per_slot else _HEATMAP_STORED, params)
+            return _cells(self._rows(_HEATMAP_ALL if one_per_slot else _HEATMAP_STORED, params))
         sql = _HEATMAP.format(t="::text").replace("(extract(epoch FROM ts) * 1000000)::bigint",
                                                   "(extract(epoch FROM ts) * 1000)::bigint")
         return self._rows(sql, params)
@@ -335,6 +340,16 @@ def _copy_or_merge(cur: psycopg.Cursor, table: str, lines: list[str]) -> int:
         copy.write(data)
     cur.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {stage} ON CONFLICT DO NOTHING")
     return max(cur.rowcount, 0)
+
+
+def _cells(rows: list[tuple[int, str, str, str, str]]) -> list[tuple[int, str, str, str, str]]:
+    """(t, side, "{p1,p2}", "{s1,s2}", "{i1,i2}") rows -> one (t, side, p, s, i) per bucket, in order.
+    A numeric array's text is its elements' exact text between commas: no quoting, no escapes."""
+    out: list[tuple[int, str, str, str, str]] = []
+    for t, side, prices, sizes, intensities in rows:
+        out.extend([(t, side, p, q, i) for p, q, i in zip(prices[1:-1].split(","), sizes[1:-1].split(","),
+                                                          intensities[1:-1].split(","), strict=True)])  # fmt: skip
+    return out
 
 
 def _num(value: Decimal | None) -> str:

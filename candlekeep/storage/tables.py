@@ -197,7 +197,7 @@ stream_state = Table(
 )
 
 # --- order books (migration 0004; candlekeep.storage.books) --------------------------------------
-# Keyed by (instrument, ts[, side, price]): the books daemon rewrites the same rows on a replay.
+# Keyed by (instrument, ts[, side]): the books daemon rewrites the same rows on a replay.
 # `bids` / `asks` are JSON arrays of [price, size] decimal strings, best first.
 book_snapshots = Table(
     "book_snapshots",
@@ -217,18 +217,22 @@ book_snapshots = Table(
     postgresql_partition_by="RANGE (ts)",
 )
 
+# One row per output and side (migration 0007): the buckets' lower edges ascending, and position by
+# position their summed size and intensity (size / the output's largest bucket, book_analytics.intensity).
 book_buckets = Table(
     "book_buckets",
     metadata,
     Column("instrument", Text, nullable=False),
     Column("ts", DateTime(timezone=True), nullable=False),
     Column("side", Text, nullable=False),
-    Column("price", Numeric, nullable=False),  # the bucket's lower edge (candlekeep.book_analytics)
-    Column("size", Numeric, nullable=False),
     Column("width", Numeric, nullable=False),
-    Column("intensity", Numeric, nullable=False),  # size / the output's largest bucket (book_analytics.intensity)
-    PrimaryKeyConstraint("instrument", "ts", "side", "price", name="book_buckets_pkey"),
+    Column("prices", ARRAY(Numeric), nullable=False),  # the buckets' lower edges (candlekeep.book_analytics)
+    Column("sizes", ARRAY(Numeric), nullable=False),
+    Column("intensities", ARRAY(Numeric), nullable=False),
+    PrimaryKeyConstraint("instrument", "ts", "side", name="book_buckets_pkey"),
     CheckConstraint("side IN ('bid','ask')", name="book_buckets_side_valid"),
+    CheckConstraint("cardinality(prices) = cardinality(sizes) AND cardinality(prices) = cardinality(intensities)",
+                    name="book_buckets_arrays_aligned"),  # fmt: skip
     postgresql_partition_by="RANGE (ts)",
 )
 

@@ -68,8 +68,9 @@ def _stored(engine: Engine) -> dict[str, list]:
             "SELECT instrument, (extract(epoch FROM ts) * 1e9)::bigint, sequence, bids, asks, mid::text, spread::text,"
             " bid_depth_10, ask_depth_10, bid_depth_50, ask_depth_50, bid_depth_100, ask_depth_100, verified, source"
             " FROM book_snapshots ORDER BY 1, 2")).all()  # fmt: skip
-        buckets = conn.execute(text("SELECT instrument, (extract(epoch FROM ts) * 1e9)::bigint, side, price, size,"
-                                    " width FROM book_buckets ORDER BY 1, 2, 3, 4")).all()  # fmt: skip
+        buckets = conn.execute(text(
+            "SELECT instrument, (extract(epoch FROM ts) * 1e9)::bigint, side, u.price, u.size, width"
+            " FROM book_buckets, unnest(prices, sizes) AS u(price, size) ORDER BY 1, 2, 3, 4")).all()  # fmt: skip
         metrics = conn.execute(text("SELECT instrument, (extract(epoch FROM ts) * 1e9)::bigint, imbalance_1,"
                                     " imbalance_5, imbalance_10, imbalance_10bps, imbalance_50bps, microprice,"
                                     " weighted_mid FROM book_metrics ORDER BY 1, 2")).all()  # fmt: skip

@@ -215,3 +215,47 @@ def test_0006_rolls_up_the_1m_bars_already_stored(empty_database: str) -> None:
     finally:
         engine.dispose()
         partitions.forget(engine)
+
+
+def test_0007_moves_stored_buckets_into_arrays_and_back(empty_database: str) -> None:
+    """An existing database: 0007 turns 0004's one row per bucket into one row per (instrument, ts, side)
+    with the buckets in price order, digits kept, on every day partition; its downgrade gives the rows back."""
+    upgrade(empty_database, "0006")
+    engine = create_engine(empty_database)
+    late, early = datetime(2024, 1, 1, 23, 59, 59, tzinfo=UTC), datetime(2024, 1, 2, tzinfo=UTC)
+    rows = [("kraken:BTC-USD", late, "bid", "42010", "0.500", "10", "1.000000"),  # inserted out of price order
+            ("kraken:BTC-USD", late, "bid", "9990", "0.250", "10", "0.500000"),
+            ("kraken:BTC-USD", late, "ask", "42020", "0.010", "10", "0.020000"),
+            ("okx:ETH-USDT", early, "ask", "2201.5", "3", "0.5", "1.000000")]  # fmt: skip
+    select_rows = ("SELECT instrument, ts, side, price::text, size::text, width::text, intensity::text"
+                   " FROM book_buckets ORDER BY 1, 2, 3, price")  # fmt: skip
+    try:
+        with engine.begin() as conn:
+            partitions.ensure_partitions(conn, "book_buckets", late, early + timedelta(days=1))
+            for row in rows:
+                conn.execute(text("INSERT INTO book_buckets (instrument, ts, side, price, size, width, intensity)"
+                                  " VALUES (:i, :t, :s, :p, :q, :w, :x)"),
+                             dict(zip("itspqwx", row, strict=True)))  # fmt: skip
+            before = conn.execute(text(select_rows)).all()
+        upgrade(empty_database)
+        with engine.connect() as conn:
+            got = conn.execute(text("SELECT instrument, ts, side, width::text, prices::text, sizes::text,"
+                                    " intensities::text FROM book_buckets ORDER BY 1, 2, 3")).all()  # fmt: skip
+        assert [tuple(r) for r in got] == [
+            ("kraken:BTC-USD", late, "ask", "10", "{42020}", "{0.010}", "{0.020000}"),
+            ("kraken:BTC-USD", late, "bid", "10", "{9990,42010}", "{0.250,0.500}", "{0.500000,1.000000}"),
+            ("okx:ETH-USDT", early, "ask", "0.5", "{2201.5}", "{3}", "{1.000000}")]  # fmt: skip
+        if backend(engine) == "native":  # the rows' days are partitions of the new table, under the old names
+            assert {"book_buckets_p20240101", "book_buckets_p20240102"} <= partition_names(engine, "book_buckets")
+            assert to_regclass_none(engine, "book_buckets_old")
+        downgrade(empty_database, "0006")
+        with engine.connect() as conn:
+            assert conn.execute(text(select_rows)).all() == before
+    finally:
+        engine.dispose()
+        partitions.forget(engine)
+
+
+def to_regclass_none(engine: Engine, name: str) -> bool:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT to_regclass(:n)"), {"n": name}).scalar() is None
