@@ -254,6 +254,8 @@ class BooksDaemon:
                 self._retry = list(records[i:])
                 raise
             self._offsets[(record.topic, record.partition)] = record.offset + 1
+            if len(self._outputs) >= self.flush_max:  # batches stay bounded within a poll of many records
+                self._submit()
         if records:
             self._sync_state("records")
         if self._producer is not None:

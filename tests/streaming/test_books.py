@@ -123,6 +123,23 @@ SIM = "cccagg:BTC-USD"
 SIM_WIDTHS = {SIM: Decimal("10")}
 
 
+def test_batches_stay_within_flush_max_inside_one_poll(engine: Engine, topic_prefix: str) -> None:
+    """One poll of every record (200 s of books, 199 outputs): batches of at most `flush_max`, all stored."""
+    bus = InProcessBus()
+    _publish(bus, topic_prefix, _simulated())
+    daemon = BooksDaemon(bus, BookStore(engine), prefix=topic_prefix, widths=SIM_WIDTHS, flush_max=7,
+                         max_records=10_000)  # fmt: skip
+    sizes: list[int] = []
+    submit = daemon._submit
+    daemon._submit = lambda: (sizes.append(len(daemon._outputs)), submit())[1]  # type: ignore[method-assign]
+    daemon._start()
+    daemon.step()
+    daemon.flush()
+    stored = daemon.m_written._value.get()
+    daemon._shutdown()
+    assert stored == 199 and sum(sizes) == 199 and max(sizes) == 7 and len(sizes) >= 199 // 7
+
+
 def test_a_delta_before_any_snapshot_waits_and_a_break_waits_for_the_next_snapshot(
     engine: Engine, topic_prefix: str
 ) -> None:
