@@ -516,8 +516,8 @@ class _WriterProcess:
     """The child process that makes and stores the outputs, batch by batch, in order (`_writer_main`).
 
     Spawned (nothing inherited: no connection of this process is shared), joined by one pipe. It exits
-    when told (`close`), or when the pipe reaches EOF: this process is gone, `kill -9` included; what it
-    stored by then is rows a restart would store again (idempotent)."""
+    when told (`close`), or when the pipe reaches EOF or is reset: this process is gone, `kill -9`
+    included; what it stored by then is rows a restart would store again (idempotent)."""
 
     def __init__(self, url: str) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -582,7 +582,7 @@ def _writer_main(conn: Any, url: str) -> None:
         while True:
             try:
                 batch = conn.recv()
-            except EOFError:
+            except (EOFError, ConnectionResetError):  # the daemon is gone (exited, or kill -9)
                 return
             if batch is None:
                 return
