@@ -7,7 +7,8 @@
     book_diff(old, new)                                                            # WS diffs
 
 Keyword-only functions over a BookStore; each raises BookQueryError (a 4xx, the message says
-why) or BookNotFound (404). Bodies are plain dicts with every price and size a decimal string.
+why) or BookNotFound (404). Bodies are plain dicts with every price and size a decimal string (the
+heatmap's slices come as JSON, built by the query: msgspec.Raw).
 The live views read the latest stored output of the books daemon (at most one output interval
 old). Consolidated staleness is measured in book time: a venue is stale when its latest output is
 more than `stale_ns` older than the freshest venue's of the pair (the wall clock is not the log's).
@@ -19,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import msgspec
+
 from candlekeep.bars import NS_PER_S, decimal_str
 from candlekeep.book_analytics import AnalyticsError, VenueBook, consolidate, default_bucket_width, pair_members, parse_pair
 from candlekeep.books import Level
@@ -29,6 +32,7 @@ from candlekeep.storage.books import BookStore, StoredSnapshot
 MAX_DEPTH = 1000
 MAX_METRIC_ROWS = 10_000  # rows of /v1/book/metrics per request
 MAX_HEATMAP_SLICES = 86_400  # one day at 1 s
+SLICE_COLUMNS = ["t_ms", "side", "prices", "sizes", "intensities"]  # of each heatmap slice, in price order
 MAX_RANGE_S = 31 * 86_400
 RESOLUTIONS = {"1s": 1, "5s": 5, "10s": 10, "15s": 15, "30s": 30, "1m": 60, "5m": 300, "15m": 900, "1h": 3600,
                "4h": 14_400, "1d": 86_400}  # fmt: skip
@@ -177,8 +181,9 @@ def metrics_history(*, store: BookStore, instrument: str, start: str, end: str, 
 
 def heatmap(*, store: BookStore, instrument: str, start: str, end: str, bucket: str | None,
             resolution: str) -> dict[str, Any]:  # fmt: skip
-    """Heatmap cells: per `resolution` slot the last stored output's buckets, re-bucketed to `bucket`
-    (a multiple of the stored width; default the stored width), intensity 0..1 per slot (6 places)."""
+    """Heatmap slices: per `resolution` slot the last stored output's buckets, re-bucketed to `bucket`
+    (a multiple of the stored width; default the stored width), intensity 0..1 per slot (6 places);
+    one slice per slot and side, its cells as three aligned arrays in price order (SLICE_COLUMNS)."""
     iid = instrument_id(instrument)
     step = _resolution(resolution, "resolution")
     start_s, end_s = _range(start, end)
@@ -192,14 +197,14 @@ def heatmap(*, store: BookStore, instrument: str, start: str, end: str, bucket: 
         width = max(stored, default=None)
     if width is None:
         return {"instrument": iid, "start": start_s, "end": end_s, "resolution": resolution, "bucket": None,
-                "points": []}  # fmt: skip
+                "columns": SLICE_COLUMNS, "slices": []}  # fmt: skip
     if any(width % w != 0 for w in stored):
         raise BookQueryError(f"bucket {decimal_str(width)} is not a multiple of the stored bucket width "
                              f"{', '.join(decimal_str(w) for w in stored)}")  # fmt: skip
-    rows = store.heatmap_text(iid, start_s * NS_PER_S, end_s * NS_PER_S, step, width,
-                              stored_width=stored == [width])  # fmt: skip
+    slices = store.heatmap_json(iid, start_s * NS_PER_S, end_s * NS_PER_S, step, width,
+                                stored_width=stored == [width])  # fmt: skip
     return {"instrument": iid, "start": start_s, "end": end_s, "resolution": resolution, "bucket": decimal_str(width),
-            "columns": ["t_ms", "side", "price", "size", "intensity"], "points": rows}  # fmt: skip
+            "columns": SLICE_COLUMNS, "slices": msgspec.Raw(slices)}  # fmt: skip
 
 
 def book_diff(old: StoredSnapshot, new: StoredSnapshot, depth: int) -> dict[str, list[list[str]]]:

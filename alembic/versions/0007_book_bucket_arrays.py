@@ -8,7 +8,8 @@ Create Date: 2026-12-03
 index above all) was half of the books daemon's PostgreSQL time (bench/README.md, "Books daemon").
 Each output's buckets of one side are written and read together, never one by one, so they are now
 one row: `prices` (the buckets' lower edges, ascending), `sizes` and `intensities`, position by
-position, of equal length (a CHECK says so). Readers unnest them WITH ORDINALITY to keep the order.
+position, of equal length and never empty (a CHECK says so). The served heatmap prints them as they
+are (array order is price order); re-bucketing unnests them.
 
 The upgrade moves the stored rows over (array_agg in price order) and drops the old table: nothing
 stored is lost. Plain PostgreSQL keeps day partitions made by candlekeep_ensure_partitions (the
@@ -38,8 +39,8 @@ CREATE TABLE book_buckets (
     intensities numeric[] NOT NULL,
     CONSTRAINT book_buckets_pkey PRIMARY KEY (instrument, ts, side),
     CONSTRAINT book_buckets_side_valid CHECK (side IN ('bid','ask')),
-    CONSTRAINT book_buckets_arrays_aligned CHECK (
-        cardinality(prices) = cardinality(sizes) AND cardinality(prices) = cardinality(intensities))
+    CONSTRAINT book_buckets_arrays_aligned CHECK (cardinality(prices) > 0
+        AND cardinality(prices) = cardinality(sizes) AND cardinality(prices) = cardinality(intensities))
 )"""
 
 ROWS = """

@@ -7,6 +7,7 @@
     store.snapshot_ids()                               # instruments with a stored snapshot
     store.metrics(instrument, start_ns, end_ns, interval_s)   # -> [MetricsRow] per interval
     store.heatmap(instrument, start_ns, end_ns, resolution_s, width)  # -> [HeatmapRow]
+    store.heatmap_json(instrument, start_ns, end_ns, resolution_s, width)  # the same, served: JSON text
     store.metric_rows(instrument, start_ns, end_ns)    # the raw rows, for the 1m roll-up
     store.drop_older_than(days, now)                   # retention (streaming.books schedules it)
 
@@ -68,8 +69,9 @@ WHERE m.instrument = %(instrument)s AND m.ts >= %(start)s AND m.ts < %(end)s ORD
 # The heatmap: per `resolution` slot the last stored output in it, its buckets (unnested) re-bucketed
 # to `width` (a multiple of the stored width: div() is exact integer division, the edge rule of
 # candlekeep.book_analytics), and each cell's intensity = size / the slot's largest cell, rounded
-# to 6 places half up exactly as book_analytics.intensity does.
-_HEATMAP = """
+# to 6 places half up exactly as book_analytics.intensity does. One row per cell (ts, side, price,
+# size, intensity); _HEATMAP orders them, _HEATMAP_SLICES gathers each slot's side into arrays.
+_HEATMAP_CELLS = """
 WITH slots AS (
     SELECT DISTINCT ON (floor(extract(epoch FROM ts) / %(step)s)) ts
     FROM book_snapshots WHERE instrument = %(instrument)s AND ts >= %(start)s AND ts < %(end)s
@@ -80,28 +82,41 @@ WITH slots AS (
     WHERE b.instrument = %(instrument)s AND b.ts >= %(start)s AND b.ts < %(end)s
     GROUP BY b.ts, b.side, div(u.price, %(width)s)
 )
-SELECT (extract(epoch FROM ts) * 1000000)::bigint, side, price{t}, size{t},
-       (div(2000000 * size + max(size) OVER w, 2 * max(size) OVER w) * 0.000001){t}
-FROM cells WINDOW w AS (PARTITION BY ts)
-ORDER BY cells.ts, cells.side, cells.price"""
+SELECT ts, side, price, size, div(2000000 * size + max(size) OVER w, 2 * max(size) OVER w) * 0.000001 AS intensity
+FROM cells WINDOW w AS (PARTITION BY ts)"""
+# ORDER BY names numeric columns, never an output's text: text order puts 10000 before 9990.
+_HEATMAP = f"""
+SELECT (extract(epoch FROM ts) * 1000000)::bigint, side, price, size, intensity
+FROM ({_HEATMAP_CELLS}) AS c ORDER BY ts, side, price"""
+# The served heatmap is JSON built here, one fragment per slot and side, `[t_ms,"bid",["59800",...],
+# [sizes],[intensities]]`: PostgreSQL writes each numeric exactly as it would as text, and a day of
+# 1 s slices (3.5M cells) never becomes millions of Python strings (bench/books.py (e)). Decimal text
+# needs no JSON escaping (digits, '.', '-'); `side` is 'bid' or 'ask' (a CHECK); no array is empty.
+_SLICE_JSON = """'[' || (extract(epoch FROM {ts}) * 1000)::bigint || ',"' || {side} || '",["'
+    || array_to_string({prices}, '","') || '"],["' || array_to_string({sizes}, '","') || '"],["'
+    || array_to_string({intensities}, '","') || '"]]'"""
+_HEATMAP_SLICES = f"""
+SELECT {_SLICE_JSON.format(ts="ts", side="side", prices="array_agg(price ORDER BY price)",
+                           sizes="array_agg(size ORDER BY price)", intensities="array_agg(intensity ORDER BY price)")}
+FROM ({_HEATMAP_CELLS}) AS c GROUP BY ts, side ORDER BY ts, side"""
+_STORED_SLICE_JSON = _SLICE_JSON.format(ts="b.ts", side="b.side", prices="b.prices", sizes="b.sizes",
+                                        intensities="b.intensities")  # fmt: skip
 # The heatmap at the stored width: the intensities stored with each output are the slot's (one output
-# per slot: its last), so the cells are the stored arrays themselves, read in primary-key order as
-# PostgreSQL's text (`{p1,p2,...}`) and split by _cells.
-_HEATMAP_STORED = """
+# per slot: its last), so each slot's sides are the stored rows themselves, in primary-key order.
+_HEATMAP_STORED = f"""
 WITH slots AS (
     SELECT max(ts) AS ts FROM book_snapshots
     WHERE instrument = %(instrument)s AND ts >= %(start)s AND ts < %(end)s
     GROUP BY floor(extract(epoch FROM ts) / %(step)s)
 )
-SELECT (extract(epoch FROM b.ts) * 1000)::bigint, b.side, b.prices::text, b.sizes::text, b.intensities::text
+SELECT {_STORED_SLICE_JSON}
 FROM book_buckets AS b JOIN slots USING (ts)
 WHERE b.instrument = %(instrument)s AND b.ts >= %(start)s AND b.ts < %(end)s
 ORDER BY b.ts, b.side"""
-# Every stored output is the last of its slot (outputs no denser than the resolution): the cells are
-# simply the stored rows of the range, in primary-key order. ORDER BY names the table's columns (b.,
-# cells.), never an output's text: text order puts 10000 before 9990 (in _HEATMAP too).
-_HEATMAP_ALL = """
-SELECT (extract(epoch FROM b.ts) * 1000)::bigint, b.side, b.prices::text, b.sizes::text, b.intensities::text
+# Every stored output is the last of its slot (outputs no denser than the resolution): the slices are
+# simply the stored rows of the range, in primary-key order.
+_HEATMAP_ALL = f"""
+SELECT {_STORED_SLICE_JSON}
 FROM book_buckets AS b WHERE b.instrument = %(instrument)s AND b.ts >= %(start)s AND b.ts < %(end)s
 ORDER BY b.ts, b.side"""
 _ONE_PER_SLOT = """
@@ -290,21 +305,20 @@ class BookStore:
         params = {"instrument": instrument, "start": _utc_ns(start_ns), "end": _utc_ns(end_ns),
                   "step": resolution_s, "width": width}  # fmt: skip
         return [HeatmapRow(ts_us * NS_PER_US, side, price, size, level)
-                for ts_us, side, price, size, level in self._rows(_HEATMAP.format(t=""), params)]  # fmt: skip
+                for ts_us, side, price, size, level in self._rows(_HEATMAP, params)]  # fmt: skip
 
-    def heatmap_text(self, instrument: str, start_ns: int, end_ns: int, resolution_s: int, width: Decimal,
-                     *, stored_width: bool = False) -> list[tuple[int, str, str, str, str]]:  # fmt: skip
-        """`heatmap` as (unix ms, side, price, size, intensity) with the numbers as PostgreSQL's exact
-        text (no Decimal round trip): for serving. `stored_width`: `width` is the only stored width of
-        the range, so the stored rows and intensities are the cells (one query, no re-bucketing)."""
+    def heatmap_json(self, instrument: str, start_ns: int, end_ns: int, resolution_s: int, width: Decimal,
+                     *, stored_width: bool = False) -> str:  # fmt: skip
+        """`heatmap` for serving, as a JSON array of slices, one per slot and side in time order:
+        `[t_ms, side, prices, sizes, intensities]`, the three arrays aligned in price order, every
+        number an exact decimal string. `stored_width`: `width` is the only stored width of the range,
+        so the stored rows are the slices (their intensities are the slot's: no re-bucketing)."""
         params = {"instrument": instrument, "start": _utc_ns(start_ns), "end": _utc_ns(end_ns),
                   "step": resolution_s, "width": width}  # fmt: skip
+        sql = _HEATMAP_SLICES
         if stored_width:
-            one_per_slot = self._rows(_ONE_PER_SLOT, params)[0][0]
-            return _cells(self._rows(_HEATMAP_ALL if one_per_slot else _HEATMAP_STORED, params))
-        sql = _HEATMAP.format(t="::text").replace("(extract(epoch FROM ts) * 1000000)::bigint",
-                                                  "(extract(epoch FROM ts) * 1000)::bigint")
-        return self._rows(sql, params)
+            sql = _HEATMAP_ALL if self._rows(_ONE_PER_SLOT, params)[0][0] else _HEATMAP_STORED
+        return "[" + ",".join([row[0] for row in self._rows(sql, params)]) + "]"
 
     def _rows(self, sql: str, params: Any) -> list[tuple]:
         with self.engine.connect() as conn:
@@ -340,16 +354,6 @@ def _copy_or_merge(cur: psycopg.Cursor, table: str, lines: list[str]) -> int:
         copy.write(data)
     cur.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {stage} ON CONFLICT DO NOTHING")
     return max(cur.rowcount, 0)
-
-
-def _cells(rows: list[tuple[int, str, str, str, str]]) -> list[tuple[int, str, str, str, str]]:
-    """(t, side, "{p1,p2}", "{s1,s2}", "{i1,i2}") rows -> one (t, side, p, s, i) per bucket, in order.
-    A numeric array's text is its elements' exact text between commas: no quoting, no escapes."""
-    out: list[tuple[int, str, str, str, str]] = []
-    for t, side, prices, sizes, intensities in rows:
-        out.extend([(t, side, p, q, i) for p, q, i in zip(prices[1:-1].split(","), sizes[1:-1].split(","),
-                                                          intensities[1:-1].split(","), strict=True)])  # fmt: skip
-    return out
 
 
 def _num(value: Decimal | None) -> str:

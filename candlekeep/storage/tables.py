@@ -231,8 +231,8 @@ book_buckets = Table(
     Column("intensities", ARRAY(Numeric), nullable=False),
     PrimaryKeyConstraint("instrument", "ts", "side", name="book_buckets_pkey"),
     CheckConstraint("side IN ('bid','ask')", name="book_buckets_side_valid"),
-    CheckConstraint("cardinality(prices) = cardinality(sizes) AND cardinality(prices) = cardinality(intensities)",
-                    name="book_buckets_arrays_aligned"),  # fmt: skip
+    CheckConstraint("cardinality(prices) > 0 AND cardinality(prices) = cardinality(sizes)"
+                    " AND cardinality(prices) = cardinality(intensities)", name="book_buckets_arrays_aligned"),  # fmt: skip
     postgresql_partition_by="RANGE (ts)",
 )
 

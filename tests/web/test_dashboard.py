@@ -12,6 +12,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from itertools import groupby
 from urllib.parse import urlsplit
 
 import pytest
@@ -343,8 +344,10 @@ def test_books_panel_renders_the_documented_shapes(api, page) -> None:
                     "venues": [{"instrument": "coinbase:BTC-USD", "age_ms": 800, "best_bid": "67004.99",
                                 "best_ask": "67005.01"}],
                     "excluded": [{"instrument": "kraken:BTC-USD", "reason": "stale: no update for 42 s (limit 10 s)"}]}  # fmt: skip
+    slices = [[t, side, *map(list, zip(*[c[2:] for c in cells], strict=True))]  # the API's shape: a slot's side
+              for (t, side), cells in groupby(points, key=lambda c: (c[0], c[1]))]  # fmt: skip
     heatmap = {"instrument": SIM_INSTRUMENT, "start": end - 3600, "end": end, "resolution": "1s", "bucket": "10",
-               "columns": ["t_ms", "side", "price", "size", "intensity"], "points": points}  # fmt: skip
+               "columns": ["t_ms", "side", "prices", "sizes", "intensities"], "slices": slices}  # fmt: skip
     canned = {"/v1/heatmap": heatmap, "/v1/book/consolidated": consolidated, "/v1/book": book}
 
     def answer(route) -> None:

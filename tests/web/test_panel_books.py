@@ -35,7 +35,7 @@ def _book(api: Api) -> dict | None:
 def _settled_points(api: Api) -> bool:
     now = int(time.time())
     answer = json.loads(api.get(f"/v1/heatmap?instrument={SIM_INSTRUMENT}&start={now - 600}&end={now}&resolution=1s"))
-    return any(t // 1000 < now - SETTLED_S - 2 for t, *_ in answer["points"])
+    return any(t // 1000 < now - SETTLED_S - 2 for t, *_ in answer["slices"])
 
 
 def test_heatmap_paints_the_stored_buckets_and_the_book_shows_spread_and_venues(api, simulator, page) -> None:
@@ -47,10 +47,12 @@ def test_heatmap_paints_the_stored_buckets_and_the_book_shows_spread_and_venues(
     wait_for(page, "d.heatmap.range !== null && d.heatmap.cells > 0", timeout_s=30)
     rng = data_layer(page, "d.heatmap.range")
     answer = json.loads(api.get(f"/v1/heatmap?instrument={SIM_INSTRUMENT}&start={rng['start']}&end={rng['end']}&resolution=1s"))
-    assert answer["columns"] == ["t_ms", "side", "price", "size", "intensity"]
+    assert answer["columns"] == ["t_ms", "side", "prices", "sizes", "intensities"]
     # painted rows per stored second: the distinct prices with an intensity (a bucket can hold a
     # bid and an ask), counted from the API's rows, not by the page's code
-    truth = Counter(t // 1000 for t, price in {(t, price) for t, _, price, _, i in answer["points"] if Decimal(i) > 0})
+    painted = {(t, price) for t, _, prices, _, levels in answer["slices"]
+               for price, i in zip(prices, levels, strict=True) if Decimal(i) > 0}  # fmt: skip
+    truth = Counter(t // 1000 for t, price in painted)
     drawn = dict(map(tuple, data_layer(page, "d.heatmap.storedColumns")))
     settled = rng["end"] - SETTLED_S
     assert sum(n for t, n in truth.items() if t < settled) > 0

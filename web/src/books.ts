@@ -6,8 +6,9 @@
 //   /v1/book          {instrument, ts_ns, sequence, age_ms, verified, source, mid, spread, bids, asks, depth_bps}
 //   /v1/book/consolidated {pair, ts_ns, bucket, best_bid: {price, venues} | null, best_ask: ..., bids, asks,
 //                      venues: [{instrument, age_ms, best_bid, best_ask}], excluded: [{instrument, reason}]}
-//   /v1/heatmap       {instrument, start, end, resolution, bucket, columns: ["t_ms", "side", "price", "size",
-//                      "intensity"], points: [[t_ms, side, price, size, intensity], ...]} (bucket null: none stored)
+//   /v1/heatmap       {instrument, start, end, resolution, bucket, columns: ["t_ms", "side", "prices", "sizes",
+//                      "intensities"], slices: [[t_ms, side, prices, sizes, intensities], ...]} (one per slot and
+//                      side, the arrays aligned in price order; bucket null: none stored)
 //   WS /v1/book/stream {type: "snapshot", ...the /v1/book body} each time the stored book changes
 // Spread is the API's (exact), else the decimal difference (scaled integers); imbalance is a displayed ratio.
 // Until the books daemon has stored buckets of the last hour, the heatmap is asked for again on
@@ -59,7 +60,7 @@ interface ConsolidatedAnswer {
 interface HeatmapAnswer {
   bucket: string | null;
   columns?: string[];
-  points: Array<[number, string, string, string, string]>;
+  slices: Array<[number, string, string[], string[], string[]]>;
 }
 
 export function levels(raw: unknown[] | undefined): Level[] {
@@ -323,14 +324,16 @@ interface HeatSlice {
 export function heatSlices(answer: HeatmapAnswer): HeatSlice[] {
   const bucket = Number(answer.bucket);
   const out: Array<HeatSlice & { bid: number; ask: number }> = [];
-  for (const [tMs, side, price, , intensity] of answer.points) {
+  for (const [tMs, side, prices, , intensities] of answer.slices) {
     const ts = Math.floor(tMs / 1000);
     let slice = out[out.length - 1];
     if (!slice || slice.ts !== ts) out.push((slice = { ts, points: [], bid: -Infinity, ask: Infinity }));
-    const p = Number(price);
-    slice.points.push({ price: p, intensity: Number(intensity) });
-    if (side === "bid") slice.bid = Math.max(slice.bid, p);
-    else slice.ask = Math.min(slice.ask, p);
+    for (let k = 0; k < prices.length; k++) {
+      const p = Number(prices[k]);
+      slice.points.push({ price: p, intensity: Number(intensities[k]) });
+      if (side === "bid") slice.bid = Math.max(slice.bid, p);
+      else slice.ask = Math.min(slice.ask, p);
+    }
   }
   return out.map(({ ts, points, bid, ask }) => ({
     ts, points, mid: Number.isFinite(bid) && Number.isFinite(ask) ? (bid + ask + bucket) / 2 : undefined,

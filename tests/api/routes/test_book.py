@@ -103,7 +103,7 @@ def test_heatmap(client: TestClient, engine: Engine) -> None:
                                           "resolution": "10s", "bucket": "30"})  # fmt: skip
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["bucket"] == "30" and body["columns"] == ["t_ms", "side", "price", "size", "intensity"]
+    assert body["bucket"] == "30" and body["columns"] == ["t_ms", "side", "prices", "sizes", "intensities"]
     slots = {}
     for o in outs:  # the last output of each 10 s slot
         slots[(o.ts_ns // NS_PER_S) // 10] = o
@@ -116,8 +116,12 @@ def test_heatmap(client: TestClient, engine: Engine) -> None:
                 cells[key] = cells.get(key, D(0)) + s
         largest = max(cells.values())
         expected += [(o.ts_ns // 1_000_000, side, p, s, intensity(s, largest)) for (side, p), s in sorted(cells.items())]
-    assert [(t, side, D(p), D(s), D(i)) for t, side, p, s, i in body["points"]] == expected
-    assert max(D(p[4]) for p in body["points"]) == 1
+    assert all(isinstance(v, str) for *_, ps, ss, ins in body["slices"] for v in ps + ss + ins)  # decimal strings
+    cells = [(t, side, D(p), D(s), D(i)) for t, side, ps, ss, ins in body["slices"]
+             for p, s, i in zip(ps, ss, ins, strict=True)]  # fmt: skip
+    assert cells == expected
+    assert [(t, side) for t, side, *_ in body["slices"]] == sorted({(t, side) for t, side, *_ in expected})
+    assert max(c[4] for c in cells) == 1
     base = {"instrument": "kraken:BTC-USD", "start": T0, "end": T0 + 60}
     for bad in ({**base, "bucket": "15"}, {**base, "bucket": "-10"}, {**base, "resolution": "2s"},
                 {**base, "resolution": "1s", "end": T0 + 86_401}, {**base, "instrument": "BTC"}):  # fmt: skip
@@ -125,7 +129,7 @@ def test_heatmap(client: TestClient, engine: Engine) -> None:
     one_day = client.get("/v1/heatmap", params={**base, "resolution": "1s", "end": T0 + 86_400})
     assert one_day.status_code == 200  # exactly at the cap
     empty = client.get("/v1/heatmap", params={**base, "instrument": "kraken:ETH-USD"}).json()
-    assert empty["points"] == []
+    assert empty["slices"] == []
 
 
 def test_book_stream_snapshot_then_diffs(client: TestClient, engine: Engine) -> None:

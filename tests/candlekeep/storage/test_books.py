@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
@@ -54,6 +55,15 @@ def test_round_trip_exact_and_idempotent(engine: Engine) -> None:
     assert store.latest("kraken:BTC-USD") is None
 
 
+def _cells(slices_json: str) -> list[tuple[int, str, str, str, str]]:
+    """heatmap_json's slices (parsed by the json module) as one row per cell, every number a string."""
+    out = []
+    for t, side, *arrays in json.loads(slices_json):
+        assert all(isinstance(v, str) for a in arrays for v in a) and len(arrays[0]) > 0
+        out += [(t, side, *cell) for cell in zip(*arrays, strict=True)]
+    return out
+
+
 def test_heatmap_matches_pandas_over_the_stored_buckets(engine: Engine) -> None:
     store = BookStore(engine)
     start = _now_s()
@@ -81,12 +91,13 @@ def test_heatmap_matches_pandas_over_the_stored_buckets(engine: Engine) -> None:
     asks = tuple((r.price, r.size) for r in one_slot if r.side == "ask")
     assert [p.intensity for p in heatmap_slice(0, bids, asks)] == [r.intensity for r in one_slot
                                                                    if r.side == "bid"] + [r.intensity for r in one_slot if r.side == "ask"]  # fmt: skip
-    as_text = store.heatmap_text(BTC.id, start * NS_PER_S, (start + 40) * NS_PER_S, 10, width)
+    as_text = _cells(store.heatmap_json(BTC.id, start * NS_PER_S, (start + 40) * NS_PER_S, 10, width))
     assert [(t, s, D(p), D(z), D(i)) for t, s, p, z, i in as_text] == [
         (r.ts_ns // 1_000_000, r.side, r.price, r.size, r.intensity) for r in got]
     # At the stored width the stored intensities are the cells: the same as the general query's.
     general = store.heatmap(BTC.id, start * NS_PER_S, (start + 40) * NS_PER_S, 10, D("10"))
-    stored = store.heatmap_text(BTC.id, start * NS_PER_S, (start + 40) * NS_PER_S, 10, D("10"), stored_width=True)
+    stored = _cells(store.heatmap_json(BTC.id, start * NS_PER_S, (start + 40) * NS_PER_S, 10, D("10"),
+                                       stored_width=True))  # fmt: skip
     assert len(general) > 12 and [(t, s, D(p), D(z), D(i)) for t, s, p, z, i in stored] == [
         (r.ts_ns // 1_000_000, r.side, r.price, r.size, r.intensity) for r in general]
 
@@ -125,8 +136,8 @@ def test_heatmap_cells_are_in_numeric_price_order_across_a_digit_boundary(engine
                         source="t", width=D("5"), depth=25) for k in range(3)]  # fmt: skip
     store.insert(outs)
     span = (start * NS_PER_S, (start + 3) * NS_PER_S)
-    for rows in (store.heatmap_text("kraken:BTC-USD", *span, 1, D("5"), stored_width=True),
-                 store.heatmap_text("kraken:BTC-USD", *span, 1, D("10"))):  # fmt: skip
+    for rows in (_cells(store.heatmap_json("kraken:BTC-USD", *span, 1, D("5"), stored_width=True)),
+                 _cells(store.heatmap_json("kraken:BTC-USD", *span, 1, D("10")))):  # fmt: skip
         slot = [(side, D(price)) for t, side, price, _, _ in rows if t == rows[0][0]]
         assert [p for s, p in slot if s == "bid"] == sorted(p for s, p in slot if s == "bid")
         assert [p for s, p in slot if s == "ask"] == sorted(p for s, p in slot if s == "ask")
