@@ -43,6 +43,7 @@ CREATE TABLE book_buckets (
         AND cardinality(prices) = cardinality(sizes) AND cardinality(prices) = cardinality(intensities))
 )"""
 
+# 0004's table, for the downgrade (copied, not imported: a migration stays frozen).
 ROWS = """
 CREATE TABLE book_buckets (
     instrument text NOT NULL,
