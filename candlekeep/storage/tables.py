@@ -196,7 +196,7 @@ stream_state = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
-# --- order books (migration 0004; candlekeep.storage.books) --------------------------------------
+# --- order books (migrations 0004, 0007; candlekeep.storage.books) -------------------------------
 # Keyed by (instrument, ts[, side]): the books daemon rewrites the same rows on a replay.
 # `bids` / `asks` are JSON arrays of [price, size] decimal strings, best first.
 book_snapshots = Table(
