@@ -44,7 +44,7 @@ def encode_ohlcv_json(stitched: Stitched, *, requested: str, seed: bool) -> byte
         day, sec = divmod(s, 86400)
         prefix = days.get(day)
         if prefix is None:
-            prefix = days[day] = iso_utc(day * 86400)[:11]  # "YYYY-MM-DDT"
+            prefix = days[day] = _day_prefix(day)
         hours, rest = divmod(sec, 3600)
         state = "final" if final else "forming" if i == forming_at else "provisional"
         parts.append(
@@ -61,6 +61,13 @@ def encode_ohlcv_json(stitched: Stitched, *, requested: str, seed: bool) -> byte
         f'"gaps":[{gaps}],"complete":{"true" if stitched.complete else "false"},'
         f'"forming":{"true" if stitched.forming is not None else "false"}{tail}}}'
     ).encode()
+
+
+@lru_cache(maxsize=1 << 14)
+def _day_prefix(day: int) -> str:
+    """"YYYY-MM-DDT" of a UTC day number (a 1d answer has a new day per bar: formatting each costs
+    more than the rest of the bar)."""
+    return iso_utc(day * 86400)[:11]
 
 
 @lru_cache(maxsize=1024)
