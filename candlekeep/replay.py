@@ -106,8 +106,20 @@ def parse_speed(value: str | float | int | None) -> float | None:
     return speed
 
 
+_NS_RANGE = range(-(1 << 63), 1 << 63)  # a BIGINT of nanoseconds: 1677-09-21 to 2262-04-11
+
+
 def parse_time_ns(value: str | int | float, *, name: str = "time") -> int:
-    """Unix seconds (a fraction is exact: `1582329700.5`) or ISO-8601 (naive means UTC) -> unix ns."""
+    """Unix seconds (a fraction is exact: `1582329700.5`) or ISO-8601 (naive means UTC) -> unix ns,
+    within what a BIGINT of nanoseconds holds (a ValueError names the range otherwise)."""
+    ns = _parse_time_ns(value, name)
+    if ns not in _NS_RANGE:
+        raise ValueError(f"{name} {value!r} is out of range: unix nanoseconds must fit in 64 bits "
+                         "(1677-09-21 to 2262-04-11)")  # fmt: skip
+    return ns
+
+
+def _parse_time_ns(value: str | int | float, name: str) -> int:
     text_value = str(value).strip()
     try:
         seconds = Decimal(text_value)

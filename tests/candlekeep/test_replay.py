@@ -69,6 +69,14 @@ def test_times_are_exact_nanoseconds() -> None:
         parse_time_ns("soon", name="seek")
 
 
+@pytest.mark.parametrize("huge", [2.7107347474130206e183, "9223372036.854775808", "-9223372036.854775809",
+                                  "9999-12-31T00:00:00Z"])  # fmt: skip
+def test_times_past_a_bigint_of_nanoseconds_are_refused(huge) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        parse_time_ns(huge, name="start")
+    assert parse_time_ns("9223372036.854775807") == (1 << 63) - 1  # the last one that fits
+
+
 def test_the_clock_runs_at_its_speed_holds_resumes_and_changes_speed() -> None:
     wall0, sim0 = 1_000 * NS_PER_S, 1_582_329_600 * NS_PER_S
     clock = ReplayClock(sim0, wall0, 10.0)
