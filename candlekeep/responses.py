@@ -38,13 +38,10 @@ def encode_ohlcv_json(stitched: Stitched, *, requested: str, seed: bool) -> byte
     bars: Sequence[Bar] = stitched.bars
     rows = bars.rows if isinstance(bars, BarRows) else [bar_row(b) for b in bars]
     forming_at = len(rows) - 1 if stitched.forming is not None else -1  # the forming bar is the last
-    days: dict[int, str] = {}
     parts = []
     for i, (s, o, h, lo, c, v, qv, trades, source, final, _) in enumerate(rows):
         day, sec = divmod(s, 86400)
-        prefix = days.get(day)
-        if prefix is None:
-            prefix = days[day] = _day_prefix(day)
+        prefix = _day_prefix(day)
         hours, rest = divmod(sec, 3600)
         state = "final" if final else "forming" if i == forming_at else "provisional"
         parts.append(
